@@ -1,0 +1,116 @@
+"""CalmConfig: every GPT-NeoX setting that changes the math, read from a checkpoint's config.json."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# hidden_act spellings we accept, mapped to torch's GELU `approximate` argument.
+GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+@dataclass
+class CalmConfig:
+    vocab_size: int = 52096            # rows of embed_in / embed_out
+    hidden_size: int = 768             # C
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12      # nh; head size hs = C / nh
+    intermediate_size: int = 3072      # MLP width
+    rotary_pct: float = 1.0            # share of each head's dims that get RoPE (Pythia: 0.25)
+    rotary_emb_base: float = 10000.0   # RoPE theta
+    max_position_embeddings: int = 2048
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = False  # OpenCALM: sequential; Pythia: parallel
+    hidden_act: str = "gelu"           # exact erf GELU; tanh variants also accepted
+    attention_bias: bool = True        # biases on query_key_value and attention.dense
+    tie_word_embeddings: bool = False  # embed_out shares embed_in's weight
+    bos_token_id: int = 0
+    eos_token_id: int = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.hidden_act not in GELUS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not a GELU; GPT-NeoX here supports {sorted(GELUS)}")
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_ndims(self) -> int:
+        return int(self.head_size * self.rotary_pct)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "CalmConfig":
+        if d.get("model_type") != "gpt_neox":
+            raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, minicalm only runs 'gpt_neox'")
+        rope = d.get("rope_parameters") or {}  # transformers 5.x spelling
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{source}: rope_type {rope['rope_type']!r} is not supported (only 'default')")
+        # a missing rotary_pct means 0.25 in transformers (its GPT-NeoX default), never assume OpenCALM's 1.0
+        pct = rope.get("partial_rotary_factor", d.get("rotary_pct", 0.25))
+        base = rope.get("rope_theta", d.get("rotary_emb_base", 10000.0))
+        eos = d.get("eos_token_id", 0)
+        try:
+            return cls(
+                vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],
+                rotary_pct=float(pct), rotary_emb_base=float(base),
+                max_position_embeddings=d.get("max_position_embeddings", 2048),
+                layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+                use_parallel_residual=d.get("use_parallel_residual", True),
+                hidden_act=d.get("hidden_act", "gelu"), attention_bias=d.get("attention_bias", True),
+                tie_word_embeddings=d.get("tie_word_embeddings", False),
+                bos_token_id=d.get("bos_token_id", 0) or 0, eos_token_id=(eos[0] if isinstance(eos, list) else eos) or 0,
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: missing required field {e.args[0]!r}") from None
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CalmConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json here; a checkpoint folder needs config.json and weights")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        """config.json contents in the 2023 OpenCALM spelling plus transformers 5.x's rope_parameters."""
+        d = asdict(self)
+        d.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"],
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rotary_emb_base,
+                                  "partial_rotary_factor": self.rotary_pct})
+        return d
+
+
+def _calm(hidden: int, layers: int, heads: int, vocab: int) -> CalmConfig:
+    return CalmConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=4 * hidden)
+
+
+# The six OpenCALM sizes (FACTS.md section 2) and a tiny one for tests.
+PRESETS: dict[str, CalmConfig] = {
+    "open-calm-small": _calm(768, 12, 12, 52096),
+    "open-calm-medium": _calm(1024, 24, 16, 52096),
+    "open-calm-large": _calm(1536, 24, 16, 52096),
+    "open-calm-1b": _calm(2048, 24, 16, 52096),
+    "open-calm-3b": _calm(2560, 32, 32, 52224),
+    "open-calm-7b": _calm(4096, 32, 32, 52224),
+    "tiny": CalmConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=256, max_position_embeddings=256),
+}
+
+
+def get_preset(name: str) -> CalmConfig:
+    """A preset by name; `cyberagent/open-calm-7b` and `open-calm-7b` both work."""
+    key = name.split("/")[-1]
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[key]

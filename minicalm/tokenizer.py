@@ -1,0 +1,47 @@
+"""A thin wrapper over `tokenizers.Tokenizer` loaded from a checkpoint's tokenizer.json. No BOS is added."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class Tokenizer:
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json here")
+        try:
+            self.tk = _HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+        self.path = path
+        self.eos_token_id = self._id("<|endoftext|>", 0)
+        self.pad_token_id = self._id("<|padding|>", self.eos_token_id)
+
+    def _id(self, token: str, default: int) -> int:
+        i = self.tk.token_to_id(token)
+        return default if i is None else i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Tokenizer:
+    """From a folder holding tokenizer.json, a tokenizer.json path, or a hub id."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return Tokenizer(path)
+    from .weights import resolve
+    return Tokenizer(resolve(name_or_path, revision, weights=False) / "tokenizer.json")

@@ -1,0 +1,212 @@
+"""Checkpoint files: find them (local folder or hub id), read them shard by shard, save them.
+
+Loading builds the model on the meta device and fills it tensor by tensor, each converted straight to the
+requested dtype and device, so a 7B bf16 load never holds an fp32 copy or the whole checkpoint twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import CalmConfig
+from .model import CalmForCausalLM
+
+# Per-layer buffers that old GPT-NeoX checkpoints (OpenCALM's among them) carry and this model recomputes.
+LEGACY_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+HEAD_ALIASES = {"lm_head.weight": "embed_out.weight"}   # transformers 5.x's in-memory name for the head
+CONFIG_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+WEIGHT_PATTERNS = (["*.safetensors", "model.safetensors.index.json"],
+                   ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
+
+
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None, weights: bool = True) -> Path:
+    """A local folder as is, or a hub id downloaded (only the files needed) into the hub cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    s = str(name_or_path)
+    if path.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise FileNotFoundError(f"{s}: no such checkpoint folder (nor a hub id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        # Prefer safetensors; fall back to the pickled .bin files that OpenCALM's `main` branches hold.
+        for patterns in (WEIGHT_PATTERNS if weights else ([],)):
+            folder = Path(snapshot_download(s, revision=revision, allow_patterns=CONFIG_FILES + patterns))
+            if not weights or weight_files(folder, missing_ok=True):
+                return folder
+    except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else f"the hub could not be reached ({type(e).__name__})"
+        raise FileNotFoundError(
+            f"cannot load {s!r} (revision {revision or 'main'}): {why}. Download it where the hub is reachable "
+            f"(huggingface-cli download {s}) and pass the local folder instead, e.g. --model /path/to/{s.split('/')[-1]}"
+        ) from e
+    raise FileNotFoundError(f"{s}: the hub repo has no *.safetensors or pytorch_model*.bin weights")
+
+
+def weight_files(folder: Path, missing_ok: bool = False) -> list[Path]:
+    """The weight shards of a folder, safetensors first: an index's shards, or the single file."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{folder / index}: not a valid weight index ({e})") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder / index} names shards that are not there: {missing}")
+            return [folder / s for s in shards]
+        if (folder / single).is_file():
+            return [folder / single]
+    if missing_ok:
+        return []
+    raise FileNotFoundError(f"{folder}: no weights (model.safetensors, its sharded index, pytorch_model.bin "
+                            f"or its sharded index)")
+
+
+def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one shard, one at a time. .bin files are unpickled with weights_only=True."""
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    else:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:   # pre-zip pickles cannot be memory-mapped
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{file}: not a readable PyTorch weights file ({e})") from None
+        yield from sd.items()
+        del sd
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on accelerators that support it, fp32 on CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu",
+               revision: str | None = None) -> CalmForCausalLM:
+    """Load a GPT-NeoX checkpoint (local folder or hub id) into minicalm's model, in eval mode.
+
+    dtype None means bf16 on a GPU that supports it, else fp32.
+    """
+    folder = resolve(name_or_path, revision)
+    cfg = CalmConfig.from_json(folder / "config.json")
+    dtype = dtype or default_dtype(device)
+    with torch.device("meta"):
+        model = CalmForCausalLM(cfg)
+    expected = dict(model.state_dict())
+    if cfg.tie_word_embeddings:
+        expected.pop("embed_out.weight")
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        for name, t in read_tensors(file):
+            if name.endswith(LEGACY_SUFFIXES):
+                continue
+            name = HEAD_ALIASES.get(name, name)
+            if name == "embed_out.weight" and cfg.tie_word_embeddings:
+                continue
+            if name not in expected:
+                raise ValueError(f"{file}: unexpected tensor {name!r} for a GPT-NeoX model")
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, the config "
+                                 f"({folder / 'config.json'}) implies {tuple(expected[name].shape)}")
+            state[name] = t.to(device=device, dtype=dtype)   # one tensor at a time, never an fp32 model copy
+            del t
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"{folder}: checkpoint lacks tensors {missing[:5]}{more}")
+    model.load_state_dict(state, strict=False, assign=True)   # strict on the checked names above
+    if cfg.tie_word_embeddings:
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
+    return model.eval()
+
+
+def save_checkpoint(model: CalmForCausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                    max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write config.json + (sharded) model.safetensors that minicalm and transformers both load.
+
+    Files are written to temporary names and renamed, so a crash never leaves a half-written checkpoint.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("embed_out.weight")
+    shards, size = [{}], 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k], size = v, size + nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        atomic_write(out / name, lambda p, shard=shard: save_file(shard, str(p), metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        atomic_write(out / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
+    cfg = model.config.to_dict() | {"torch_dtype": str(next(iter(sd.values())).dtype).removeprefix("torch.")}
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    if tokenizer_dir is not None:
+        for f in CONFIG_FILES[1:]:
+            src = Path(tokenizer_dir) / f
+            if src.is_file():
+                atomic_write(out / f, lambda p, src=src: p.write_bytes(src.read_bytes()))
+    return out
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path onto path: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def convert_bin_to_safetensors(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                               revision: str | None = None) -> Path:
+    """Rewrite a pickled .bin checkpoint (e.g. OpenCALM's main) as sharded safetensors, legacy buffers dropped."""
+    folder = resolve(src, revision)
+    model = load_model(folder, dtype=dtype or torch.float16)
+    return save_checkpoint(model, out_dir, tokenizer_dir=folder)
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m minicalm.weights",
+                                description="Convert a pytorch_model*.bin GPT-NeoX checkpoint to sharded safetensors.")
+    p.add_argument("src", help="checkpoint folder or hub id")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    a = p.parse_args(argv)
+    out = convert_bin_to_safetensors(a.src, a.out, getattr(torch, a.dtype), a.revision)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
