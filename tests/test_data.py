@@ -1,0 +1,272 @@
+"""minicalm.data against the real review files and GPT-NeoX tokenizer, plus small files written here for bad input."""
+from __future__ import annotations
+
+import json
+import random
+import time
+import warnings
+
+import pytest
+import torch
+
+from conftest import NEOX_TOKENIZER, REVIEWS, need
+from minicalm import load_tokenizer
+from minicalm.data import (IGNORE_INDEX, LABEL_WORDS, PROMPT_HEAD, PROMPT_TAIL, Example, PromptEncoder, Review,
+                           collate, encode_reviews, format_prompt, length_batches, marc_ja, pack_texts,
+                           parquet_to_jsonl, read_jsonl)
+
+# FACTS.md section 1, written out by hand: header, blank line, instruction, blank line, input, blank line, response.
+EXPECTED_PROMPT = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
+
+### Instruction:
+この文章は、「ポジティブ」ですか?「ネガティブ」ですか?「ポジティブ」か「ネガティブ」のどちらかを書いて。
+
+### Input:
+とても良い商品でした。
+
+### Response:
+"""
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(need(NEOX_TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def valid():
+    return read_jsonl(need(REVIEWS / "valid.jsonl"))
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- prompt
+
+def test_prompt_layout_matches_facts():
+    assert format_prompt("とても良い商品でした。") == EXPECTED_PROMPT
+    assert PROMPT_HEAD + "X" + PROMPT_TAIL == format_prompt("X")
+    assert PROMPT_TAIL == "\n\n### Response:\n"
+    assert LABEL_WORDS == {"positive": "ポジティブ", "negative": "ネガティブ"}
+
+
+# ----------------------------------------------------------------------------- reading
+
+def test_read_real_files(valid):
+    assert len(valid) == 1000 and sum(r.label == "positive" for r in valid) == 630
+    assert valid[0].label == "negative" and valid[0].review_id == "darkmap-00000" and valid[0].sentence
+    train = read_jsonl(REVIEWS / "train.jsonl")
+    assert len(train) == 10368 and sum(r.label == "positive" for r in train) == 6630
+    assert read_jsonl(REVIEWS / "valid.jsonl", limit=5) == valid[:5]
+
+
+def test_read_int_labels_and_blank_lines(tmp_path):
+    path = write(tmp_path, "ok.jsonl", '{"sentence": "良い", "label": 0, "review_id": "a"}\n\n   \n'
+                                       '{"sentence": "悪い", "label": 1, "review_id": 7}\n'
+                                       '{"sentence": "普通", "label": "negative", "review_id": "c"}')
+    assert read_jsonl(path) == [Review("良い", "positive", "a"), Review("悪い", "negative", "7"),
+                                Review("普通", "negative", "c")]
+
+
+GOOD = '{"sentence": "良い", "label": "positive", "review_id": "a"}\n'
+
+
+@pytest.mark.parametrize("line3, why", [
+    ('{"sentence": "x", "label": "positive", "review_id": "c"', "JSON"),   # cut off
+    ('{"sentence": "x", "review_id": "c"}', "fields"),
+    ('["x", "positive", "c"]', "fields"),
+    ('{"sentence": 3, "label": "positive", "review_id": "c"}', "string"),
+    ('{"sentence": "x", "label": "neutral", "review_id": "c"}', "neutral"),
+    ('{"sentence": "x", "label": 2, "review_id": "c"}', "label 2"),
+    ('{"sentence": "x", "label": true, "review_id": "c"}', "label True"),
+])
+def test_bad_line_names_file_and_line(tmp_path, line3, why):
+    path = write(tmp_path, "bad.jsonl", GOOD + GOOD + line3 + "\n" + GOOD)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: ") as e:
+        read_jsonl(path)
+    assert why in str(e.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_jsonl(tmp_path / "nope.jsonl")
+    for text in ("", "\n  \n"):
+        with pytest.raises(ValueError, match="empty.jsonl: no reviews"):
+            read_jsonl(write(tmp_path, "empty.jsonl", text))
+
+
+# ----------------------------------------------------------------------------- Parquet and the hub
+
+def write_parquet(path, labels):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    n = len(labels)
+    pq.write_table(pa.table({"sentence": [f"レビュー{i}" for i in range(n)], "label": labels,
+                             "review_id": [f"R{i}" for i in range(n)]}), path)
+    return path
+
+
+def test_parquet_to_jsonl(tmp_path):
+    src = write_parquet(tmp_path / "v.parquet", [0, 1, 0, 0])
+    counts = parquet_to_jsonl(src, tmp_path / "out" / "v.jsonl")
+    assert counts == {"rows": 4, "positive": 3, "negative": 1}
+    assert read_jsonl(tmp_path / "out" / "v.jsonl") == [
+        Review("レビュー0", "positive", "R0"), Review("レビュー1", "negative", "R1"),
+        Review("レビュー2", "positive", "R2"), Review("レビュー3", "positive", "R3")]
+    assert "レビュー0" in (tmp_path / "out" / "v.jsonl").read_text(encoding="utf-8")   # not \\u-escaped
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["v.jsonl"]              # no temporary left
+    with pytest.raises(ValueError, match="row 1"):
+        parquet_to_jsonl(write_parquet(tmp_path / "bad.parquet", [0, 5]), tmp_path / "bad.jsonl")
+
+
+def test_marc_ja_download_convert_cache_and_check(tmp_path, monkeypatch):
+    import huggingface_hub
+    calls = []
+    src = write_parquet(tmp_path / "small.parquet", [0, 1, 1])
+
+    def fake_download(repo_id, filename, **kw):
+        calls.append((repo_id, filename, kw))
+        return str(src)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.warns(UserWarning, match=r"3 rows / 1 positive.*5654 / 4832.*5,734"):
+        path = marc_ja("validation", cache_dir=tmp_path / "cache")
+    assert path == tmp_path / "cache" / "validation.jsonl" and len(read_jsonl(path)) == 3
+    assert calls == [("shunk031/JGLUE", "MARC-ja/jglue-validation.parquet",
+                      {"repo_type": "dataset", "revision": "refs/convert/parquet"})]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the train split is not checked against validation's counts
+        assert marc_ja("train", cache_dir=tmp_path / "cache").name == "train.jsonl"
+    assert marc_ja("valid", cache_dir=tmp_path / "cache") == path and len(calls) == 2   # cached: no download
+    with pytest.raises(ValueError, match="test"):
+        marc_ja("test", cache_dir=tmp_path / "cache")
+
+
+def test_marc_ja_hub_unreachable(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*a, **kw):
+        raise LocalEntryNotFoundError("cannot reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(FileNotFoundError, match="--train-file/--valid-file"):
+        marc_ja("train", cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def test_segments_and_round_trip(tok):
+    enc = PromptEncoder(tok, max_len=256)
+    review = "とても良い商品でした。"
+    assert enc.prefix_ids == tok.encode(PROMPT_HEAD)
+    assert enc.answer_ids == {k: tok.encode(w) for k, w in LABEL_WORDS.items()}   # no eos here
+    prompt, truncated = enc.encode_prompt(review)
+    assert not truncated and prompt == enc.prefix_ids + tok.encode(review) + tok.encode(PROMPT_TAIL)
+    assert tok.decode(prompt, skip_special_tokens=False) == format_prompt(review)
+    ids, labels, truncated = enc.encode_example(review, "negative")
+    assert not truncated and ids[: len(prompt)] == prompt
+    assert tok.decode(ids, skip_special_tokens=False) == format_prompt(review) + "ネガティブ<|endoftext|>"
+    assert enc.encode_prompts([review, "悪い"]) == [enc.encode_prompt(review), enc.encode_prompt("悪い")]
+
+
+def test_label_masking_by_hand():
+    class Chars:   # one token per character, eos 0: an example small enough to write out
+        eos_token_id = 0
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    enc = PromptEncoder(Chars(), max_len=len(PROMPT_HEAD) + len(PROMPT_TAIL) + 5 + 1 + 3)   # room for 3 review chars
+    P, Tl = [ord(c) for c in PROMPT_HEAD], [ord(c) for c in PROMPT_TAIL]
+    word = [ord(c) for c in "ポジティブ"]
+    ids, labels, truncated = enc.encode_example("良い", "positive")
+    assert not truncated and not enc.encode_example("良い品", "positive")[2]   # 3 chars: exactly fits
+    assert ids == P + [ord("良"), ord("い")] + Tl + word + [0]
+    assert labels == [IGNORE_INDEX] * (len(P) + 2 + len(Tl)) + word + [0]       # only answer + eos
+    ids_all, labels_all, _ = enc.encode_example("良い", "positive", train_on_inputs=True)
+    assert ids_all == ids and labels_all == ids                                 # the whole sequence
+    ids, labels, truncated = enc.encode_example("あいうえお", "negative")         # 5 chars, room for 3
+    assert truncated and ids == P + [ord(c) for c in "あいう"] + Tl + [ord(c) for c in "ネガティブ"] + [0]
+    assert len(ids) == enc.max_len
+    with pytest.raises(ValueError, match="neutral"):
+        enc.encode_example("良い", "neutral")
+    with pytest.raises(ValueError, match="no room for the review"):
+        PromptEncoder(Chars(), max_len=len(PROMPT_HEAD) + len(PROMPT_TAIL) + 6)
+
+
+def test_truncation_keeps_head_tail_answer(tok, valid):
+    enc = PromptEncoder(tok, max_len=192)
+    long_review = max(valid, key=lambda r: len(r.sentence)).sentence
+    full = tok.encode(long_review)
+    for label in ("positive", "negative"):
+        ids, labels, truncated = enc.encode_example(long_review, label)
+        answer = enc.answer_ids[label] + [tok.eos_token_id]
+        assert truncated and len(ids) <= 192
+        assert ids[: len(enc.prefix_ids)] == enc.prefix_ids                          # instruction intact
+        assert ids[-len(answer):] == answer and labels[-len(answer):] == answer       # answer + eos intact
+        tail_at = len(ids) - len(answer) - len(enc.tail_ids)
+        assert ids[tail_at: len(ids) - len(answer)] == enc.tail_ids                   # tail intact
+        assert ids[len(enc.prefix_ids): tail_at] == full[: enc.review_budget]         # the review's end is cut
+    prompt, truncated = enc.encode_prompt(long_review)
+    assert truncated and prompt == ids[: -len(answer)]   # evaluation's prompt is training's prompt
+
+
+def test_encode_reviews_real(tok, valid):
+    enc = PromptEncoder(tok, max_len=256)
+    t = time.perf_counter()
+    examples, n_truncated = encode_reviews(enc, valid)
+    took = time.perf_counter() - t
+    assert len(examples) == 1000 and all(len(e.input_ids) <= 256 for e in examples)
+    singles = [enc.encode_example(r.sentence, r.label) for r in valid]
+    assert n_truncated == sum(s[2] for s in singles) > 0
+    assert [(e.input_ids, e.labels) for e in examples] == [s[:2] for s in singles]   # batch == one by one
+    print(f"\nencode_reviews: 1000 reviews in {took:.2f}s, {n_truncated} truncated at 256 NeoX tokens")
+    on_inputs, _ = encode_reviews(enc, valid[:3], train_on_inputs=True)
+    assert all(e.labels == e.input_ids for e in on_inputs)
+
+
+# ----------------------------------------------------------------------------- batching
+
+def test_collate_pads_right_and_masks_padding():
+    a, b = Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])
+    ids, labels = collate([a, b], pad_id=1)
+    assert ids.dtype == labels.dtype == torch.long
+    assert ids.tolist() == [[5, 6, 7], [8, 1, 1]]
+    assert labels.tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_length_batches(tok, valid):
+    lengths = [len(r) for r in tok.encode_batch([r.sentence for r in valid])]
+    batches = length_batches(lengths, batch_size=8, seed=3)
+    assert batches == length_batches(lengths, batch_size=8, seed=3)      # deterministic
+    assert batches != length_batches(lengths, batch_size=8, seed=4)
+    assert sorted(i for b in batches for i in b) == list(range(1000))               # each index once
+    assert sorted(map(len, batches)) == [8] * 125
+    odd = length_batches(list(range(21)), batch_size=4, seed=0, window=2)
+    assert sorted(map(len, odd)) == [1, 4, 4, 4, 4, 4] and sorted(i for b in odd for i in b) == list(range(21))
+
+    def padding(bs):   # share of padded slots in the (B, T) tensors
+        return 1 - sum(lengths[i] for b in bs for i in b) / sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
+    order = list(range(1000))
+    random.Random(3).shuffle(order)
+    plain = padding([order[k:k + 8] for k in range(0, 1000, 8)])
+    grouped = padding(batches)
+    print(f"\npadding fraction, batch 8, untruncated NeoX lengths: {grouped:.1%} length-grouped (window 64) "
+          f"vs {plain:.1%} random")
+    assert grouped < 0.05 and plain > 0.4   # measured: 3.4% against 59%
+
+
+def test_pack_texts(tok):
+    texts = ["Hello world.", "良い商品", "x" * 50]
+    flat = [t for s in texts for t in tok.encode(s) + [tok.eos_token_id]]
+    blocks = pack_texts(tok, texts, block_size=8)
+    assert blocks.shape == (len(flat) // 8, 8) and blocks.dtype == torch.long
+    assert blocks.flatten().tolist() == flat[: blocks.numel()]
+    assert (blocks == tok.eos_token_id).sum() >= 2
+    with pytest.raises(ValueError, match="fewer than one block"):
+        pack_texts(tok, ["hi"], block_size=1000)
