@@ -21,6 +21,32 @@ def decode_one_token(model: CalmForCausalLM, token: torch.Tensor, cache: KVCache
     return model(token, positions=position, key_valid=key_valid, cache=cache, start=slot)[:, -1]
 
 
+def greedy_loop(model: CalmForCausalLM, logits: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+                key_valid: torch.Tensor | None, slot: int, max_new_tokens: int, stop_ids: set[int] | None,
+                pad_token_id: int) -> torch.Tensor:
+    """Greedy tokens (B, n <= max_new_tokens) after a prefill whose next-token logits (B, V) are given.
+
+    positions (B,) is each row's last rotary position, slot the first free cache slot; key_valid (B, S) marks
+    the cache's padding (None: no padding). A row that emits a stop id is padded from then on; the loop ends
+    when every row has stopped.
+    """
+    B = logits.shape[0]
+    stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=logits.device)
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    tokens = []
+    for i in range(max_new_tokens):
+        token = logits.argmax(dim=-1)                                          # (B,)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        done |= torch.isin(token, stop)
+        tokens.append(token)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        positions = positions + 1
+        logits = decode_one_token(model, token[:, None], cache, positions[:, None], slot + i,
+                                  None if key_valid is None else key_valid[:, :slot + i + 1])
+    return torch.stack(tokens, dim=1)
+
+
 @torch.inference_mode()
 def greedy_generate(model: CalmForCausalLM, input_ids: torch.Tensor, max_new_tokens: int,
                     eos_token_id: int | None = None, *, attention_mask: torch.Tensor | None = None,
@@ -34,31 +60,28 @@ def greedy_generate(model: CalmForCausalLM, input_ids: torch.Tensor, max_new_tok
     """
     B, T = input_ids.shape
     device = input_ids.device
-    pad = eos_token_id if pad_token_id is None else pad_token_id
+    pad = (eos_token_id or 0) if pad_token_id is None else pad_token_id
+    stop_ids = None if eos_token_id is None else {eos_token_id}
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
-    padded = not bool(attention_mask.all())
-    key_valid = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
-    key_valid[:, :T] = attention_mask.bool()
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)          # (B, T)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = input_ids
-    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
+    key_valid = None
+    if not bool(attention_mask.all()):
+        key_valid = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
+        key_valid[:, :T] = attention_mask.bool()
     if use_cache:
-        logits = prefill(model, input_ids, cache, positions, key_valid[:, :T] if padded else None)
-    for i in range(max_new_tokens):
-        if not use_cache:
-            logits = model(out, positions=positions, key_valid=key_valid[:, :T + i] if padded else None)[:, -1]
-        token = logits.argmax(dim=-1)                                          # (B,)
-        if eos_token_id is not None:
-            token = torch.where(done, torch.full_like(token, pad), token)
-            done |= token == eos_token_id
+        cache = model.new_cache(B, T + max_new_tokens)
+        logits = prefill(model, input_ids, cache, positions, None if key_valid is None else key_valid[:, :T])
+        new = greedy_loop(model, logits, cache, positions[:, -1], key_valid, T, max_new_tokens, stop_ids, pad)
+        return torch.cat([input_ids, new], dim=1)
+    out, done = input_ids, torch.zeros(B, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):   # the reference: the whole sequence again for every token
+        kv = None if key_valid is None else key_valid[:, :T + i]
+        token = model(out, positions=positions, key_valid=kv, logits_at=LAST.to(device))[:, -1].argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        done |= token == (eos_token_id if eos_token_id is not None else -1)
         out = torch.cat([out, token[:, None]], dim=1)
-        if bool(done.all()) or i == max_new_tokens - 1:
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        if bool(done.all()):
             break
-        position = positions[:, -1:] + 1                                       # (B, 1)
-        positions = torch.cat([positions, position], dim=1)
-        if use_cache:
-            logits = decode_one_token(model, token[:, None], cache, position, T + i,
-                                      key_valid[:, :T + i + 1] if padded else None)
     return out

@@ -45,3 +45,18 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = No
         return Tokenizer(path)
     from .weights import resolve
     return Tokenizer(resolve(name_or_path, revision, weights=False) / "tokenizer.json")
+
+
+def train_tokenizer(texts, path: str | os.PathLike, vocab_size: int = 4000) -> Tokenizer:
+    """Train a byte-level BPE like OpenCALM's (`<|endoftext|>` = 0, `<|padding|>` = 1) and save tokenizer.json."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tk = _HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tk.save(str(path))
+    return Tokenizer(path)

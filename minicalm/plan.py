@@ -1,0 +1,195 @@
+"""Will it fit, and how long will it take? Memory and FLOPs of one training step, measured on shapes.
+
+`python -m minicalm.plan --model open-calm-7b --micro-batch-size 4 --max-len 512 --grad-checkpoint`
+
+The figures come from running the real training step (minicalm.train.micro_step, then AdamW) on fake tensors
+(torch's FakeTensorMode: shapes and dtypes, no data, no memory), while a dispatch mode adds up the bytes of
+every live tensor storage and keeps the peak, and torch's FlopCounterMode counts FLOPs. So the plan follows
+the code: change the model or the loop and the plan changes with it. Not counted: the CUDA context
+(~0.5 GB), allocator fragmentation and kernel workspaces; hence the margin asked for below.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import weakref
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import PRESETS, CalmConfig, get_preset
+from .lora import apply_lora
+from .model import CalmForCausalLM
+
+A100_BF16_FLOPS = 312e12
+GiB = 2**30
+
+
+class LiveBytes(TorchDispatchMode):
+    """Adds up the bytes of live tensor storages (each counted once, freed when its storage dies); keeps the peak.
+
+    Fake tensors hold no data, so a boolean-mask index (the loss's scored positions) has no known size; the
+    planner says how many positions the planned batch scores (`scored`) and the mask stands in as that many.
+    """
+
+    INDEX_OPS = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                 torch.ops.aten._index_put_impl_.default)
+
+    def __init__(self, scored: int):
+        super().__init__()
+        self.scored, self.live, self.peak = scored, 0, 0
+        self.seen: weakref.WeakSet = weakref.WeakSet()
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.INDEX_OPS and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            idx = [[torch.zeros(self.scored, dtype=torch.long, device=i.device)] * i.dim()
+                   if i is not None and i.dtype == torch.bool else [i] for i in args[1]]
+            args = (args[0], [j for i in idx for j in i], *args[2:])
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st not in self.seen:
+                    self.seen.add(st)
+                    n = st.nbytes()
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, n)
+        return out
+
+
+@dataclass
+class Plan:
+    model: str
+    micro_batch_size: int
+    max_len: int
+    grad_checkpoint: bool
+    dtype: str
+    params: int
+    trainable_params: int
+    weights_bytes: int            # the frozen base (and the adapters)
+    optimizer_bytes: int          # AdamW's two moments, fp32
+    peak_bytes: int               # the training step's peak of live tensor bytes
+    step_flops: float             # one micro-batch: forward, backward, optimizer
+    flops_per_token: float
+    epoch_tokens: float
+    epoch_seconds: float          # at `utilization` of `peak_flops`
+    utilization: float
+    peak_flops: float
+
+    def summary(self, epochs: float = 3, memory_bytes: float | None = None) -> str:
+        lines = [f"plan for {self.model}: micro-batch {self.micro_batch_size} x {self.max_len} tokens, "
+                 f"{self.dtype}, grad checkpoint {'on' if self.grad_checkpoint else 'off'}",
+                 f"  parameters {self.params / 1e9:.2f}B, trainable {self.trainable_params:,}",
+                 f"  weights {self.weights_bytes / GiB:.2f} GiB, optimizer state {self.optimizer_bytes / GiB:.3f} GiB, "
+                 f"peak {self.peak_bytes / GiB:.2f} GiB"
+                 + (f" of {memory_bytes / GiB:.0f} GiB" if memory_bytes else ""),
+                 f"  {self.flops_per_token / 1e9:.1f} GFLOP per token; an epoch of {self.epoch_tokens / 1e6:.1f}M tokens "
+                 f"at {self.utilization:.0%} of {self.peak_flops / 1e12:.0f} TFLOP/s: {self.epoch_seconds / 3600:.2f} h, "
+                 f"{epochs:g} epochs {epochs * self.epoch_seconds / 3600:.2f} h"]
+        return "\n".join(lines)
+
+
+def config_of(model: str) -> CalmConfig:
+    """A preset name or hub id (open-calm-7b, cyberagent/open-calm-7b), or a folder / config.json path."""
+    if model.split("/")[-1] in PRESETS:
+        return get_preset(model)
+    path = Path(model)
+    return CalmConfig.from_json(path / "config.json" if path.is_dir() else path)
+
+
+def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256, *, grad_checkpoint: bool = False,
+         lora_r: int = 8, lora_targets=("query_key_value",), full: bool = False, answer_tokens: int = 4,
+         train_on_inputs: bool = False, dtype: torch.dtype = torch.bfloat16, examples: int = 187_528,
+         avg_tokens: float = 150.0, utilization: float = 0.5, peak_flops: float = A100_BF16_FLOPS) -> Plan:
+    """Run two real training steps on fake tensors (the second has AdamW's state) and report the figures."""
+    from .train import micro_step   # train imports plan for its preflight; import here to keep the order simple
+
+    cfg = model if isinstance(model, CalmConfig) else config_of(model)
+    B, T = micro_batch_size, max_len
+    scored = B * (T - 1 if train_on_inputs else answer_tokens)   # positions the loss scores
+    with FakeTensorMode(), LiveBytes(scored) as mem:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32 if full else dtype)   # build the base directly in its dtype
+        try:
+            net = CalmForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(default)
+        if full:
+            net.requires_grad_(True)
+        else:
+            apply_lora(net, tuple(lora_targets), r=lora_r, alpha=2 * lora_r, dropout=0.05)
+        net.grad_checkpoint = grad_checkpoint
+        net.train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        x = torch.zeros(B, T, dtype=torch.long)
+        y = x.clone()
+        if not train_on_inputs:
+            y[:, : T - answer_tokens - 1] = -100   # the last answer_tokens targets are scored
+        weights = mem.live
+        flops = FlopCounterMode(display=False)
+        for i in range(2):
+            with flops if i == 1 else nullcontext():   # count FLOPs of the steady-state step
+                micro_step(net, x, y, n_target=1)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        opt_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                        if isinstance(v, torch.Tensor) and v.dim() > 0)
+        n_params = sum(p.numel() for p in net.parameters())
+    step_flops = float(flops.get_total_flops())
+    per_token = step_flops / (B * T)
+    epoch_tokens = examples * avg_tokens
+    return Plan(model=getattr(model, "name", None) or str(model if isinstance(model, str) else "config"),
+                micro_batch_size=B, max_len=T, grad_checkpoint=grad_checkpoint,
+                dtype=str(torch.float32 if full else dtype).removeprefix("torch."), params=n_params,
+                trainable_params=sum(p.numel() for p in params), weights_bytes=weights, optimizer_bytes=opt_bytes,
+                peak_bytes=mem.peak, step_flops=step_flops, flops_per_token=per_token, epoch_tokens=epoch_tokens,
+                epoch_seconds=per_token * epoch_tokens / (utilization * peak_flops), utilization=utilization,
+                peak_flops=peak_flops)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minicalm.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="open-calm-7b", help=f"preset ({', '.join(PRESETS)}), hub id or config.json")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-targets", default="query_key_value")
+    p.add_argument("--train-on-inputs", action="store_true", help="logits and loss at every position")
+    p.add_argument("--full", action="store_true", help="train every parameter (fp32) instead of LoRA")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--examples", type=int, default=187_528, help="examples per epoch (MARC-ja train)")
+    p.add_argument("--avg-tokens", type=float, default=150.0, help="average tokens per example")
+    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--utilization", type=float, default=0.5, help="share of peak FLOP/s assumed")
+    p.add_argument("--peak-tflops", type=float, default=312.0, help="A100 bf16 dense: 312")
+    p.add_argument("--memory-gb", type=float, default=40.0, help="accelerator memory, GiB")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    a = p.parse_args(argv)
+    pl = plan(a.model, a.micro_batch_size, a.max_len, grad_checkpoint=a.grad_checkpoint, lora_r=a.lora_r,
+              lora_targets=tuple(a.lora_targets.split(",")), full=a.full, train_on_inputs=a.train_on_inputs,
+              dtype=getattr(torch, a.dtype), examples=a.examples, avg_tokens=a.avg_tokens,
+              utilization=a.utilization, peak_flops=a.peak_tflops * 1e12)
+    memory = a.memory_gb * GiB
+    if a.json:
+        print(json.dumps(asdict(pl) | {"epochs": a.epochs, "total_seconds": a.epochs * pl.epoch_seconds,
+                                       "memory_bytes": memory, "fits": pl.peak_bytes < 0.9 * memory}))
+    else:
+        print(pl.summary(a.epochs, memory))
+        print(f"  fits in {a.memory_gb:g} GiB with a 10% margin: {'yes' if pl.peak_bytes < 0.9 * memory else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
