@@ -43,11 +43,15 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, weight
             if not weights or weight_files(folder, missing_ok=True):
                 return folder
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        from huggingface_hub import constants   # read as huggingface_hub itself does (env var parsed at import)
+        offline = constants.HF_HUB_OFFLINE
         why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else f"the hub could not be reached ({type(e).__name__})"
+        local = s.split("/")[-1]
+        rev = f" --revision {revision}" if revision else ""
         raise FileNotFoundError(
             f"cannot load {s!r} (revision {revision or 'main'}): {why}. Download it where the hub is reachable "
-            f"(huggingface-cli download {s}) and pass the local folder instead, e.g. --model /path/to/{s.split('/')[-1]}"
+            f"(hf download {s}{rev} --local-dir {local}) and pass the local folder instead, "
+            f"e.g. --model /path/to/{local}"
         ) from e
     raise FileNotFoundError(f"{s}: the hub repo has no *.safetensors or pytorch_model*.bin weights")
 
@@ -84,11 +88,13 @@ def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
     else:
         try:
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:   # pre-zip pickles cannot be memory-mapped
-            sd = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{file}: not a readable PyTorch weights file ({e})") from None
+            try:
+                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:   # pre-zip pickles cannot be memory-mapped
+                sd = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:     # truncated or not a checkpoint: name the file
+            first_line = str(e).partition("\n")[0]   # torch's messages run to paragraphs
+            raise ValueError(f"{file}: not a readable PyTorch weights file ({first_line})") from None
         yield from sd.items()
         del sd
 

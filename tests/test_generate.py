@@ -1,0 +1,113 @@
+"""Greedy decoding: the same tokens as transformers' generate(do_sample=False) at batch 1, for left-padded batches
+and with an eos that is emitted mid-way; the KV cache gives exactly what recomputing the whole sequence gives."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hf_tiny
+from minicalm import greedy_generate, load_model
+
+V, PAD, N = 128, 1, 32
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(minicalm model, transformers model) from the same random checkpoint; made once for the module."""
+    folder, hf = hf_tiny(tmp_path_factory.mktemp("gen"), seed=3)
+    return load_model(folder, dtype=torch.float32), hf
+
+
+def left_padded(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts (no pad or eos ids inside) left-padded to the longest: input_ids, attention_mask (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    input_ids = torch.full((len(lengths), T), PAD)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        input_ids[i, T - n:] = torch.randint(2, V, (n,), generator=g)
+        mask[i, T - n:] = 1
+    return input_ids, mask
+
+
+def hf_greedy(hf, input_ids, mask, eos):
+    with torch.no_grad():
+        return hf.generate(input_ids, attention_mask=mask, max_new_tokens=N, do_sample=False,
+                           eos_token_id=eos, pad_token_id=PAD)
+
+
+def eos_emitted_midway(new: torch.Tensor) -> int:
+    """A token the greedy rows (B, N) first emit at different steps, the earliest at step >= 2: with it as eos,
+    one row stops mid-way while another runs on (padding), and decoding stops before N if every row emits it."""
+    best = None
+    for tok in range(2, V):
+        first = [int((row == tok).nonzero()[0]) if (row == tok).any() else N for row in new]
+        if min(first) >= 2 and min(first) < N - 4 and len(set(first)) == len(first):
+            key = (max(first) < N, -abs(min(first) - N // 4))   # prefer: every row emits it; first stop near N/4
+            best = max(best or (key, tok), (key, tok))
+    assert best is not None, "no usable eos in this random model's output; change the seed"
+    return best[1]
+
+
+def test_batch_1_matches_transformers(models):
+    model, hf = models
+    x, mask = left_padded([9])
+    want = hf_greedy(hf, x, mask, eos=0)
+    got = greedy_generate(model, x, N, eos_token_id=0, pad_token_id=PAD)
+    assert got.shape == (1, 9 + N)
+    assert torch.equal(got, want)
+
+
+def test_left_padded_batch_matches_transformers(models):
+    model, hf = models
+    x, mask = left_padded([11, 3, 7, 1])
+    want = hf_greedy(hf, x, mask, eos=0)
+    got = greedy_generate(model, x, N, eos_token_id=0, attention_mask=mask, pad_token_id=PAD)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("lengths", [[9], [11, 3, 7]], ids=["batch1", "padded-batch"])
+def test_eos_midway_stops_and_pads_like_transformers(models, lengths):
+    model, hf = models
+    x, mask = left_padded(lengths)
+    T = x.shape[1]
+    free = greedy_generate(model, x, N, eos_token_id=None, attention_mask=mask, pad_token_id=PAD)[:, T:]
+    eos = eos_emitted_midway(free)
+    want = hf_greedy(hf, x, mask, eos=eos)
+    got = greedy_generate(model, x, N, eos_token_id=eos, attention_mask=mask, pad_token_id=PAD)
+    assert torch.equal(got, want)
+    # what the comparison exercised: a row stopped mid-way and was padded while another ran on, and decoding
+    # ended as soon as every row had stopped
+    new = got[:, T:]
+    first = [int((row == eos).nonzero()[0]) if (row == eos).any() else None for row in new]
+    stops = [f for f in first if f is not None]
+    assert stops and 2 <= min(stops) < N - 4
+    assert new.shape[1] == (max(stops) + 1 if None not in first else N)
+    for row, f in zip(new, first):
+        if f is not None:
+            assert (row[f + 1:] == PAD).all()
+    if len(lengths) > 1:
+        assert len(set(first)) == len(first)   # rows stopped at different steps: the early ones were padded
+
+
+@pytest.mark.parametrize("lengths", [[9], [11, 3, 7]], ids=["batch1", "padded-batch"])
+@pytest.mark.parametrize("eos", [None, "midway"])
+def test_kv_cache_equals_recomputing_exactly(models, lengths, eos):
+    model, _ = models
+    x, mask = left_padded(lengths, seed=5)
+    T = x.shape[1]
+    if eos == "midway":
+        free = greedy_generate(model, x, N, attention_mask=mask, pad_token_id=PAD)[:, T:]
+        eos = eos_emitted_midway(free)
+    cached = greedy_generate(model, x, N, eos_token_id=eos, attention_mask=mask, pad_token_id=PAD, use_cache=True)
+    full = greedy_generate(model, x, N, eos_token_id=eos, attention_mask=mask, pad_token_id=PAD, use_cache=False)
+    assert torch.equal(cached, full)
+    assert cached.shape[1] == T + N or eos is not None
+
+
+def test_prompt_is_kept_and_max_new_tokens_respected(models):
+    model, _ = models
+    x, mask = left_padded([5, 2])
+    for n in (1, 4):
+        out = greedy_generate(model, x, n, eos_token_id=0, attention_mask=mask, pad_token_id=PAD)
+        assert out.shape == (2, 5 + n) and out.dtype == x.dtype and torch.equal(out[:, :5], x)

@@ -1,0 +1,388 @@
+"""Checkpoint files: OpenCALM's legacy pickles (single and sharded), the hub cache path offline, clear errors on
+bad input, a loader that never holds fp32 or duplicate weights, and minicalm-written checkpoints that transformers
+loads (save_checkpoint, `python -m minicalm.weights`)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, hf_tiny
+from minicalm import CalmConfig, CalmForCausalLM, load_model, load_tokenizer, save_checkpoint
+from minicalm.weights import LEGACY_SUFFIXES, resolve
+
+V = 128
+X = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(X)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def max_diff(a, b) -> float:
+    return (logits(a).float() - logits(b).float()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- OpenCALM's legacy files
+
+def write_legacy(folder: Path, hf, *, shards: int = 1, dtype=torch.float32, drop_rotary_pct=False) -> Path:
+    """Write hf's weights as OpenCALM's `main` holds them: pickled pytorch_model.bin (or shards + index) with the
+    head named embed_out.weight and three legacy buffers per layer, and a 2023-style config.json."""
+    c = hf.config
+    folder.mkdir(parents=True)
+    sd = {("embed_out.weight" if k == "lm_head.weight" else k): v.to(dtype) for k, v in hf.state_dict().items()}
+    P = c.max_position_embeddings
+    rd = int(c.hidden_size // c.num_attention_heads * c.rope_parameters["partial_rotary_factor"])
+    legacy = {}
+    for i in range(c.num_hidden_layers):
+        pre = f"gpt_neox.layers.{i}.attention."
+        mask_dtype = torch.uint8 if shards == 1 else torch.bool   # older files: uint8; later GPT-NeoX: bool
+        legacy[pre + "bias"] = torch.tril(torch.ones(P, P, dtype=mask_dtype)).view(1, 1, P, P)
+        legacy[pre + "masked_bias"] = torch.tensor(-1e9)
+        legacy[pre + "rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, rd, 2).float() / rd)
+    sd = sd | legacy
+    if shards == 1:
+        torch.save(sd, folder / "pytorch_model.bin")
+    else:
+        names = list(sd)
+        parts = [names[i::shards] for i in range(shards)]
+        files = [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
+        for file, part in zip(files, parts):
+            torch.save({k: sd[k] for k in part}, folder / file)
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": {k: f for f, part in zip(files, parts) for k in part}}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    cfg = {"architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu",
+           "hidden_size": c.hidden_size, "initializer_range": 0.02, "intermediate_size": c.intermediate_size,
+           "layer_norm_eps": 1e-05, "max_position_embeddings": P, "model_type": "gpt_neox",
+           "num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers,
+           "rotary_emb_base": 10000, "rotary_pct": c.rope_parameters["partial_rotary_factor"],
+           "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
+           "transformers_version": "4.27.0.dev0", "use_cache": True,
+           "use_parallel_residual": c.use_parallel_residual, "vocab_size": c.vocab_size}
+    if drop_rotary_pct:
+        del cfg["rotary_pct"]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_legacy_bin_checkpoint_loads(tmp_path, shards, dtype):
+    from transformers import GPTNeoXForCausalLM
+
+    _, hf = hf_tiny(tmp_path)
+    folder = write_legacy(tmp_path / "legacy", hf, shards=shards, dtype=dtype)
+    assert (folder / "pytorch_model.bin.index.json").is_file() == (shards == 2)
+    model = load_model(folder, dtype=torch.float32)
+    oracle = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32)   # transformers on the same files
+    assert max_diff(model, oracle) < 1e-4
+    if dtype == torch.float32:
+        assert max_diff(model, hf) < 1e-4   # and the model the files came from
+
+
+def test_missing_rotary_pct_reads_a_quarter_like_transformers(tmp_path):
+    from transformers import GPTNeoXForCausalLM
+
+    _, hf = hf_tiny(tmp_path, rotary_pct=1.0)
+    folder = write_legacy(tmp_path / "legacy", hf, drop_rotary_pct=True)
+    model = load_model(folder)
+    assert model.config.rotary_pct == 0.25
+    oracle = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert max_diff(model, oracle) < 1e-4
+    assert max_diff(model, hf) > 1e-3   # it really is a different model from the full-rotary one
+
+
+# ----------------------------------------------------------------------------- the hub path, offline
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty hub cache under a tmp HF_HOME, offline. huggingface_hub reads both variables at import, so its
+    constants are patched as well. Returns the hub cache folder."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return home / "hub"
+
+
+def cache_snapshot(hub: Path, repo_id: str, src: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> Path:
+    """Lay src's files out as huggingface_hub does: blobs/<sha256>, snapshots/<commit>/<file> -> blob symlinks,
+    refs/<branch> holding the commit hash."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for f in src.iterdir():
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    for ref in refs:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snap
+
+
+def test_hub_id_loads_from_the_cache_offline(tmp_path, offline_hub):
+    """OpenCALM's layout: `main` holds pickles, a pull-request ref holds safetensors (here of a different model, so
+    the logits tell which snapshot was read); by branch, by ref and by commit hash."""
+    from conftest import NEOX_TOKENIZER
+
+    _, hf_main = hf_tiny(tmp_path, "main", seed=0)
+    st_folder, hf_pr = hf_tiny(tmp_path, "pr", seed=1)
+    main, pr = "a" * 40, "b" * 40
+    main_snap = cache_snapshot(offline_hub, "owner/name", write_legacy(tmp_path / "legacy", hf_main), main)
+    pr_snap = cache_snapshot(offline_hub, "owner/name", st_folder, pr, refs=("refs/pr/5",))   # hub: refs/refs/pr/5
+    if NEOX_TOKENIZER.is_file():
+        (pr_snap / "tokenizer.json").symlink_to(NEOX_TOKENIZER)
+
+    for revision, snap, hf in ((None, main_snap, hf_main), (main, main_snap, hf_main),
+                               ("refs/pr/5", pr_snap, hf_pr), (pr, pr_snap, hf_pr)):
+        assert resolve("owner/name", revision) == snap   # the cached snapshot itself, nothing copied
+        assert max_diff(load_model("owner/name", revision=revision), hf) < 1e-4, revision
+    if NEOX_TOKENIZER.is_file():
+        assert load_tokenizer("owner/name", revision="refs/pr/5").eos_token_id == 0
+
+
+@pytest.mark.parametrize("revision", [None, "c" * 40])
+def test_hub_id_not_cached_offline_says_how_to_use_a_local_folder(offline_hub, revision):
+    with pytest.raises(FileNotFoundError) as e:
+        load_model("owner/absent", revision=revision)
+    msg = str(e.value)
+    assert "'owner/absent'" in msg and "HF_HUB_OFFLINE" in msg and "local folder" in msg
+    assert f"revision {revision or 'main'}" in msg
+    with pytest.raises(FileNotFoundError, match="local folder"):
+        load_tokenizer("owner/absent")
+
+
+# ----------------------------------------------------------------------------- bad input: clear, specific errors
+
+def test_missing_folder_and_missing_config(tmp_path):
+    for missing in (tmp_path / "nope", "./nope", "nope"):
+        with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+            load_model(missing)
+    folder, _ = hf_tiny(tmp_path)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{folder / 'config.json'}: no config.json")):
+        load_model(folder)
+
+
+def test_folder_without_weights(tmp_path):
+    folder, _ = hf_tiny(tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        load_model(folder)
+
+
+def test_missing_shard_is_named(tmp_path):
+    folder, _ = hf_tiny(tmp_path, max_shard_size="100KB")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(shard.name)):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "truncated-by-4", "header", "header-length"])
+def test_damaged_safetensors_is_named(tmp_path, damage):
+    folder, _ = hf_tiny(tmp_path)
+    file = folder / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "truncated-by-4":
+        data = data[:-4]
+    elif damage == "header":
+        data[20:30] = b"#" * 10             # inside the JSON header
+    else:
+        data[:8] = (10**12).to_bytes(8, "little")   # a header length past the end of the file
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(f"{file}: not a readable safetensors file")):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_bin_is_named(tmp_path, damage):
+    _, hf = hf_tiny(tmp_path)
+    folder = write_legacy(tmp_path / "legacy", hf)
+    file = folder / "pytorch_model.bin"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a pickle" * 100)
+    with pytest.raises(ValueError, match=re.escape(f"{file}: not a readable PyTorch weights file")):
+        load_model(folder)
+
+
+# the first tensor in file order (safetensors keeps names sorted) whose shape the edited config contradicts
+@pytest.mark.parametrize("field, tensor, has, implied", [
+    ("vocab_size", "embed_out.weight", (128, 64), (256, 64)),
+    ("hidden_size", "embed_out.weight", (128, 64), (128, 128)),
+    ("intermediate_size", "gpt_neox.layers.0.mlp.dense_4h_to_h.weight", (64, 128), (64, 256)),
+])
+def test_shape_mismatch_names_tensor_and_config(tmp_path, field, tensor, has, implied):
+    folder, _ = hf_tiny(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[field] *= 2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as e:
+        load_model(folder)
+    assert str(e.value) == (f"{folder / 'model.safetensors'}: tensor {tensor!r} has shape {has}, "
+                            f"the config ({folder / 'config.json'}) implies {implied}")
+
+
+def test_unknown_tensor_is_named(tmp_path):
+    folder, _ = hf_tiny(tmp_path)
+    file = folder / "model.safetensors"
+    sd = load_file(file) | {"gpt_neox.layers.0.attention.extra.weight": torch.zeros(3)}
+    save_file(sd, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"{file}: unexpected tensor 'gpt_neox.layers.0.attention.extra")):
+        load_model(folder)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    folder, _ = hf_tiny(tmp_path)
+    file = folder / "model.safetensors"
+    sd = load_file(file)
+    del sd["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"]
+    save_file(sd, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape("lacks tensors ['gpt_neox.layers.1.mlp.dense_4h_to_h.bias']")):
+        load_model(folder)
+
+
+def test_legacy_buffer_names_are_the_ones_opencalm_carries():
+    assert LEGACY_SUFFIXES == ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+
+
+# ----------------------------------------------------------------------------- memory: no fp32 or duplicate copy
+
+MEMORY_PROBE = r"""
+import json, sys, threading, time
+import torch
+from minicalm import load_model
+
+sys.setswitchinterval(1e-4)   # let the sampler in between the loader's steps
+
+def rss_anon():   # bytes of anonymous resident memory; mmapped file pages are RssFile and do not count
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+
+def peak_growth(fn):
+    base = peak = rss_anon()
+    done = False
+    def sample():
+        nonlocal peak
+        while not done:
+            peak = max(peak, rss_anon())
+            time.sleep(0.001)
+    t = threading.Thread(target=sample)
+    t.start()
+    result = fn()
+    time.sleep(0.005)
+    done = True
+    t.join()
+    return max(peak, rss_anon()) - base, result
+
+big, warm, control = sys.argv[1:]
+load_model(warm, dtype=torch.bfloat16)   # first use of the meta device etc. imports tens of MB of Python
+growth, model = peak_growth(lambda: load_model(big, dtype=torch.bfloat16))
+dtypes = sorted({str(p.dtype) for p in model.parameters()})
+# the probe's sensitivity: reading the whole fp32 state dict the plain way must show up (the model stays alive,
+# so that its memory cannot be reused)
+if control.endswith(".safetensors"):
+    from safetensors.torch import load_file   # maps the file (RssFile): copy it as a naive loader would
+    control_growth, _ = peak_growth(lambda: {k: v.clone() for k, v in load_file(control).items()})
+else:
+    control_growth, _ = peak_growth(lambda: torch.load(control, weights_only=True, mmap=False))
+print(json.dumps({"growth": growth, "control": control_growth, "dtypes": dtypes}))
+"""
+
+
+@pytest.fixture(scope="module")
+def mid_size(tmp_path_factory):
+    """A ~112 MB fp32 checkpoint (29.4M parameters, largest tensor 4 MB) as safetensors and as a pickled .bin,
+    and a tiny one of each to warm up with. Returns (folders, fp32 bytes)."""
+    root = tmp_path_factory.mktemp("mem")
+    folders = {}
+    for name, cfg in (("big", CalmConfig(vocab_size=4096, hidden_size=512, num_hidden_layers=8,
+                                         num_attention_heads=8, intermediate_size=2048)),
+                      ("warm", CalmConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, intermediate_size=128))):
+        model = CalmForCausalLM(cfg).init_weights(seed=0)
+        st = save_checkpoint(model, root / f"{name}-st")
+        folders[f"{name}-st"] = st
+        pt = root / f"{name}-bin"
+        pt.mkdir()
+        torch.save(model.state_dict(), pt / "pytorch_model.bin")
+        (pt / "config.json").write_text((st / "config.json").read_text())
+        folders[f"{name}-bin"] = pt
+        if name == "big":
+            nbytes = sum(p.numel() * 4 for p in model.parameters())
+    return folders, nbytes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssAnon from /proc/self/status")
+@pytest.mark.parametrize("kind", ["st", "bin"])
+def test_bf16_load_never_holds_fp32_or_duplicate_weights(mid_size, kind):
+    folders, fp32_bytes = mid_size
+    big = folders[f"big-{kind}"]
+    control = big / ("model.safetensors" if kind == "st" else "pytorch_model.bin")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(big), str(folders[f"warm-{kind}"]), str(control)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["dtypes"] == ["torch.bfloat16"]
+    # the bf16 model itself is 0.5x; an fp32 copy of the weights (or a second bf16 copy) would pass 0.75x
+    assert r["growth"] < 0.75 * fp32_bytes, f"loading grew RssAnon by {r['growth'] / fp32_bytes:.2f}x the fp32 size"
+    assert r["control"] > 0.9 * fp32_bytes, "the probe does not see a plain fp32 load; the check above proves nothing"
+
+
+# ----------------------------------------------------------------------------- files minicalm writes
+
+@pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 100_000], ids=["single", "sharded"])
+def test_save_checkpoint_loads_in_transformers(tmp_path, max_shard_bytes):
+    from transformers import GPTNeoXForCausalLM
+
+    folder, hf = hf_tiny(tmp_path, rotary_pct=0.25, use_parallel_residual=True)
+    model = load_model(folder)
+    out = save_checkpoint(model, tmp_path / "out", max_shard_bytes=max_shard_bytes)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    if max_shard_bytes == 100_000:
+        assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    else:
+        assert shards == ["model.safetensors"]
+    assert not list(out.glob(".*.tmp*"))   # no temporary files left behind
+    back = GPTNeoXForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert back.config.rope_parameters["partial_rotary_factor"] == 0.25 and back.config.use_parallel_residual
+    assert max_diff(back, model) < 1e-4 and max_diff(back, hf) < 1e-4
+    assert max_diff(load_model(out), model) == 0
+
+
+def test_convert_bin_to_safetensors_cli(tmp_path):
+    """OpenCALM's main as fp16 pickles -> `python -m minicalm.weights SRC OUT` (default fp16) -> identical logits."""
+    _, hf = hf_tiny(tmp_path)
+    src = write_legacy(tmp_path / "legacy", hf, shards=2, dtype=torch.float16)
+    (src / "tokenizer_config.json").write_text("{}")
+    out = tmp_path / "converted"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "minicalm.weights", str(src), str(out)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    sd = load_file(out / "model.safetensors")
+    assert not [k for k in sd if k.endswith(LEGACY_SUFFIXES)]
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    assert torch.equal(logits(load_model(out, dtype=torch.float32)), logits(load_model(src, dtype=torch.float32)))
