@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import weakref
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,15 +87,16 @@ class Plan:
     peak_flops: float
 
     def summary(self, epochs: float = 3, memory_bytes: float | None = None) -> str:
+        gib = lambda b: f"{b / GiB:.2f} GiB" if b >= 0.1 * GiB else f"{b / 2**20:.1f} MiB"
         lines = [f"plan for {self.model}: micro-batch {self.micro_batch_size} x {self.max_len} tokens, "
                  f"{self.dtype}, grad checkpoint {'on' if self.grad_checkpoint else 'off'}",
-                 f"  parameters {self.params / 1e9:.2f}B, trainable {self.trainable_params:,}",
-                 f"  weights {self.weights_bytes / GiB:.2f} GiB, optimizer state {self.optimizer_bytes / GiB:.3f} GiB, "
-                 f"peak {self.peak_bytes / GiB:.2f} GiB"
+                 f"  parameters {self.params:,}, trainable {self.trainable_params:,}",
+                 f"  weights {gib(self.weights_bytes)}, optimizer state {gib(self.optimizer_bytes)}, "
+                 f"peak {gib(self.peak_bytes)}"
                  + (f" of {memory_bytes / GiB:.0f} GiB" if memory_bytes else ""),
-                 f"  {self.flops_per_token / 1e9:.1f} GFLOP per token; an epoch of {self.epoch_tokens / 1e6:.1f}M tokens "
-                 f"at {self.utilization:.0%} of {self.peak_flops / 1e12:.0f} TFLOP/s: {self.epoch_seconds / 3600:.2f} h, "
-                 f"{epochs:g} epochs {epochs * self.epoch_seconds / 3600:.2f} h"]
+                 f"  {self.flops_per_token / 1e9:.3g} GFLOP per token; an epoch of {self.epoch_tokens / 1e6:.3g}M tokens "
+                 f"at {self.utilization:.0%} of {self.peak_flops / 1e12:.0f} TFLOP/s (A100 bf16): "
+                 f"{self.epoch_seconds / 3600:.2f} h, {epochs:g} epochs {epochs * self.epoch_seconds / 3600:.2f} h"]
         return "\n".join(lines)
 
 
@@ -110,46 +111,50 @@ def config_of(model: str) -> CalmConfig:
 def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256, *, grad_checkpoint: bool = False,
          lora_r: int = 8, lora_targets=("query_key_value",), full: bool = False, answer_tokens: int = 4,
          train_on_inputs: bool = False, dtype: torch.dtype = torch.bfloat16, examples: int = 187_528,
-         avg_tokens: float = 150.0, utilization: float = 0.5, peak_flops: float = A100_BF16_FLOPS) -> Plan:
+         avg_tokens: float = 150.0, utilization: float = 0.5, peak_flops: float = A100_BF16_FLOPS,
+         name: str | None = None) -> Plan:
     """Run two real training steps on fake tensors (the second has AdamW's state) and report the figures."""
     from .train import micro_step   # train imports plan for its preflight; import here to keep the order simple
 
     cfg = model if isinstance(model, CalmConfig) else config_of(model)
     B, T = micro_batch_size, max_len
     scored = B * (T - 1 if train_on_inputs else answer_tokens)   # positions the loss scores
-    with FakeTensorMode(), LiveBytes(scored) as mem:
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32 if full else dtype)   # build the base directly in its dtype
-        try:
-            net = CalmForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(default)
-        if full:
-            net.requires_grad_(True)
-        else:
-            apply_lora(net, tuple(lora_targets), r=lora_r, alpha=2 * lora_r, dropout=0.05)
-        net.grad_checkpoint = grad_checkpoint
-        net.train()
-        params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        x = torch.zeros(B, T, dtype=torch.long)
-        y = x.clone()
-        if not train_on_inputs:
-            y[:, : T - answer_tokens - 1] = -100   # the last answer_tokens targets are scored
-        weights = mem.live
-        flops = FlopCounterMode(display=False)
-        for i in range(2):
-            with flops if i == 1 else nullcontext():   # count FLOPs of the steady-state step
+    with FakeTensorMode() as fake:
+        with LiveBytes(scored) as mem:
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float32 if full else dtype)   # build the base directly in its dtype
+            try:
+                net = CalmForCausalLM(cfg)
+            finally:
+                torch.set_default_dtype(default)
+            if full:
+                net.requires_grad_(True)
+            else:
+                apply_lora(net, tuple(lora_targets), r=lora_r, alpha=2 * lora_r, dropout=0.05)
+            net.grad_checkpoint = grad_checkpoint
+            net.train()
+            params = [p for p in net.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            x = torch.zeros(B, T, dtype=torch.long)
+            y = x.clone()
+            if not train_on_inputs:
+                y[:, : T - answer_tokens] = -100   # the last answer_tokens labels are scored
+            weights = mem.live
+            for _ in range(2):   # the second step has AdamW's state: the steady state
                 micro_step(net, x, y, n_target=1)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+        # FLOPs in a separate step: FlopCounterMode keeps tensors alive and would inflate the memory figure.
+        with FlopCounterMode(display=False) as flops, LiveBytes(scored):
+            micro_step(net, x, y, n_target=1)
+            opt.step()
         opt_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                         if isinstance(v, torch.Tensor) and v.dim() > 0)
         n_params = sum(p.numel() for p in net.parameters())
     step_flops = float(flops.get_total_flops())
     per_token = step_flops / (B * T)
     epoch_tokens = examples * avg_tokens
-    return Plan(model=getattr(model, "name", None) or str(model if isinstance(model, str) else "config"),
+    return Plan(model=name or (model if isinstance(model, str) else "config"),
                 micro_batch_size=B, max_len=T, grad_checkpoint=grad_checkpoint,
                 dtype=str(torch.float32 if full else dtype).removeprefix("torch."), params=n_params,
                 trainable_params=sum(p.numel() for p in params), weights_bytes=weights, optimizer_bytes=opt_bytes,
@@ -162,7 +167,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minicalm.plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="open-calm-7b", help=f"preset ({', '.join(PRESETS)}), hub id or config.json")
-    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=16)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--lora-r", type=int, default=8)
@@ -193,3 +198,22 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.device, dtype: torch.dtype,
+              log: bool = True) -> Plan:
+    """train()'s check before loading the model: print the plan; on a GPU refuse settings that would not fit."""
+    kw = dict(lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, full=cfg.full, train_on_inputs=cfg.train_on_inputs,
+              dtype=dtype, examples=len(lengths), avg_tokens=sum(lengths) / len(lengths), name=cfg.model)
+    T = min(cfg.max_len, max(lengths))
+    pl = plan(model_cfg, cfg.micro_batch_size, T, grad_checkpoint=cfg.grad_checkpoint, **kw)
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    if log:
+        print(pl.summary(cfg.epochs, memory), file=sys.stderr, flush=True)
+    if memory and pl.peak_bytes > 0.9 * memory:
+        options = [(mb, gc) for gc in (False, True) for mb in (16, 8, 4, 2, 1) if mb < cfg.micro_batch_size or gc]
+        fits = next((f"--micro-batch-size {mb}" + (" --grad-checkpoint" if gc else "") for mb, gc in options
+                     if plan(model_cfg, mb, T, grad_checkpoint=gc, **kw).peak_bytes < 0.9 * memory), None)
+        raise MemoryError(f"the plan's peak {pl.peak_bytes / GiB:.1f} GiB exceeds 90% of this GPU's "
+                          f"{memory / GiB:.1f} GiB; " + (f"try {fits}" if fits else "no micro-batch size fits"))
+    return pl

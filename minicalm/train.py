@@ -1,0 +1,308 @@
+"""The training loop: one explicit function, `train(TrainConfig)`, used by train_lora.py and the miniature.
+
+Dtype policy (the one place it is stated): the frozen base model runs in bf16 on GPUs that support it and in
+fp32 on CPU (or as --dtype says); LoRA parameters, their gradients and AdamW's state are always fp32, and
+LoRALinear casts A and B to the activations' dtype in forward. Logits are cast to fp32 for the loss.
+Full-parameter training (pretraining the miniature) keeps the whole model in fp32.
+
+A step: the global batch (--batch-size examples) is split into micro-batches of --micro-batch-size, spread
+over the ranks (torchrun) and accumulated. The loss is summed over answer tokens and divided by the answer
+tokens of the whole global batch, so any split of the same batch gives the same gradient.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import data
+from .config import CalmConfig
+from .lora import apply_lora, save_adapter, trainable_parameters
+from .plan import preflight
+from .progress import Progress
+from .tokenizer import load_tokenizer
+from .weights import atomic_write, default_dtype, load_model, resolve, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    model: str = "cyberagent/open-calm-7b"   # hub id or local checkpoint folder
+    revision: str | None = None
+    train_file: str | None = None            # JGLUE JSON lines; None: MARC-ja train from the hub
+    valid_file: str | None = None            # None: MARC-ja validation from the hub ("none" to skip)
+    out: str = "runs/open-calm-7b-lora"
+    epochs: float = 3.0
+    lr: float = 3e-4
+    batch_size: int = 64                     # examples per optimizer step, all ranks together
+    micro_batch_size: int = 16               # examples per forward/backward on one rank
+    max_len: int = 256                       # tokens per example; the review is truncated to fit
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("query_key_value",)
+    warmup_steps: int = 100
+    schedule: str = "cosine"                 # decay after warmup: cosine or linear, to zero
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 500                    # steps between validation losses (0: only at the end)
+    eval_limit: int = 500                    # validation reviews for the loss
+    eval_accuracy: int = 0                   # validation reviews for greedy-answer accuracy (0: off)
+    save_every: int = 500
+    max_steps: int | None = None             # stop after this many steps (overrides epochs)
+    limit_train: int | None = None           # use only the first N training examples
+    seed: int = 1337
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "auto"                      # auto: bf16 on a capable GPU, fp32 on CPU
+    resume: bool = False
+    train_on_inputs: bool = False            # loss over the whole prompt (the post's way), not the answer only
+    grad_checkpoint: bool = False
+    full: bool = False                       # train every parameter instead of LoRA (pretraining)
+    text: bool = False                       # raw-text language modelling (packed blocks of max_len), no prompt
+    max_time: float | None = None            # seconds; stop and save once exceeded
+    log: bool = True                         # progress bar and messages on stderr
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine or linear decay to zero at `total`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac)
+
+
+def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled positions; the LM head runs only where labels need it."""
+    targets = labels[:, 1:]                                   # (B, T-1) the token after each position
+    where = torch.zeros_like(labels, dtype=torch.bool)
+    where[:, :-1] = targets != -100                           # (B, T) positions whose next token is scored
+    logits = model(input_ids, logits_at=where)                # (N, V)
+    return F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
+
+
+def micro_step(model, input_ids: torch.Tensor, labels: torch.Tensor, n_target: int) -> torch.Tensor:
+    """Forward and backward of one micro-batch, its loss scaled by the global batch's target count.
+
+    Gradients accumulate in .grad across micro-batches; returns the micro-batch's summed loss (detached).
+    """
+    loss = answer_loss(model, input_ids, labels)
+    (loss / n_target).backward()
+    return loss.detach()
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: accelerator memory allocated on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def say(cfg: TrainConfig, rank: int, *msg) -> None:
+    if cfg.log and rank == 0:
+        print(*msg, file=sys.stderr, flush=True)
+
+
+def load_examples(cfg: TrainConfig, tok, split: str, limit: int | None) -> list[data.Example]:
+    """Prompt examples (or packed raw-text blocks with --text) of one split."""
+    path = cfg.train_file if split == "train" else cfg.valid_file
+    path = path or data.marc_ja("train" if split == "train" else "validation")
+    reviews = data.read_jsonl(path, limit=limit)
+    if cfg.text:
+        blocks = data.pack_texts(tok, [r.sentence for r in reviews], cfg.max_len)
+        return [data.Example(b.tolist(), b.tolist()) for b in blocks]
+    examples, truncated = data.encode_reviews(data.PromptEncoder(tok, cfg.max_len), reviews, cfg.train_on_inputs)
+    if truncated:
+        print(f"{path}: {truncated} of {len(reviews)} reviews truncated to --max-len {cfg.max_len}", file=sys.stderr)
+    return examples
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[data.Example], micro_batch_size: int, pad_id: int, device) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for idx in data.length_batches([len(e.input_ids) for e in examples], micro_batch_size, seed=0):
+        x, y = data.collate([examples[i] for i in idx], pad_id)
+        total += answer_loss(model, x.to(device), y.to(device)).item()
+        count += int((y[:, 1:] != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig) -> dict:
+    """Fine-tune (LoRA, or every parameter with cfg.full) and write everything under cfg.out. Returns a summary."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by --micro-batch-size "
+                         f"{cfg.micro_batch_size} x {world} processes")
+    out = Path(cfg.out)
+    state_file = out / "state.pt"
+    if state_file.exists() and not cfg.resume:
+        raise FileExistsError(f"{out} already holds a run's checkpoint ({state_file}); pass --resume to continue "
+                              f"it or choose another --out")
+    if cfg.resume and not state_file.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {state_file})")
+    device = torch.device(cfg.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = default_dtype(device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    if cfg.full:
+        dtype = torch.float32
+
+    # data first: bad files fail before a 7B model is loaded
+    tok = load_tokenizer(cfg.model, revision=cfg.revision)
+    train_set = load_examples(cfg, tok, "train", cfg.limit_train)
+    valid_set = [] if cfg.valid_file == "none" else load_examples(cfg, tok, "valid", cfg.eval_limit)
+    if not train_set:
+        raise ValueError("the training set is empty")
+    lengths = [len(e.input_ids) for e in train_set]
+    n_scored = [sum(t != -100 for t in e.labels[1:]) for e in train_set]   # loss tokens per example
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+
+    if rank == 0:   # memory and time estimate from the real step on fake tensors; refuses what will not fit
+        preflight(cfg, CalmConfig.from_json(resolve(cfg.model, cfg.revision) / "config.json"), lengths, device,
+                  dtype, log=cfg.log)
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, dtype=dtype, device=device, revision=cfg.revision)
+    if cfg.full:
+        model.requires_grad_(True)
+    else:
+        apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    trainable, total = trainable_parameters(model)
+    say(cfg, rank, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; {len(train_set):,} examples, "
+                   f"{total_steps:,} steps of {cfg.batch_size}, {world} process(es), {dtype}")
+
+    step = 0
+    if cfg.resume:
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["trainable"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        say(cfg, rank, f"resumed from {state_file} at step {step}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
+        keep_metrics_until(out / "metrics.jsonl", step)
+
+    def save(final: bool = False) -> None:
+        if rank != 0:
+            return
+        trainable_state = {k: v for k, v in model.state_dict().items() if k in trainable_names}
+        state = {"step": step, "trainable": trainable_state, "optimizer": opt.state_dict(), "config": asdict(cfg)}
+        atomic_write(state_file, lambda p: torch.save(state, p))
+        if cfg.full:
+            save_checkpoint(model, out / "model", tokenizer_dir=tok.path.parent)
+        else:
+            save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)
+        say(cfg, rank, f"\nsaved step {step} to {out}" + (" (final)" if final else ""))
+
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    stop = {"signal": None}
+    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal="SIGINT"))
+    bar = Progress(total_steps, "train", start=step, enabled=cfg.log and rank == 0)
+    t_start, last_loss, val = time.time(), float("nan"), None
+    try:
+        while step < total_steps and stop["signal"] is None:
+            epoch, i = divmod(step, steps_per_epoch)
+            # Draw the global batch, then cut it: --micro-batch-size and the process count change how a step is
+            # computed, never which examples it sees (length_batches sorts a batch by length: little padding).
+            batch = data.length_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)[i]
+            step_batches = [batch[k:k + cfg.micro_batch_size] for k in range(0, len(batch), cfg.micro_batch_size)]
+            mine = step_batches[rank::world]
+            n_target = sum(n_scored[j] for j in batch)
+            lr = lr_at(step, total_steps, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            # Data order and dropout RNG are functions of (seed, step, rank): resuming needs only the step.
+            torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+            t0 = time.time()
+            loss_sum = torch.zeros((), device=device)
+            tokens = torch.zeros((), device=device)
+            for idx in mine:
+                x, y = data.collate([train_set[j] for j in idx], tok.pad_token_id)
+                x, y = x.to(device), y.to(device)
+                loss_sum += micro_step(model, x, y, n_target)
+                tokens += sum(lengths[j] for j in idx)
+            if world > 1:   # DDP over the trainable (adapter) gradients, by hand
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                dist.all_reduce(loss_sum)
+                dist.all_reduce(tokens)
+            last_loss = loss_sum.item() / n_target
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"non-finite loss {last_loss} at step {step + 1}; the last good checkpoint "
+                                         f"is kept in {out} (try a lower --lr)")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.time() - t0
+            rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss, "lr": lr,
+                   "tokens_per_s": round(tokens.item() / dt, 1), "peak_memory_bytes": peak_memory(device),
+                   "grad_norm": None if grad_norm is None else round(grad_norm.item(), 4),
+                   "elapsed_s": round(time.time() - t_start, 2)}
+            if valid_set and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                rec["val_loss"] = val = validation_loss(model, valid_set, cfg.micro_batch_size, tok.pad_token_id, device)
+                if cfg.eval_accuracy:
+                    rec["val_accuracy"] = validation_accuracy(model, tok, cfg)
+            if rank == 0:
+                with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.update(1, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if cfg.max_time and time.time() - t_start > cfg.max_time:
+                stop["signal"] = "max_time"
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stop["signal"]:
+                save(final=step == total_steps)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, old_handler)
+        if world > 1:
+            dist.destroy_process_group()
+    if stop["signal"] == "SIGINT":
+        say(cfg, rank, f"interrupted: checkpoint at step {step} in {out}; continue with --resume")
+    return {"step": step, "total_steps": total_steps, "loss": last_loss, "val_loss": val,
+            "out": str(out), "model": model, "seconds": time.time() - t_start}
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """On resume drop metric lines after the checkpoint's step: those steps run again."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8"))
+
+
+def validation_accuracy(model, tok, cfg: TrainConfig) -> float:
+    """Greedy-answer accuracy on the first cfg.eval_accuracy validation reviews (the evaluation code path)."""
+    from .evaluate import evaluate_reviews
+    reviews = data.read_jsonl(cfg.valid_file or data.marc_ja("validation"), limit=cfg.eval_accuracy)
+    return evaluate_reviews(model, tok, reviews, max_len=cfg.max_len, batch_size=cfg.micro_batch_size,
+                            log=False)["metrics"]["accuracy"]
