@@ -31,27 +31,40 @@ POST_ROWS = [("OpenCALM-7B before fine-tuning (post)", 0.011, 0.985),
              ("XLM-RoBERTa large (JGLUE baseline)", 0.964, None)]
 
 
-def stop_token_ids(tok: Tokenizer) -> set[int]:
-    """EOS and every token whose text holds a newline: the answer is one line."""
-    return {tok.eos_token_id} | {i for i in range(tok.vocab_size) if "\n" in tok.decode([i], False)}
+def stop_token_ids(tok: Tokenizer) -> tuple[set[int], set[int]]:
+    """(stop ids, blank-line ids): EOS and every token whose text holds a newline end the one-line answer;
+    whitespace-only newline tokens end it only after it has started (the parser skips leading blank lines)."""
+    texts = {i: tok.decode([i], False) for i in range(tok.vocab_size)}
+    newline = {i for i, t in texts.items() if "\n" in t}
+    return {tok.eos_token_id} | newline, {i for i in newline if not texts[i].strip()}
 
 
 @torch.inference_mode()
 def evaluate_reviews(model, tok: Tokenizer, reviews: list[data.Review], *, max_len: int = 256, batch_size: int = 16,
                      max_new_tokens: int = 8, mode: str = "generate", reuse_prefix: bool = True,
                      log: bool = True) -> dict:
-    """Answer every review; returns {"metrics": ..., "predictions": [...]} (metrics per mode when mode='both')."""
+    """Answer every review; returns {"metrics": ..., "predictions": [...]} (metrics per mode when mode='both').
+
+    Runs in eval mode (no dropout) and puts the model back in its mode afterwards, also on error.
+    """
     if mode not in ("generate", "likelihood", "both"):
         raise ValueError(f"mode must be generate, likelihood or both, not {mode!r}")
     was_training = model.training
     model.eval()
+    try:
+        return _evaluate(model, tok, reviews, max_len, batch_size, max_new_tokens, mode, reuse_prefix, log)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model, tok, reviews, max_len, batch_size, max_new_tokens, mode, reuse_prefix, log) -> dict:
     device = model.gpt_neox.embed_in.weight.device
     enc = data.PromptEncoder(tok, max_len)
     P = len(enc.prefix_ids) if reuse_prefix else 0
     prompts = [enc.encode_prompt(r.sentence)[0] for r in reviews]
     assert all(p[:P] == enc.prefix_ids[:P] for p in prompts), "segment-wise encoding keeps the shared head intact"
     answers = [enc.answer_ids[label] for label in LABELS]
-    stops = stop_token_ids(tok) if mode != "likelihood" else set()
+    stops, blank = stop_token_ids(tok) if mode != "likelihood" else (set(), set())
     if P:   # the shared header, once for the whole evaluation: (1, nh, P, hs) per layer
         prefix = model.new_cache(1, P)
         model(torch.tensor([enc.prefix_ids], device=device), cache=prefix, logits_at=LAST.to(device))
@@ -79,7 +92,7 @@ def evaluate_reviews(model, tok: Tokenizer, reviews: list[data.Review], *, max_l
             scores = label_scores(model, logits, answers, cache, positions[:, -1], valid, P + L)   # (B, 2)
         if mode != "likelihood":
             new = greedy_loop(model, logits, cache, positions[:, -1], valid, P + L, max_new_tokens, stops,
-                              tok.pad_token_id).tolist()
+                              tok.pad_token_id, blank).tolist()
         for r, i in enumerate(rows):
             p = {"review_id": reviews[i].review_id, "gold": reviews[i].label}
             if mode != "likelihood":
@@ -93,7 +106,6 @@ def evaluate_reviews(model, tok: Tokenizer, reviews: list[data.Review], *, max_l
             preds[i] = p
         bar.update(B)
     bar.close()
-    pass
     golds = [r.label for r in reviews]
     metrics = {m: compute_metrics(golds, [p[k] for p in preds])
                for m, k in (("generate", "answer"), ("likelihood", "likelihood_answer")) if mode in (m, "both")}

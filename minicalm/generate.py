@@ -23,21 +23,26 @@ def decode_one_token(model: CalmForCausalLM, token: torch.Tensor, cache: KVCache
 
 def greedy_loop(model: CalmForCausalLM, logits: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                 key_valid: torch.Tensor | None, slot: int, max_new_tokens: int, stop_ids: set[int] | None,
-                pad_token_id: int) -> torch.Tensor:
+                pad_token_id: int, leading_ids: set[int] | None = None) -> torch.Tensor:
     """Greedy tokens (B, n <= max_new_tokens) after a prefill whose next-token logits (B, V) are given.
 
     positions (B,) is each row's last rotary position, slot the first free cache slot; key_valid (B, S) marks
     the cache's padding (None: no padding). A row that emits a stop id is padded from then on; the loop ends
-    when every row has stopped.
+    when every row has stopped. Stop ids that are also in leading_ids (blank lines) stop a row only once it has
+    emitted some other token.
     """
     B = logits.shape[0]
     stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=logits.device)
+    leading = torch.tensor(sorted(leading_ids or []), dtype=torch.long, device=logits.device)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    started = torch.zeros(B, dtype=torch.bool, device=logits.device)
     tokens = []
     for i in range(max_new_tokens):
         token = logits.argmax(dim=-1)                                          # (B,)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
-        done |= torch.isin(token, stop)
+        is_leading = torch.isin(token, leading)
+        done |= torch.isin(token, stop) & (started | ~is_leading)
+        started |= ~is_leading
         tokens.append(token)
         if bool(done.all()) or i == max_new_tokens - 1:
             break

@@ -1,0 +1,383 @@
+"""minicalm.evaluate: label likelihoods equal transformers' log-probabilities; greedy answers equal
+greedy_generate and transformers' generate; batching and the shared-prefix KV reuse change nothing; a model that
+learned nothing answers invalid and one that always answers a label gets the metrics that label implies; eval.py
+writes consistent files, refuses bad input clearly, and leaves the model's mode and LoRA as it found them.
+
+A random tiny GPT-NeoX checkpoint (transformers' save_pretrained) with a 500-token BPE trained on real reviews keeps
+the prompts around 300 tokens, so every test runs in seconds on a CPU."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REVIEWS, ROOT, hf_tiny, need
+from minicalm import (LoRALinear, apply_lora, data, evaluate, greedy_generate, load_model, load_tokenizer,
+                      save_adapter)
+from minicalm.evaluate import LABELS, POST_ROWS, EvalConfig, evaluate_reviews, run_eval, stop_token_ids
+from minicalm.score import compute_metrics, label_logprobs, parse_answer
+from minicalm.tokenizer import train_tokenizer
+
+MAX_LEN = 320     # the head takes ~250 of these tokens with the tiny BPE: reviews over ~65 tokens are cut
+NEW = 8           # max_new_tokens, as eval.py's default
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """A 500-token byte-level BPE trained once on real reviews plus the prompt: the header gets merged tokens
+    (prompts stay short) while ポジティブ/ネガティブ stay several tokens that share their first one."""
+    texts = [r.sentence for r in data.read_jsonl(need(REVIEWS / "train.jsonl"), limit=1000)]
+    texts += [data.PROMPT_HEAD + data.PROMPT_TAIL] * 20
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer.json", vocab_size=500)
+
+
+@pytest.fixture(scope="module")
+def tiny(tok, tmp_path_factory):
+    """(checkpoint folder with tokenizer.json beside the weights, minicalm model, transformers model).
+
+    initializer_range 0.2 instead of 0.02: a model that sensitive to its input answers each review differently
+    (and some stop early), so a mixed-up row or a missed stop shows in the greedy tokens."""
+    folder, hf = hf_tiny(tmp_path_factory.mktemp("eval"), vocab_size=tok.vocab_size, max_position_embeddings=512,
+                         initializer_range=0.2)
+    shutil.copy(tok.path, folder / "tokenizer.json")
+    return folder, load_model(folder, dtype=torch.float32), hf
+
+
+@pytest.fixture(scope="module")
+def reviews() -> list[data.Review]:
+    """The first 12 validation reviews: 44 to 285 tokens, 7 of them cut to fit MAX_LEN, so batches mix padding."""
+    return data.read_jsonl(need(REVIEWS / "valid.jsonl"), limit=12)
+
+
+def prompt_ids(tok, reviews) -> list[list[int]]:
+    enc = data.PromptEncoder(tok, MAX_LEN)
+    return [enc.encode_prompt(r.sentence)[0] for r in reviews]
+
+
+def answer_ids(tok) -> list[list[int]]:
+    return [data.PromptEncoder(tok, MAX_LEN).answer_ids[label] for label in LABELS]
+
+
+def hf_logprob(hf, prompt: list[int], answer: list[int]) -> float:
+    """transformers' summed log-probability of the answer tokens after the prompt (fp64 softmax)."""
+    with torch.no_grad():
+        logp = hf(torch.tensor([prompt + answer])).logits[0].double().log_softmax(-1)
+    return sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(answer))
+
+
+def up_to_stop(tokens: list[int], stops: tuple[set[int], set[int]]) -> list[int]:
+    """Tokens up to and including the first stop token (what evaluation keeps of a greedy answer); a blank-line
+    token stops only after some other token."""
+    stop, blank = stops
+    cut = next((k + 1 for k, t in enumerate(tokens) if t in stop and (t not in blank or
+                                                                     any(u not in blank for u in tokens[:k]))),
+               len(tokens))
+    return tokens[:cut]
+
+
+class Recorder:
+    """Wraps evaluate's greedy_loop and label_scores to keep their raw outputs, batch by batch.
+
+    evaluate_reviews visits the reviews in one length-sorted order whatever the batch size or prefix reuse, so
+    the rows of torch.cat(recorded) line up between two runs on the same reviews."""
+
+    def __init__(self, monkeypatch):
+        self.tokens: list[list[int]] = []
+        self.scores: list[torch.Tensor] = []
+        greedy_loop, label_scores = evaluate.greedy_loop, evaluate.label_scores
+
+        def record_greedy(*args, **kw):
+            out = greedy_loop(*args, **kw)
+            self.tokens += out.tolist()
+            return out
+
+        def record_scores(*args, **kw):
+            out = label_scores(*args, **kw)
+            self.scores.append(out.clone())
+            return out
+
+        monkeypatch.setattr(evaluate, "greedy_loop", record_greedy)
+        monkeypatch.setattr(evaluate, "label_scores", record_scores)
+
+    def reset(self):
+        self.tokens, self.scores = [], []
+
+
+# ----------------------------------------------------------------------------- evaluate_reviews
+
+def test_likelihood_matches_transformers(tok, tiny, reviews):
+    _, model, hf = tiny
+    prompts, answers = prompt_ids(tok, reviews), answer_ids(tok)
+    # What this exercises: multi-token label words of different lengths that share their first token.
+    assert min(map(len, answers)) > 1 and answers[0][0] == answers[1][0] and len(answers[0]) != len(answers[1])
+    assert len({len(p) for p in prompts}) > 4 and min(map(len, prompts)) < max(map(len, prompts)) - 20
+    want = torch.tensor([[hf_logprob(hf, p, a) for a in answers] for p in prompts], dtype=torch.float32)
+
+    out = evaluate_reviews(model, tok, reviews, max_len=MAX_LEN, batch_size=4, mode="likelihood", log=False)
+    preds = out["predictions"]
+    assert [(p["review_id"], p["gold"]) for p in preds] == [(r.review_id, r.label) for r in reviews]   # input order
+    got = torch.tensor([[p[f"logprob_{label}"] for label in LABELS] for p in preds])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, label_logprobs(model, prompts, answers), atol=1e-4, rtol=0)
+    assert [p["likelihood_answer"] for p in preds] == [LABELS[int(w.argmax())] for w in want]
+    assert "answer" not in preds[0] and out["metrics"]["n"] == len(reviews) and out["metrics"]["invalid_rate"] == 0
+    assert out["metrics"] == compute_metrics([r.label for r in reviews], [p["likelihood_answer"] for p in preds])
+
+    both = evaluate_reviews(model, tok, reviews, max_len=MAX_LEN, batch_size=4, mode="both", log=False)
+    assert set(both["metrics"]) == {"generate", "likelihood"}
+    assert both["metrics"]["likelihood"] == out["metrics"]
+    assert [{k: p[k] for k in preds[0]} for p in both["predictions"]] == preds   # same scores, plus the answers
+
+
+def test_batching_and_prefix_reuse_change_nothing(tok, tiny, reviews, monkeypatch):
+    _, model, _ = tiny
+    rec, stops = Recorder(monkeypatch), stop_token_ids(tok)
+    runs = {}
+    for batch_size, reuse, mode in ((8, True, "both"), (1, True, "both"), (8, False, "both"), (8, True, "generate")):
+        rec.reset()
+        out = evaluate_reviews(model, tok, reviews, max_len=MAX_LEN, batch_size=batch_size, max_new_tokens=NEW,
+                               mode=mode, reuse_prefix=reuse, log=False)
+        runs[batch_size, reuse, mode] = (out, [up_to_stop(t, stops) for t in rec.tokens],
+                                         torch.cat(rec.scores) if rec.scores else None)
+    ref_out, ref_tokens, ref_scores = runs[8, True, "both"]
+    assert len(ref_tokens) == len(reviews) and ref_scores.shape == (len(reviews), 2)
+    assert len(set(map(tuple, ref_tokens))) > len(reviews) // 2           # the answers differ from row to row
+    assert min(map(len, ref_tokens)) < NEW == max(map(len, ref_tokens))   # some rows stop early, some run on
+    for key, (out, tokens, scores) in runs.items():
+        assert tokens == ref_tokens, key                               # the same greedy tokens, row for row
+        for p, q in zip(out["predictions"], ref_out["predictions"]):
+            assert (p["continuation"], p["answer"]) == (q["continuation"], q["answer"]), key
+        if scores is not None:
+            torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=0, msg=str(key))
+    assert runs[8, True, "generate"][0]["metrics"] == ref_out["metrics"]["generate"]
+
+
+def test_greedy_answers_match_greedy_generate_and_transformers(tok, tiny, reviews, monkeypatch):
+    _, model, hf = tiny
+    rec, stops = Recorder(monkeypatch), stop_token_ids(tok)
+    assert tok.eos_token_id in stops[0] and tok.encode("\n")[0] in stops[0] and tok.encode("\n")[0] in stops[1]
+    lengths = []
+    for review, prompt in list(zip(reviews, prompt_ids(tok, reviews)))[:3]:
+        rec.reset()
+        pred = evaluate_reviews(model, tok, [review], max_len=MAX_LEN, max_new_tokens=NEW, log=False)["predictions"][0]
+        ids = torch.tensor([prompt])
+        ours = greedy_generate(model, ids, NEW, eos_token_id=tok.eos_token_id)[0, len(prompt):].tolist()
+        with torch.no_grad():
+            theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                                 eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+        got = up_to_stop(rec.tokens[0], stops)
+        assert got == up_to_stop(ours, stops) == up_to_stop(theirs, stops)
+        assert pred["continuation"] == tok.decode([t for t in got if t != tok.eos_token_id])
+        lengths.append(len(got))
+    assert min(lengths) < NEW == max(lengths)   # one answer stops early (here at EOS), the others run to NEW
+
+
+def test_untrained_model_answers_invalid(tok, tiny, reviews):
+    out = evaluate_reviews(tiny[1], tok, reviews, max_len=MAX_LEN, max_new_tokens=NEW, log=False)
+    m = out["metrics"]
+    assert all(p["answer"] == "invalid" for p in out["predictions"])
+    assert (m["invalid_rate"], m["accuracy"], m["n_valid"], m["n"]) == (1.0, 0.0, 0, len(reviews))
+    assert sum(sum(row.values()) for row in m["confusion"].values()) == len(reviews)
+
+
+def always_answers(model, chain: list[int]):
+    """Edit a model into a bigram model that, after chain[0], emits chain[1], chain[2], ... greedily.
+
+    Zeroing every attention and MLP output leaves the residual stream equal to the current token's embedding.
+    The chain's tokens get orthogonal embeddings e_j and embed_out row chain[j+1] = 10 e_j (all other rows 0), so
+    after chain[j] the logit of chain[j+1] is ~79 and every other logit is 0 or -1.3."""
+    assert len(set(chain[:-1])) == len(chain) - 1, "a bigram model needs distinct tokens along the chain"
+    C = model.config.hidden_size
+    with torch.no_grad():
+        for block in model.gpt_neox.layers:
+            for linear in (block.attention.dense, block.mlp.dense_4h_to_h):
+                linear.weight.zero_(), linear.bias.zero_()
+        model.gpt_neox.final_layer_norm.weight.fill_(1.0), model.gpt_neox.final_layer_norm.bias.zero_()
+        model.embed_out.weight.zero_()
+        for j, (t, nxt) in enumerate(zip(chain, chain[1:])):
+            model.gpt_neox.embed_in.weight[t] = torch.eye(C)[j]
+            model.embed_out.weight[nxt] = 10 * torch.eye(C)[j]
+    return model
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_model_that_always_answers_a_label(tok, tiny, reviews, label):
+    enc = data.PromptEncoder(tok, MAX_LEN)
+    model = always_answers(load_model(tiny[0], dtype=torch.float32),
+                           [enc.tail_ids[-1]] + enc.answer_ids[label] + [tok.eos_token_id])
+    out = evaluate_reviews(model, tok, reviews, max_len=MAX_LEN, max_new_tokens=NEW, mode="both", log=False)
+    word = data.LABEL_WORDS[label]
+    for p in out["predictions"]:
+        assert (p["continuation"], p["answer"], p["likelihood_answer"]) == (word, label, label)
+        assert p[f"logprob_{label}"] > -1e-3 > -10 > p[f"logprob_{LABELS[1 - LABELS.index(label)]}"]
+    golds = [r.label for r in reviews]
+    assert 0 < golds.count(label) < len(golds)   # both labels occur, so the metrics are not trivial
+    for m in out["metrics"].values():
+        assert m == compute_metrics(golds, [label] * len(golds))
+        assert m["accuracy"] == golds.count(label) / len(golds) and m["invalid_rate"] == 0
+        assert m["confusion"] == {g: {label: golds.count(g), LABELS[1 - LABELS.index(label)]: 0, "invalid": 0}
+                                  for g in LABELS}
+        assert m["per_class"][label]["recall"] == 1.0 and m["balanced_accuracy"] == 0.5
+
+
+def nonzero_lora(model, std: float = 0.2, seed: int = 1):
+    """Give every LoRA layer a random B (B starts at zero, which would make the adapter a no-op)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
+    return model
+
+
+def test_model_mode_and_dropout(tok, tiny, reviews):
+    """Evaluation runs in eval mode (LoRA dropout off, so two runs agree) and hands the model back as it was."""
+    model = nonzero_lora(apply_lora(load_model(tiny[0], dtype=torch.float32), r=4, dropout=0.5), std=0.1)
+    kw = dict(max_len=MAX_LEN, max_new_tokens=2, mode="both", log=False)
+    model.train()
+    first = evaluate_reviews(model, tok, reviews[:4], **kw)
+    assert model.training and all(m.training for m in model.modules())
+    assert evaluate_reviews(model, tok, reviews[:4], **kw) == first
+    model.eval()
+    evaluate_reviews(model, tok, reviews[:4], **kw)
+    assert not any(m.training for m in model.modules())
+    with pytest.raises(ValueError, match="mode must be"):
+        evaluate_reviews(model, tok, reviews[:4], mode="greedy")
+
+
+# ----------------------------------------------------------------------------- run_eval and eval.py
+
+@pytest.fixture(scope="module")
+def adapter(tiny, tmp_path_factory):
+    """A PEFT-format adapter for the tiny checkpoint whose B is non-zero (so it changes the answers' scores)."""
+    folder = tiny[0]
+    model = apply_lora(load_model(folder, dtype=torch.float32), ("query_key_value", "dense"), r=4, alpha=8)
+    nonzero_lora(model)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", base_model_name_or_path=str(folder))
+
+
+def read_outputs(out):
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    return metrics, preds, (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_run_eval_compare_base_writes_consistent_files(tiny, adapter, tmp_path, monkeypatch):
+    folder, limit = tiny[0], 40
+    valid = need(REVIEWS / "valid.jsonl")
+    seen = []   # (LoRA layers disabled, model) at each evaluate_reviews call
+    inner = evaluate.evaluate_reviews
+
+    def spy(model, *args, **kw):
+        seen.append(([m.disabled for m in model.modules() if isinstance(m, LoRALinear)], model))
+        return inner(model, *args, **kw)
+
+    monkeypatch.setattr(evaluate, "evaluate_reviews", spy)
+    cfg = EvalConfig(model=str(folder), adapter=str(adapter), data=str(valid), limit=limit, mode="both",
+                     compare_base=True, max_len=MAX_LEN, out=str(tmp_path / "out"), device="cpu", log=False)
+    result = run_eval(cfg)
+
+    # The base run has every LoRA layer disabled, the adapter run none, and none is left disabled afterwards.
+    (base_flags, model), (adapter_flags, _) = seen
+    assert base_flags and all(base_flags) and not any(adapter_flags)
+    assert not any(m.disabled for m in model.modules() if isinstance(m, LoRALinear))
+
+    metrics, preds, report = read_outputs(tmp_path / "out")
+    ids = [r.review_id for r in data.read_jsonl(valid, limit=limit)]
+    assert metrics["n_reviews"] == limit and metrics["config"]["limit"] == limit
+    assert len(preds) == 2 * limit
+    for name in ("base", "adapter"):
+        rows = [p for p in preds if p["model"] == name]
+        assert [p["review_id"] for p in rows] == ids
+        for mode in ("generate", "likelihood"):
+            m = metrics[name][mode]
+            assert m["n"] == limit and sum(sum(row.values()) for row in m["confusion"].values()) == limit
+            key = "answer" if mode == "generate" else "likelihood_answer"
+            assert m == json.loads(json.dumps(compute_metrics([p["gold"] for p in rows], [p[key] for p in rows])))
+        assert all(p["answer"] == parse_answer(p["continuation"]) for p in rows)
+    base, lora = ([p["logprob_positive"] for p in preds if p["model"] == k] for k in ("base", "adapter"))
+    assert base != lora   # the adapter changes the scores: the two runs really used different models
+
+    # The base run is the plain checkpoint: the same scores as evaluating it without any adapter.
+    plain = inner(load_model(folder, dtype=torch.float32), load_tokenizer(folder), data.read_jsonl(valid, limit=limit),
+                  max_len=MAX_LEN, mode="likelihood", log=False)
+    assert [p["logprob_positive"] for p in plain["predictions"]] == pytest.approx(base, abs=2e-5)
+
+    assert report == result["report"]
+    for name, acc, invalid in POST_ROWS:   # the post's rows, as the report prints them
+        assert f"| {name} | {100 * acc:.1f}% | {'-' if invalid is None else f'{100 * invalid:.1f}%'} |" in report
+    assert f"| hf before fine-tuning | {100 * metrics['base']['generate']['accuracy']:.1f}% |" in report
+    assert f"| hf + LoRA ({adapter}) |" in report and "Label likelihood" in report and f"({limit} reviews)" in report
+
+
+def test_run_eval_likelihood_only(tiny, tmp_path):
+    out = tmp_path / "out"
+    run_eval(EvalConfig(model=str(tiny[0]), data=str(need(REVIEWS / "valid.jsonl")), limit=6, mode="likelihood",
+                        max_len=MAX_LEN, out=str(out), device="cpu", log=False))
+    metrics, preds, report = read_outputs(out)
+    assert metrics["base"]["n"] == 6 and len(preds) == 6 and all(p["model"] == "base" for p in preds)
+    assert "answer" not in preds[0] and "likelihood_answer" in preds[0]
+    assert "Greedy answers" not in report and "Label likelihood" in report
+
+
+def run_script(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_eval_py_help_and_run(tiny, tmp_path):
+    help_ = run_script("--help")
+    assert help_.returncode == 0 and "--compare-base" in help_.stdout and "--limit" in help_.stdout
+    out = tmp_path / "out"
+    run = run_script("--model", tiny[0], "--data", need(REVIEWS / "valid.jsonl"), "--limit", 5, "--out", out,
+                     "--max-len", MAX_LEN, "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    metrics, preds, report = read_outputs(out)
+    assert metrics["n_reviews"] == 5 and metrics["base"]["n"] == 5 and len(preds) == 5
+    assert "| hf before fine-tuning |" in run.stdout and report.strip() in run.stdout
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_adapter_for_another_base_model(tok, tiny, tmp_path):
+    other, _ = hf_tiny(tmp_path, "other", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64)
+    wrong = save_adapter(apply_lora(load_model(other, dtype=torch.float32), r=4), tmp_path / "wrong")
+    cfg = EvalConfig(model=str(tiny[0]), adapter=str(wrong), data=str(need(REVIEWS / "valid.jsonl")), limit=2,
+                     max_len=MAX_LEN, out=str(tmp_path / "out"), device="cpu", log=False)
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: tensor 'base_model\.model\.gpt_neox\.layers\.0\."
+                                         r"attention\.query_key_value\.lora_A\.weight' has shape \(4, 32\), "
+                                         r"the model needs \(4, 64\)"):
+        run_eval(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    (json.dumps({"sentence": "x", "label": "neutral", "review_id": "b"}), "unknown label 'neutral'"),
+    ('{"sentence": "途中で切れた', "not valid JSON"),
+])
+def test_bad_data_line(tiny, tmp_path, line, message):
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"sentence": "良い", "label": "positive", "review_id": "a"}, ensure_ascii=False)
+    bad.write_text(f"{good}\n\n{line}\n", encoding="utf-8")   # line 2 blank, line 3 bad
+    cfg = EvalConfig(model=str(tiny[0]), data=str(bad), max_len=MAX_LEN, out=str(tmp_path / "out"), device="cpu",
+                     log=False)
+    with pytest.raises(ValueError, match=rf"{bad.name}:3: {message}"):
+        run_eval(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(limit=0), "--limit must be a positive number"),
+    (dict(limit=-3), "--limit must be a positive number"),
+    (dict(compare_base=True), "--compare-base needs --adapter"),
+])
+def test_bad_flags(tiny, tmp_path, change, message):
+    cfg = EvalConfig(model=str(tiny[0]), data=str(need(REVIEWS / "valid.jsonl")), out=str(tmp_path / "out"),
+                     device="cpu", log=False, **change)
+    with pytest.raises(ValueError, match=message):
+        run_eval(cfg)
+    assert not (tmp_path / "out").exists()
