@@ -222,8 +222,10 @@ def train(cfg: TrainConfig) -> dict:
         say(cfg, rank, f"\nsaved step {step} to {out}" + (" (final)" if final else ""))
 
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
-    stop = {"signal": None}
-    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal="SIGINT"))
+    stop = {"signal": None}   # set by Ctrl-C, SIGTERM (schedulers, torchrun) or --max-time; acted on between steps
+    handlers = {sig: signal.signal(sig, lambda n, _: stop.update(signal=signal.Signals(n).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    epoch_batches: dict[int, list[list[int]]] = {}
     bar = Progress(total_steps, "train", start=step, enabled=cfg.log and rank == 0)
     t_start, last_loss, val = time.time(), float("nan"), None
     try:
@@ -231,7 +233,10 @@ def train(cfg: TrainConfig) -> dict:
             epoch, i = divmod(step, steps_per_epoch)
             # Draw the global batch, then cut it: --micro-batch-size and the process count change how a step is
             # computed, never which examples it sees (length_batches sorts a batch by length: little padding).
-            batch = data.length_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)[i]
+            if epoch not in epoch_batches:
+                epoch_batches.clear()
+                epoch_batches[epoch] = data.length_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+            batch = epoch_batches[epoch][i]
             step_batches = [batch[k:k + cfg.micro_batch_size] for k in range(0, len(batch), cfg.micro_batch_size)]
             mine = step_batches[rank::world]
             n_target = sum(n_scored[j] for j in batch)
@@ -259,14 +264,17 @@ def train(cfg: TrainConfig) -> dict:
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"non-finite loss {last_loss} at step {step + 1}; the last good checkpoint "
                                          f"is kept in {out} (try a lower --lr)")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm at step {step + 1}; the last good checkpoint "
+                                         f"is kept in {out} (try a lower --lr)")
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - t0
             rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss, "lr": lr,
-                   "tokens_per_s": round(tokens.item() / dt, 1), "peak_memory_bytes": peak_memory(device),
-                   "grad_norm": None if grad_norm is None else round(grad_norm.item(), 4),
+                   "tokens_per_s": round(tokens.item() / max(dt, 1e-9), 1), "peak_memory_bytes": peak_memory(device),
+                   "grad_norm": round(grad_norm.item(), 4),
                    "elapsed_s": round(time.time() - t_start, 2)}
             if valid_set and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 rec["val_loss"] = val = validation_loss(model, valid_set, cfg.micro_batch_size, tok.pad_token_id, device)
@@ -278,15 +286,21 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if cfg.max_time and time.time() - t_start > cfg.max_time:
                 stop["signal"] = "max_time"
+            if world > 1:   # every rank stops at the same step, or one would wait forever in all_reduce
+                flag = torch.tensor(float(stop["signal"] is not None), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() and stop["signal"] is None:
+                    stop["signal"] = "another rank"
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stop["signal"]:
                 save(final=step == total_steps)
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, old_handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if world > 1:
             dist.destroy_process_group()
-    if stop["signal"] == "SIGINT":
-        say(cfg, rank, f"interrupted: checkpoint at step {step} in {out}; continue with --resume")
+    if stop["signal"] and step < total_steps:
+        say(cfg, rank, f"stopped ({stop['signal']}): checkpoint at step {step} in {out}; continue with --resume")
     return {"step": step, "total_steps": total_steps, "loss": last_loss, "val_loss": val,
             "out": str(out), "model": model, "seconds": time.time() - t_start}
 
@@ -295,8 +309,13 @@ def keep_metrics_until(path: Path, step: int) -> None:
     """On resume drop metric lines after the checkpoint's step: those steps run again."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    kept = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                kept.append(ln)
+        except (json.JSONDecodeError, KeyError, TypeError):   # a line torn by a crash mid-write
+            pass
     atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8"))
 
 

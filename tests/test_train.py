@@ -1,0 +1,476 @@
+"""The training loop (minicalm.train, train_lora.py) on a tiny random GPT-NeoX and a 500-token BPE trained here on the
+real review text: the loss falls and the adapter reloads; only answer tokens are scored; gradient accumulation,
+torchrun and kill-and-resume reproduce the same per-step losses; Ctrl-C saves; bad input fails before training.
+
+Subprocesses run with one thread (as this process does, see conftest) so that their arithmetic matches ours.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import minicalm.train as T
+from conftest import REVIEWS, ROOT, need
+from minicalm import CalmConfig, CalmForCausalLM, load_adapter, load_model, save_checkpoint
+from minicalm.data import IGNORE_INDEX, Example, PromptEncoder, collate, format_prompt, read_jsonl
+from minicalm.lora import LORA_KEYS
+from minicalm.tokenizer import train_tokenizer
+from minicalm.train import TrainConfig, answer_loss, lr_at, train
+
+MAX_LEN = 128   # the prompt's head is ~60 tokens with this tokenizer; reviews are cut to fit
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 500-token byte-level BPE trained on review text (+ the prompt, so its head is short) and a random tiny
+    GPT-NeoX checkpoint folder (config.json, model.safetensors, tokenizer.json), built once for the module."""
+    root = tmp_path_factory.mktemp("train")
+    texts = [r.sentence for r in read_jsonl(need(REVIEWS / "train.jsonl"), limit=1000)]
+    tok = train_tokenizer(texts + [format_prompt("")] * 500, root / "tok" / "tokenizer.json", vocab_size=500)
+    cfg = CalmConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=256)
+    folder = save_checkpoint(CalmForCausalLM(cfg).init_weights(seed=0), root / "base", tokenizer_dir=tok.path.parent)
+    return folder, tok
+
+
+def config(folder: Path, out: Path, **kw) -> TrainConfig:
+    """Small, fast, deterministic settings; kw overrides."""
+    d = dict(model=str(folder), train_file=str(REVIEWS / "train.jsonl"), valid_file="none", out=str(out),
+             limit_train=32, batch_size=8, micro_batch_size=8, max_len=MAX_LEN, lr=1e-2, warmup_steps=2,
+             max_steps=4, save_every=0, eval_every=0, lora_dropout=0.0, seed=0, device="cpu", dtype="float32",
+             log=False)
+    return TrainConfig(**(d | kw))
+
+
+def flags(cfg: TrainConfig) -> list[str]:
+    """The train_lora.py command line for cfg (every field the tests set)."""
+    names = ["model", "train_file", "valid_file", "out", "limit_train", "batch_size", "micro_batch_size", "max_len",
+             "lr", "warmup_steps", "max_steps", "save_every", "eval_every", "lora_dropout", "seed", "device", "dtype"]
+    return [a for n in names for a in ("--" + n.replace("_", "-"), str(getattr(cfg, n)))]
+
+
+def cli(args: list[str]) -> None:
+    """Run train_lora.py in this process, as `python train_lora.py ARGS` would."""
+    argv = sys.argv
+    sys.argv = ["train_lora.py", *args]
+    try:
+        runpy.run_path(str(ROOT / "train_lora.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+def metrics(out: Path) -> list[dict]:
+    """metrics.jsonl's records; a line still being written (no newline yet) is not read."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(ln) for ln in text[: text.rfind("\n") + 1].splitlines() if ln.strip()]
+
+
+def losses(out: Path) -> list[float]:
+    recs = metrics(out)
+    assert [r["step"] for r in recs] == list(range(1, len(recs) + 1)), "every step logged once, in order"
+    return [r["loss"] for r in recs]
+
+
+def saved_step(out: Path) -> int:
+    return torch.load(Path(out) / "state.pt", map_location="cpu", weights_only=False)["step"]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tree(folder: Path) -> dict:
+    """{relative path: sha256} of every file under folder ({} if it does not exist)."""
+    return {str(p.relative_to(folder)): digest(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def wait_for_step(proc: subprocess.Popen, out: Path, step: int, err: Path, timeout: float = 120) -> int:
+    """Poll metrics.jsonl until it reaches `step`; returns the step seen. The process must still be running."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        recs = metrics(out)
+        if recs and recs[-1]["step"] >= step:
+            return recs[-1]["step"]
+        if proc.poll() is not None:
+            pytest.fail(f"training exited ({proc.returncode}) before step {step}:\n{err.read_text()[-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no step {step} within {timeout} s:\n{err.read_text()[-3000:]}")
+
+
+def batch_of_ids(vocab: int, B: int = 3, T: int = 20) -> torch.Tensor:
+    return torch.randint(2, vocab, (B, T), generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def test_lr_warmup_then_cosine_to_zero():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4)
+    assert [lr_at(s, 12, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]   # linear warmup, reaching lr
+    assert lr_at(4, 12, cfg) == 1.0                                          # the peak
+    assert lr_at(8, 12, cfg) == pytest.approx(0.5)                           # halfway down the cosine
+    assert lr_at(6, 12, cfg) == pytest.approx(0.5 * (1 + 2 ** -0.5))         # cos(pi/4)
+    assert lr_at(12, 12, cfg) == pytest.approx(0.0, abs=1e-12)               # zero at the end
+    after = [lr_at(s, 12, cfg) for s in range(4, 13)]
+    assert all(a > b for a, b in zip(after, after[1:]))
+    lin = TrainConfig(lr=1.0, warmup_steps=4, schedule="linear")
+    assert [lr_at(s, 12, lin) for s in (4, 8, 10, 12)] == [1.0, 0.5, 0.25, 0.0]
+    assert lr_at(0, 10, TrainConfig(lr=2.0, warmup_steps=0)) == 2.0           # no warmup: start at the peak
+
+
+# ----------------------------------------------------------------------------- masking and the loss
+
+def test_labels_score_only_the_answer_and_eos(base):
+    _, tok = base
+    enc = PromptEncoder(tok, MAX_LEN)
+    for label in ("positive", "negative"):
+        ids, labels, truncated = enc.encode_example("とても良い商品でした。", label)
+        answer = enc.answer_ids[label] + [tok.eos_token_id]
+        assert not truncated and len(ids) == len(labels)
+        assert ids == enc.encode_prompt("とても良い商品でした。")[0] + answer
+        scored = [t for t in labels[1:] if t != IGNORE_INDEX]   # the targets the shifted loss sees
+        assert scored == answer
+        assert labels[: -len(answer)] == [IGNORE_INDEX] * (len(ids) - len(answer)) and labels[-len(answer):] == answer
+        # train_on_inputs: every real token after the first is a target
+        ids2, labels2, _ = enc.encode_example("とても良い商品でした。", label, train_on_inputs=True)
+        assert ids2 == ids and labels2 == ids
+        assert [t for t in labels2[1:] if t != IGNORE_INDEX] == ids[1:]
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_answer_loss_is_plain_cross_entropy_and_ignores_padding(base, train_on_inputs):
+    folder, tok = base
+    model = load_model(folder)
+    enc = PromptEncoder(tok, MAX_LEN)
+    reviews = ["とても良い商品でした。", "届いた商品は壊れていて、使えませんでした。返品します。", "普通"]
+    examples = [Example(*enc.encode_example(r, lab, train_on_inputs)[:2])
+                for r, lab in zip(reviews, ["positive", "negative", "positive"])]
+    assert len({len(e.input_ids) for e in examples}) == 3   # different lengths: the shorter ones get padding
+    x, y = collate(examples, tok.pad_token_id)
+    for b, e in enumerate(examples):   # padding carries no label
+        assert (y[b, len(e.input_ids):] == IGNORE_INDEX).all() and (x[b, len(e.input_ids):] == tok.pad_token_id).all()
+    n_real = sum(len(e.input_ids) - 1 for e in examples)
+    n_answer = sum(len(enc.answer_ids[lab]) + 1 for lab in ["positive", "negative", "positive"])
+    assert int((y[:, 1:] != IGNORE_INDEX).sum()) == (n_real if train_on_inputs else n_answer)
+
+    with torch.no_grad():
+        got = answer_loss(model, x, y)
+        logits = model(x)                                              # (B, T, V) at every position
+        want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), y[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        alone = sum(answer_loss(model, *collate([e], tok.pad_token_id)) for e in examples)   # no padding at all
+        x_other_pad, _ = collate(examples, pad_id=7)                   # what sits in the padding does not matter
+        other_pad = answer_loss(model, x_other_pad, y)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got, alone, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got, other_pad, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_first_step_loss_is_the_mean_over_scored_tokens(base, tmp_path, train_on_inputs):
+    """One step over 16 examples as 2 micro-batches: its logged loss is the base model's summed cross-entropy over
+    the scored tokens (answer + eos, or every real token) divided by their count over the whole global batch."""
+    folder, tok = base
+    cfg = config(folder, tmp_path / "run", limit_train=16, batch_size=16, micro_batch_size=8, max_steps=1,
+                 train_on_inputs=train_on_inputs)
+    train(cfg)
+    enc, model = PromptEncoder(tok, MAX_LEN), load_model(folder)   # B = 0: the first forward is the base model's
+    total, count = 0.0, 0
+    for r in read_jsonl(REVIEWS / "train.jsonl", limit=16):
+        ids, labels, _ = enc.encode_example(r.sentence, r.label, train_on_inputs)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, :-1]
+        total += F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100, reduction="sum").item()
+        count += sum(t != -100 for t in labels[1:])
+    assert losses(tmp_path / "run")[0] == pytest.approx(total / count, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- LoRA training end to end
+
+def test_training_lowers_loss_and_writes_a_loadable_adapter(base, tmp_path):
+    folder, tok = base
+    before = tree(folder)
+    out = tmp_path / "run"
+    cfg = config(folder, out, limit_train=64, max_steps=30, warmup_steps=5, lora_dropout=0.05, save_every=10,
+                 valid_file=str(REVIEWS / "valid.jsonl"), eval_limit=16, eval_every=10)
+    res = train(cfg)
+    recs = metrics(out)
+    loss = losses(out)
+    assert len(loss) == 30 and res["step"] == 30 and saved_step(out) == 30
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.3, loss   # from ~ln 500 = 6.2; the random frozen head caps it
+    assert [r["lr"] for r in recs] == pytest.approx([lr_at(s, 30, cfg) for s in range(30)])
+    vals = [r["val_loss"] for r in recs if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0] and res["val_loss"] == vals[-1]
+    assert all(r["grad_norm"] is not None and r["tokens_per_s"] > 0 for r in recs)
+
+    # the frozen base is untouched, in memory and on disk; only LoRA tensors are checkpointed
+    trained = res["model"].eval()
+    fresh = load_model(folder)
+    base_keys = [k for k in trained.state_dict() if not k.endswith(LORA_KEYS)]
+    assert set(base_keys) == set(fresh.state_dict())
+    assert all(torch.equal(trained.state_dict()[k], fresh.state_dict()[k]) for k in base_keys)
+    assert tree(folder) == before
+    state = torch.load(out / "state.pt", map_location="cpu", weights_only=False)
+    assert state["trainable"] and all(k.endswith(LORA_KEYS) for k in state["trainable"])
+
+    # the adapter on disk, loaded into a freshly loaded base, is the trained model
+    ids = batch_of_ids(tok.vocab_size)
+    with torch.no_grad():
+        want, base_logits = trained(ids), fresh(ids)
+        load_adapter(fresh, out / "adapter")
+        got = fresh(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (want - base_logits).abs().max() > 1e-3   # and it is not the base model
+    assert json.loads((out / "train_config.json").read_text())["max_steps"] == 30
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch(base, tmp_path):
+    """The same global batch of 16 as 2 micro-batches of 8 or 1 of 16: the same losses step after step (fp32)."""
+    folder, _ = base
+    kw = dict(limit_train=32, batch_size=16, max_steps=4)   # 2 steps an epoch, 2 epochs
+    a = train(config(folder, tmp_path / "a", micro_batch_size=8, **kw))
+    b = train(config(folder, tmp_path / "b", micro_batch_size=16, **kw))
+    c = train(config(folder, tmp_path / "c", micro_batch_size=4, grad_checkpoint=True, **kw))   # 4 x 4, recomputed
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5, abs=1e-5)
+    assert losses(tmp_path / "c") == pytest.approx(lb, rel=1e-5, abs=1e-5) and c["step"] == 4
+    assert len(set(la)) == 4   # the steps saw different batches / weights
+    pa, pb = a["model"].state_dict(), b["model"].state_dict()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- kill, Ctrl-C, resume
+
+# Runs train_lora.py; from step 4 on each step's end is slowed (0.2 s) and at step 6, before that step's checkpoint,
+# the process parks, so that the test's SIGKILL lands while it is running, between the checkpoints of steps 3 and 6.
+SLOW_AFTER_4 = """
+import runpy, sys, time
+from minicalm.progress import Progress
+update = Progress.update
+def slow(self, n=1, **kw):
+    update(self, n, **kw)
+    if self.n >= 4:
+        time.sleep(0.2 if self.n < 6 else 600)
+Progress.update = slow
+sys.argv = ["train_lora.py"] + sys.argv[1:]
+runpy.run_path("train_lora.py", run_name="__main__")
+"""
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(base, tmp_path):
+    folder, _ = base
+    kw = dict(max_steps=8, save_every=3, lora_dropout=0.1)   # 32 examples / 8: 4 steps an epoch, 2 epochs
+    train(config(folder, tmp_path / "a", **kw))
+    want = losses(tmp_path / "a")
+
+    cfg = config(folder, tmp_path / "b", **kw)
+    err = tmp_path / "b.err"
+    with open(err, "w") as ef:
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_AFTER_4, *flags(cfg)], cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=ef)
+        try:
+            wait_for_step(proc, cfg.out, 4, err)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    seen = metrics(cfg.out)[-1]["step"]
+    assert 4 <= seen <= 6 and saved_step(cfg.out) == 3   # metrics ran past the last checkpoint
+    assert not list(Path(cfg.out).rglob(".*.tmp*"))       # no half-written files left behind
+
+    cli(flags(cfg) + ["--resume"])
+    got = losses(cfg.out)   # steps 4..seen were dropped on resume and ran again: each step is logged once
+    assert len(got) == 8 and saved_step(cfg.out) == 8
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(base, tmp_path):
+    folder, _ = base
+    cfg = config(folder, tmp_path / "run", max_steps=10_000, save_every=1000)   # far from the next checkpoint
+    err = tmp_path / "err"
+    with open(err, "w") as ef:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_lora.py"), *flags(cfg)], cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=ef)
+        try:
+            wait_for_step(proc, cfg.out, 2, err)
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log = err.read_text()
+    assert rc == 0, log[-3000:]
+    assert "Traceback" not in log and "stopped (SIGINT): checkpoint at step" in log
+    last = metrics(cfg.out)[-1]["step"]
+    assert last >= 2 and saved_step(cfg.out) == last   # the step in flight finished and was saved
+    assert (Path(cfg.out) / "adapter" / "adapter_model.safetensors").is_file()
+
+    cli(flags(cfg) + ["--resume", "--max-steps", str(last + 2)])   # the later flag wins
+    assert [r["step"] for r in metrics(cfg.out)] == list(range(1, last + 3)) and saved_step(cfg.out) == last + 2
+
+
+def test_max_time_stops_and_saves(base, tmp_path):
+    folder, _ = base
+    res = train(config(folder, tmp_path / "run", max_steps=1000, max_time=1e-9))   # exceeded after the first step
+    assert res["step"] == 1 and res["total_steps"] == 1000 and saved_step(tmp_path / "run") == 1
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def test_torchrun_two_processes_match_one(base, tmp_path):
+    folder, _ = base
+    kw = dict(limit_train=32, batch_size=16, micro_batch_size=8, max_steps=4)
+    cfg = config(folder, tmp_path / "ddp", **kw)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "train_lora.py"), *flags(cfg)]
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es)" in run.stderr
+    train(config(folder, tmp_path / "one", **kw))                        # 2 micro-batches in one process
+    train(config(folder, tmp_path / "one16", **kw | dict(micro_batch_size=16)))
+    ddp = losses(tmp_path / "ddp")
+    assert len(ddp) == 4
+    assert ddp == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-5)
+    assert ddp == pytest.approx(losses(tmp_path / "one16"), rel=1e-5, abs=1e-5)
+    a = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input and blow-ups
+
+def write(path: Path, lines: list) -> str:
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln, ensure_ascii=False)) + "\n"
+                            for ln in lines), encoding="utf-8")
+    return str(path)
+
+
+GOOD = {"sentence": "良い", "label": "positive", "review_id": "r0"}
+
+
+@pytest.mark.parametrize("case", ["bad_json", "bad_label", "empty_file", "limit_zero", "missing_file",
+                                  "batch_split", "other_run", "resume_nothing"])
+def test_bad_input_fails_before_training(base, tmp_path, monkeypatch, case):
+    folder, _ = base
+    out = tmp_path / "run"
+    kw = {}
+    if case == "bad_json":
+        kw["train_file"] = f = write(tmp_path / "t.jsonl", [GOOD, GOOD, '{"sentence": "x", "label": '])
+        err, match = ValueError, re.escape(f"{f}:3: not valid JSON")
+    elif case == "bad_label":
+        kw["train_file"] = f = write(tmp_path / "t.jsonl", [GOOD, "", GOOD | {"label": "neutral"}])
+        err, match = ValueError, re.escape(f"{f}:3: unknown label 'neutral'")
+    elif case == "empty_file":
+        kw["train_file"] = f = write(tmp_path / "t.jsonl", ["", "  "])
+        err, match = ValueError, re.escape(f"{f}: no reviews in the file")
+    elif case == "limit_zero":
+        kw["limit_train"], err, match = 0, ValueError, "the training set is empty"
+    elif case == "missing_file":
+        kw["train_file"] = f = str(tmp_path / "absent.jsonl")
+        err, match = FileNotFoundError, re.escape(f"{f}: no such file")
+    elif case == "batch_split":
+        kw.update(batch_size=12, micro_batch_size=8)
+        err, match = ValueError, re.escape("--batch-size 12 must be divisible by --micro-batch-size 8")
+    elif case == "other_run":
+        train(config(folder, out, max_steps=1))
+        err, match = FileExistsError, "already holds a run's checkpoint .*pass --resume"
+    else:
+        kw["resume"], err, match = True, FileNotFoundError, "--resume: no checkpoint"
+    before = tree(out)
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded: the error came too late")
+    monkeypatch.setattr(T, "load_model", never)
+    monkeypatch.setattr(T, "preflight", never)
+    with pytest.raises(err, match=match):
+        train(config(folder, out, **kw))
+    assert tree(out) == before   # nothing written (or, for another run's folder, nothing changed)
+    if case != "other_run":
+        assert not out.exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
+    folder, _ = base
+    out = tmp_path / "run"
+    train(config(folder, out, max_steps=2, save_every=2))
+    kept = tree(out)
+
+    poisoned = tmp_path / "poisoned"   # the same base with one inf weight: the loss of the next step is not finite
+    shutil.copytree(folder, poisoned)
+    w = load_file(poisoned / "model.safetensors")
+    w["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"][0, 0] = float("inf")
+    save_file(w, poisoned / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss (nan|inf) at step 3; the last good checkpoint"):
+        train(config(poisoned, out, max_steps=4, save_every=1, resume=True))
+    now = tree(out)
+    assert now.pop("train_config.json") != kept.pop("train_config.json")   # rewritten on resume (the new settings)
+    assert now == kept and saved_step(out) == 2 and len(metrics(out)) == 2
+
+    with pytest.raises(FloatingPointError, match="at step 1"):     # poisoned from the start: nothing saved
+        train(config(poisoned, tmp_path / "fresh", save_every=1))
+    assert not (tmp_path / "fresh" / "state.pt").exists() and metrics(tmp_path / "fresh") == []
+
+    # lr 1e6 on every parameter: finite at first, then the loss blows up; the run stops at the first bad step
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+);.*lower --lr") as e:
+        train(config(folder, tmp_path / "lr", full=True, lr=1e6, warmup_steps=0, max_steps=6, save_every=1))
+    bad = int(e.value.args[0].split(" at step ")[1].split(";")[0])
+    assert bad > 1 and saved_step(tmp_path / "lr") == bad - 1 and len(metrics(tmp_path / "lr")) == bad - 1
+
+
+# ----------------------------------------------------------------------------- pretraining the miniature
+
+def test_full_parameter_text_mode_trains_every_parameter(base, tmp_path):
+    folder, tok = base
+    out = tmp_path / "pre"
+    res = train(config(folder, out, full=True, text=True, max_len=64, limit_train=64, batch_size=8, lr=3e-3,
+                       warmup_steps=0, max_steps=12, valid_file=str(REVIEWS / "valid.jsonl"), eval_limit=32))
+    loss = losses(out)
+    assert len(loss) == 12 and sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 0.3, loss
+    assert res["val_loss"] is not None and res["val_loss"] < loss[0]
+    fresh, trained = load_model(folder), res["model"]
+    for name, p in trained.named_parameters():
+        assert not torch.equal(p.detach(), fresh.state_dict()[name]), f"{name} did not change"
+    reloaded = load_model(out / "model")   # an ordinary checkpoint folder, tokenizer included
+    assert reloaded.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    assert (out / "model" / "tokenizer.json").is_file() and not (out / "adapter").exists()
+
+    # raw-text mode: every token of the packed blocks is a target (the loss is the LM loss of the blocks)
+    blocks = T.load_examples(config(folder, out, text=True, max_len=64, limit_train=64), tok, "train", 64)
+    assert all(e.labels == e.input_ids and len(e.input_ids) == 64 for e in blocks)
+
+
+# ----------------------------------------------------------------------------- the script
+
+def test_train_lora_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model --revision --train-file --valid-file --out --epochs --lr --batch-size --micro-batch-size "
+                 "--max-len --lora-r --lora-alpha --lora-dropout --lora-targets --warmup-steps --eval-every "
+                 "--save-every --max-steps --limit-train --seed --device --dtype --resume --train-on-inputs "
+                 "--grad-checkpoint").split():
+        assert f"  {flag}" in text, flag
