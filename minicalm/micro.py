@@ -54,8 +54,9 @@ def run(out: str, train_file: str, valid_file: str, pretrain_steps: int = 3000, 
                     tokenizer_dir=tok.path.parent)
     pre = train(TrainConfig(
         model=str(init), train_file=train_file, valid_file=valid_file, out=str(out_dir / "pretrain"), full=True,
-        text=True, max_len=128, batch_size=16, micro_batch_size=16, lr=2e-3, warmup_steps=100, weight_decay=0.1,
-        max_steps=pretrain_steps, max_time=pretrain_minutes and pretrain_minutes * 60,
+        text=True, max_len=128, batch_size=16, micro_batch_size=16, lr=2e-3, weight_decay=0.1,
+        warmup_steps=min(100, max(1, pretrain_steps // 10)), max_steps=pretrain_steps,
+        max_time=pretrain_minutes and pretrain_minutes * 60,
         eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=seed, log=log, resume=False))
     base = out_dir / "pretrain" / "model"   # 3. an ordinary checkpoint folder, written by train()
 
@@ -67,7 +68,8 @@ def run(out: str, train_file: str, valid_file: str, pretrain_steps: int = 3000, 
     stage("5/6 LoRA fine-tuning (r 16, alpha 32, all four linear layers) with the train_lora.py code path")
     lora = train(TrainConfig(
         model=str(base), train_file=train_file, valid_file=valid_file, out=str(out_dir / "lora"), epochs=lora_epochs,
-        max_steps=lora_steps, lr=5e-4, batch_size=16, micro_batch_size=16, max_len=256, warmup_steps=50,
+        max_steps=lora_steps, lr=5e-4, batch_size=16, micro_batch_size=16, max_len=256,
+        warmup_steps=50 if lora_steps is None else max(1, lora_steps // 10),
         lora_r=16, lora_alpha=32, lora_dropout=0.05,
         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
         eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=seed, log=log))

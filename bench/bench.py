@@ -1,0 +1,253 @@
+"""minicalm vs transformers + peft on the same work, same random weights, in one process.
+
+    python bench/bench.py [--size small|tiny] [--reps N] [--device cpu|cuda] [--threads 1]
+
+A random transformers GPTNeoXForCausalLM is saved with save_pretrained and loaded by both sides (minicalm through
+minicalm.load_model), LoRA r=8 alpha=16 dropout 0.05 on query_key_value is added to both, and the adapter A
+matrices are copied so that both start from identical weights. Each repetition times minicalm and transformers
+back to back, alternating which goes first; the table reports medians of the rates and of the paired ratios
+(ratio = minicalm rate / transformers rate, above 1 means minicalm is faster). Writes bench/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import minicalm
+from minicalm import data
+from minicalm.evaluate import evaluate_reviews
+from minicalm.train import answer_loss, micro_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+REVIEWS = SHARED / "data" / "amazon-ja-reviews"
+SIZES = {   # open-calm-small's shape, and a quick one; vocab 50304 covers the GPT-NeoX tokenizer's 50277 ids
+    "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+}
+LORA = dict(r=8, alpha=16, dropout=0.05, targets=("query_key_value",))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): with one thread and other jobs on the machine, CPU time
+    leaves out the time we wait for a core, so it is the steadier of the two on CPU."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def paired(name: str, ours, theirs, work: float, unit: str, reps: int, device) -> dict:
+    """Warm up each side once, then `reps` pairs alternating who goes first; rates are work / seconds."""
+    ours(), theirs()
+    t_ours, t_theirs = [], []
+    for i in range(reps):
+        first, second = ((ours, t_ours), (theirs, t_theirs)) if i % 2 == 0 else ((theirs, t_theirs), (ours, t_ours))
+        for fn, out in (first, second):
+            out.append(timed(fn, device))
+        print(f"  {name} rep {i + 1}/{reps}: minicalm {t_ours[-1][0]:.3f}s, transformers+peft {t_theirs[-1][0]:.3f}s "
+              f"(CPU {t_ours[-1][1]:.3f}s, {t_theirs[-1][1]:.3f}s)", file=sys.stderr, flush=True)
+    wall_o, cpu_o = zip(*t_ours)
+    wall_t, cpu_t = zip(*t_theirs)
+    return {"work": name, "unit": unit, "work_per_call": work, "minicalm_s": wall_o, "transformers_s": wall_t,
+            "minicalm_cpu_s": cpu_o, "transformers_cpu_s": cpu_t,
+            "minicalm": work / statistics.median(wall_o), "transformers": work / statistics.median(wall_t),
+            "ratio": statistics.median(b / a for a, b in zip(wall_o, wall_t)),
+            "ratio_cpu_time": statistics.median(b / a for a, b in zip(cpu_o, cpu_t))}
+
+
+def build_models(size: str, device, dtype, folder: Path):
+    """The same random weights on both sides, with LoRA; returns (minicalm model, peft model)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=50304, rotary_pct=1.0, use_parallel_residual=False, max_position_embeddings=2048,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False, **SIZES[size])
+    GPTNeoXForCausalLM(cfg).save_pretrained(folder)
+    ours = minicalm.load_model(folder, dtype=dtype, device=device)
+    minicalm.apply_lora(ours, LORA["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
+    hf = GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    theirs = get_peft_model(hf, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                           target_modules=list(LORA["targets"]), task_type="CAUSAL_LM"))
+    with torch.no_grad():   # identical adapters: copy our random A (B is zero on both sides)
+        mine = dict(ours.named_parameters())
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.copy_(mine[name.removeprefix("base_model.model.").replace(".default", "")])
+    return ours, theirs
+
+
+def matmul_flops(M: int, K: int, N: int, device, dtype, reps: int) -> float:
+    """FLOP/s of a bare (M, K) x (K, N) matmul, median of reps."""
+    a, b = torch.randn(M, K, device=device, dtype=dtype), torch.randn(K, N, device=device, dtype=dtype)
+    a @ b
+    target = 2e9 if device.type == "cpu" else 2e12   # FLOPs per timing, so that it is not all launch overhead
+    n = max(1, int(target // (2 * M * K * N)))
+    times = [timed(lambda: [a @ b for _ in range(n)], device) for _ in range(reps)]
+    return 2 * M * K * N * n / min(wall for wall, _ in times)   # the best run: the least disturbed by other jobs
+
+
+def machine(args) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    import peft
+    import transformers
+    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "loadavg_start": os.getloadavg()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=SIZES, default="small")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8, help="training micro-batch (train.py's default)")
+    ap.add_argument("--eval-reviews", type=int, default=32)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    info = {"args": vars(args), "machine": machine(args), "dtype": str(dtype), "lora": LORA}
+
+    tok = minicalm.load_tokenizer(TOKENIZER)
+    enc = data.PromptEncoder(tok, max_len=256)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, theirs = build_models(args.size, device, dtype, Path(tmp))
+    info["params"], info["attn_implementation"] = ours.num_params(), theirs.config._attn_implementation
+    results = []
+
+    # 1. a LoRA training step on a length-grouped batch of real prompts, as train.py batches them
+    train_reviews = data.read_jsonl(REVIEWS / "train.jsonl", limit=256)
+    examples, _ = data.encode_reviews(enc, train_reviews)
+    idx = data.length_batches([len(e.input_ids) for e in examples], args.batch_size, seed=0)[0]
+    x, y = (t.to(device) for t in data.collate([examples[i] for i in idx], tok.pad_token_id))
+    n_target, n_tokens = int((y[:, 1:] != -100).sum()), sum(len(examples[i].input_ids) for i in idx)
+    info["train_batch"] = {"shape": list(x.shape), "real_tokens": n_tokens, "answer_tokens": n_target}
+    with torch.no_grad():   # the same loss on both sides (dropout off), so both do the same work
+        ours.eval(), theirs.eval()
+        info["train_loss"] = {"minicalm": answer_loss(ours, x, y).item() / n_target,
+                              "transformers": theirs(input_ids=x, labels=y).loss.item()}
+    ours.train(), theirs.train()
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+
+    def step_ours():
+        opt_ours.zero_grad(set_to_none=True)
+        micro_step(ours, x, y, n_target)
+        opt_ours.step()
+
+    def step_theirs():
+        opt_theirs.zero_grad(set_to_none=True)
+        theirs(input_ids=x, labels=y).loss.backward()   # full (B, T, V) logits, mean over labelled tokens
+        opt_theirs.step()
+
+    results.append(paired("LoRA training step", step_ours, step_theirs, n_tokens, "tokens/s", args.reps, device))
+
+    # 4. achieved FLOP/s of our training step against a bare matmul of a representative size
+    with FlopCounterMode(display=False) as counter:
+        micro_step(ours, x, y, n_target)
+    opt_ours.zero_grad(set_to_none=True)
+    step_flops = counter.get_total_flops()
+    B, T = x.shape
+    C = ours.config.hidden_size
+    mm_rep = matmul_flops(B * T, C, 3 * C, device, dtype, args.reps)
+    mm_2048 = matmul_flops(2048, 2048, 2048, device, dtype, args.reps)
+    achieved = step_flops / min(results[0]["minicalm_s"])   # best against best, as for the matmul
+    info["flops"] = {"step_flops": step_flops, "achieved_flops_per_s": achieved,
+                     f"matmul_{B * T}x{C}x{3 * C}_flops_per_s": mm_rep, "matmul_2048_flops_per_s": mm_2048,
+                     "fraction_of_matmul": achieved / mm_rep, "fraction_of_matmul_2048": achieved / mm_2048}
+    ours.eval(), theirs.eval()
+
+    # 2. evaluation of the post's prompt: ours with its own batching; transformers batches of 16, left padded
+    reviews = data.read_jsonl(REVIEWS / "valid.jsonl", limit=args.eval_reviews)
+    prompts = sorted((enc.encode_prompt(r.sentence)[0] for r in reviews), key=len)   # the same batches as ours
+    batches = []
+    for b0 in range(0, len(prompts), 16):
+        rows = prompts[b0:b0 + 16]
+        L = max(map(len, rows))
+        ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in rows], device=device)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in rows], device=device)
+        batches.append((ids, mask))
+    new_tokens = {}
+
+    def eval_ours():
+        out = evaluate_reviews(ours, tok, reviews, mode="generate", batch_size=16, max_new_tokens=8, log=False)
+        new_tokens["minicalm_rows_stopped_at_newline"] = sum("\n" in p["continuation"] for p in out["predictions"])
+
+    @torch.inference_mode()
+    def eval_theirs():
+        new_tokens["transformers_new_tokens"] = 0
+        for ids, mask in batches:
+            out = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            new_tokens["transformers_new_tokens"] += int((out[:, ids.shape[1]:] != tok.pad_token_id).sum())
+
+    results.append(paired(f"evaluation, {len(reviews)} reviews (batch 16, 8 new tokens)", eval_ours, eval_theirs,
+                          len(reviews), "reviews/s", args.reps, device))
+    info["eval_new_tokens"] = new_tokens   # ours stops a row at EOS or a newline token; generate at EOS only
+
+    # 3. greedy decoding at batch 1: one real prompt, 64 new tokens, no early stop on either side
+    prompt = torch.tensor([enc.encode_prompt(reviews[0].sentence)[0]], device=device)
+    outs = {}
+
+    def decode_ours():
+        outs["minicalm"] = minicalm.greedy_generate(ours, prompt, 64, eos_token_id=None)
+
+    @torch.inference_mode()
+    def decode_theirs():
+        outs["transformers"] = theirs.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                               do_sample=False, max_new_tokens=64, min_new_tokens=64,
+                                               pad_token_id=tok.pad_token_id)
+
+    results.append(paired(f"greedy decoding, batch 1, prompt {prompt.shape[1]} + 64 tokens", decode_ours,
+                          decode_theirs, 64, "tokens/s", args.reps, device))
+    a, b = outs["minicalm"][0, prompt.shape[1]:], outs["transformers"][0, prompt.shape[1]:]
+    info["decode"] = {"new_tokens": [len(a), len(b)], "same_tokens": int((a == b[:len(a)]).sum())}
+    info["machine"]["loadavg_end"] = os.getloadavg()
+
+    # the table
+    fl = info["flops"]
+    lines = [f"{args.size} ({info['params'] / 1e6:.0f}M params, {dtype}, {args.device}, {args.threads} thread(s), "
+             f"{args.reps} reps; train batch {x.shape[0]}x{x.shape[1]})", "",
+             "| work | minicalm | transformers+peft | ratio | ratio (CPU time) |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['work']} ({r['unit']}) | {r['minicalm']:.1f} | {r['transformers']:.1f} | {r['ratio']:.2f}x "
+                     f"| {r['ratio_cpu_time']:.2f}x |")
+    lines.append(f"| training step FLOP/s vs bare {B * T}x{C}x{3 * C} matmul (best runs) | "
+                 f"{fl['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * fl['fraction_of_matmul']:.0f}% of "
+                 f"{mm_rep / 1e9:.1f} | | | |")
+    lines += ["", "rates: work / median wall time; ratios: median over repetitions of transformers time / minicalm time "
+              "(above 1: minicalm faster). Load average " + " -> ".join(
+                  f"{info['machine'][k][0]:.1f}" for k in ("loadavg_start", "loadavg_end")) +
+              f" on {info['machine']['cpus']} CPUs."]
+    table = "\n".join(lines)
+    print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({**info, "results": results, "table": table}, indent=2))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
