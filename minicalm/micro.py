@@ -93,7 +93,7 @@ def run(out: str, train_file: str, valid_file: str, pretrain_steps: int = 3000, 
 
 def format_report(res: dict) -> str:
     b, a = res["before"], res["after"]
-    rows = [("micro GPT-NeoX (1.5M params) before LoRA", b), ("micro GPT-NeoX + LoRA", a)]
+    rows = [("micro GPT-NeoX (1.6M params) before LoRA", b), ("micro GPT-NeoX + LoRA", a)]
     lik = lambda m: f"{100 * m['likelihood']['accuracy']:.1f}%"
     g = b["generate"]
     return "\n".join([
