@@ -7,6 +7,7 @@ emitted EOS or a newline. Used by eval.py and by training's periodic validation 
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -18,11 +19,9 @@ from . import data
 from .generate import LAST, greedy_loop
 from .lora import load_adapter, lora_disabled
 from .progress import Progress
-from .score import compute_metrics, parse_answer
+from .score import LABELS, compute_metrics, parse_answer
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import atomic_write, default_dtype, load_model
-
-LABELS = ("positive", "negative")
 
 # The post's table (FACTS.md section 1): accuracy, share of answers that are neither label word.
 POST_ROWS = [("OpenCALM-7B before fine-tuning (post)", 0.011, 0.985),
@@ -31,6 +30,7 @@ POST_ROWS = [("OpenCALM-7B before fine-tuning (post)", 0.011, 0.985),
              ("XLM-RoBERTa large (JGLUE baseline)", 0.964, None)]
 
 
+@functools.lru_cache(maxsize=4)   # one vocabulary scan per tokenizer, not per validation
 def stop_token_ids(tok: Tokenizer) -> tuple[set[int], set[int]]:
     """(stop ids, blank-line ids): EOS and every token whose text holds a newline end the one-line answer;
     whitespace-only newline tokens end it only after it has started (the parser skips leading blank lines)."""
@@ -61,7 +61,7 @@ def _evaluate(model, tok, reviews, max_len, batch_size, max_new_tokens, mode, re
     device = model.gpt_neox.embed_in.weight.device
     enc = data.PromptEncoder(tok, max_len)
     P = len(enc.prefix_ids) if reuse_prefix else 0
-    prompts = [enc.encode_prompt(r.sentence)[0] for r in reviews]
+    prompts = [ids for ids, _ in enc.encode_prompts([r.sentence for r in reviews])]
     assert all(p[:P] == enc.prefix_ids[:P] for p in prompts), "segment-wise encoding keeps the shared head intact"
     answers = [enc.answer_ids[label] for label in LABELS]
     stops, blank = stop_token_ids(tok) if mode != "likelihood" else (set(), set())

@@ -143,6 +143,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = N
     model.load_state_dict(state, strict=False, assign=True)   # strict on the checked names above
     if cfg.tie_word_embeddings:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
+    model.name_or_path = str(name_or_path)   # adapters record it; load_adapter warns on a different base
     return model.eval()
 
 
