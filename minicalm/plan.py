@@ -201,13 +201,15 @@ if __name__ == "__main__":
 
 
 def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.device, dtype: torch.dtype,
-              log: bool = True) -> Plan:
-    """train()'s check before loading the model: print the plan; on a GPU refuse settings that would not fit."""
+              log: bool = True, memory: int | None = None) -> Plan:
+    """train()'s check before loading the model: print the plan; refuse settings that would not fit in the GPU's
+    memory (or in `memory` bytes when given), naming the first smaller setting that fits."""
     kw = dict(lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, full=cfg.full, train_on_inputs=cfg.train_on_inputs,
               dtype=dtype, examples=len(lengths), avg_tokens=sum(lengths) / len(lengths), name=cfg.model)
     T = min(cfg.max_len, max(lengths))
     pl = plan(model_cfg, cfg.micro_batch_size, T, grad_checkpoint=cfg.grad_checkpoint, **kw)
-    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    if memory is None and device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
     if log:
         print(pl.summary(cfg.epochs, memory), file=sys.stderr, flush=True)
     if memory and pl.peak_bytes > 0.9 * memory:

@@ -81,3 +81,16 @@ def test_7b_defaults_fit_in_40gb_with_margin():
     assert 13e9 < p.weights_bytes < 14e9                 # ~13.7 GB of bf16 weights (FACTS.md section 5)
     assert p.peak_bytes < 0.8 * 40 * 2**30
     assert 2 * 6.8e9 < p.flops_per_token < 4.5 * 6.8e9
+
+
+def test_preflight_refuses_what_does_not_fit_and_names_what_does():
+    from minicalm.config import get_preset
+    from minicalm.plan import preflight
+    from minicalm.train import TrainConfig
+    cfg, lengths = TrainConfig(micro_batch_size=32, batch_size=64), [256] * 1000
+    with pytest.raises(MemoryError, match=r"exceeds 90% .* try --micro-batch-size 16\b"):
+        preflight(cfg, get_preset("open-calm-7b"), lengths, torch.device("cpu"), torch.bfloat16, log=False,
+                  memory=40 * 2**30)
+    ok = preflight(TrainConfig(), get_preset("open-calm-7b"), lengths, torch.device("cpu"), torch.bfloat16,
+                   log=False, memory=40 * 2**30)
+    assert ok.peak_bytes < 0.9 * 40 * 2**30
