@@ -119,7 +119,7 @@ def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256,
     cfg = model if isinstance(model, CalmConfig) else config_of(model)
     B, T = micro_batch_size, max_len
     scored = B * (T - 1 if train_on_inputs else answer_tokens)   # positions the loss scores
-    with FakeTensorMode() as fake:
+    with FakeTensorMode():
         with LiveBytes(scored) as mem:
             default = torch.get_default_dtype()
             torch.set_default_dtype(torch.float32 if full else dtype)   # build the base directly in its dtype

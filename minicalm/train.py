@@ -18,7 +18,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -73,6 +73,12 @@ class TrainConfig:
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
+
+
+# Settings a resumed run must share with the checkpoint: they decide the data order, the adapter or the schedule's
+# shape. Paths may change (a moved model or data file); so may --epochs / --max-steps, to extend or cut a run.
+RESUME_FIXED = ("lr", "batch_size", "max_len", "lora_r", "lora_alpha", "lora_targets", "warmup_steps", "schedule",
+                "limit_train", "seed", "train_on_inputs", "full", "text")
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -199,7 +205,13 @@ def train(cfg: TrainConfig) -> dict:
 
     step = 0
     if cfg.resume:
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)   # our own file, still no unpickling
+        same = lambda a, b: (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+        changed = {k: (state["config"].get(k), v) for k, v in asdict(cfg).items()
+                   if k in RESUME_FIXED and not same(state["config"].get(k), v)}
+        if changed:
+            raise ValueError(f"--resume: {state_file} was trained with other settings: " +
+                             ", ".join(f"{k} {a!r} now {b!r}" for k, (a, b) in changed.items()))
         model.load_state_dict(state["trainable"], strict=False)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]

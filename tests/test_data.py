@@ -1,7 +1,6 @@
 """minicalm.data against the real review files and GPT-NeoX tokenizer, plus small files written here for bad input."""
 from __future__ import annotations
 
-import json
 import random
 import time
 import warnings

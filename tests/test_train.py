@@ -474,3 +474,15 @@ def test_train_lora_help_lists_every_flag(capsys):
                  "--save-every --max-steps --limit-train --seed --device --dtype --resume --train-on-inputs "
                  "--grad-checkpoint").split():
         assert f"  {flag}" in text, flag
+
+
+def test_resume_refuses_changed_settings(base, tmp_path):
+    """A resumed run must keep what decides its data order and schedule; a changed setting is named and nothing
+    is trained. Settings that only change how a step is computed (micro-batch size) may change."""
+    folder, _ = base
+    train(config(folder, tmp_path / "run", max_steps=2, save_every=1))
+    with pytest.raises(ValueError, match=r"--resume: .*state\.pt was trained with other settings: lr 0\.01 now 0\.02"):
+        train(config(folder, tmp_path / "run", max_steps=4, resume=True, lr=2e-2))
+    assert saved_step(tmp_path / "run") == 2
+    res = train(config(folder, tmp_path / "run", max_steps=2, resume=True, micro_batch_size=4))
+    assert res["step"] == 2
