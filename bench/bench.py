@@ -123,7 +123,7 @@ def main():
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8, help="training micro-batch (train.py's default)")
-    ap.add_argument("--eval-reviews", type=int, default=32)
+    ap.add_argument("--eval-reviews", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,31 +180,46 @@ def main():
                      "fraction_of_matmul": achieved / mm_rep, "fraction_of_matmul_2048": achieved / mm_2048}
     ours.eval(), theirs.eval()
 
-    # 2. evaluation of the post's prompt: ours with its own batching; transformers batches of 16, left padded
+    # 2. evaluation of the post's prompt: ours with its own batching (length-sorted, shared head computed once);
+    # transformers generate on batches of 16, left padded, (a) given our length-sorted batches, (b) in file order,
+    # as a plain evaluation loop (and the post's) batches them.
     reviews = data.read_jsonl(REVIEWS / "valid.jsonl", limit=args.eval_reviews)
-    prompts = sorted((enc.encode_prompt(r.sentence)[0] for r in reviews), key=len)   # the same batches as ours
-    batches = []
-    for b0 in range(0, len(prompts), 16):
-        rows = prompts[b0:b0 + 16]
-        L = max(map(len, rows))
-        ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in rows], device=device)
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in rows], device=device)
-        batches.append((ids, mask))
+    in_order = [enc.encode_prompt(r.sentence)[0] for r in reviews]
+
+    def batches_of(prompts):
+        out = []
+        for b0 in range(0, len(prompts), 16):
+            rows = prompts[b0:b0 + 16]
+            L = max(map(len, rows))
+            ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in rows], device=device)
+            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in rows], device=device)
+            out.append((ids, mask))
+        return out
+
     new_tokens = {}
 
     def eval_ours():
         out = evaluate_reviews(ours, tok, reviews, mode="generate", batch_size=16, max_new_tokens=8, log=False)
         new_tokens["minicalm_rows_stopped_at_newline"] = sum("\n" in p["continuation"] for p in out["predictions"])
 
-    @torch.inference_mode()
-    def eval_theirs():
-        new_tokens["transformers_new_tokens"] = 0
-        for ids, mask in batches:
-            out = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new_tokens["transformers_new_tokens"] += int((out[:, ids.shape[1]:] != tok.pad_token_id).sum())
+    def eval_theirs_on(batches, key):
+        @torch.inference_mode()
+        def run():
+            new_tokens[key] = 0
+            for ids, mask in batches:
+                out = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                new_tokens[key] += int((out[:, ids.shape[1]:] != tok.pad_token_id).sum())
+        return run
 
-    results.append(paired(f"evaluation, {len(reviews)} reviews (batch 16, 8 new tokens)", eval_ours, eval_theirs,
+    sorted_batches, file_batches = batches_of(sorted(in_order, key=len)), batches_of(in_order)
+    info["eval_padding"] = {name: round(1 - sum(int(m.sum()) for _, m in bs) / sum(m.numel() for _, m in bs), 3)
+                            for name, bs in (("sorted", sorted_batches), ("file_order", file_batches))}
+    results.append(paired(f"evaluation, {len(reviews)} reviews, vs generate on the same length-sorted batches",
+                          eval_ours, eval_theirs_on(sorted_batches, "transformers_new_tokens_sorted"),
+                          len(reviews), "reviews/s", args.reps, device))
+    results.append(paired(f"evaluation, {len(reviews)} reviews, vs generate on file-order batches",
+                          eval_ours, eval_theirs_on(file_batches, "transformers_new_tokens_file_order"),
                           len(reviews), "reviews/s", args.reps, device))
     info["eval_new_tokens"] = new_tokens   # ours stops a row at EOS or a newline token; generate at EOS only
 
