@@ -3,6 +3,7 @@
 Only parses flags; the work is minicalm.evaluate.run_eval.
 """
 import argparse
+import sys
 
 from minicalm.evaluate import EvalConfig, run_eval
 
@@ -22,4 +23,7 @@ p.add_argument("--out", default=D.out, help="folder for metrics.json, prediction
 p.add_argument("--device", default=D.device)
 p.add_argument("--dtype", default=D.dtype, choices=["auto", "bfloat16", "float16", "float32"])
 p.add_argument("--compare-base", action="store_true", help="also evaluate the base model without the adapter")
-run_eval(EvalConfig(**vars(p.parse_args())))
+try:
+    run_eval(EvalConfig(**vars(p.parse_args())))
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"eval.py: error: {e}")   # bad input: the message, not a traceback

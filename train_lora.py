@@ -3,6 +3,7 @@
 Only parses flags; the loop is minicalm.train.train. Several GPUs: `torchrun --nproc-per-node N train_lora.py ...`.
 """
 import argparse
+import sys
 
 from minicalm.train import TrainConfig, train
 
@@ -42,4 +43,7 @@ p.add_argument("--train-on-inputs", action="store_true", help="loss on the whole
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward to save memory")
 a = p.parse_args()
 a.lora_targets = tuple(t.strip() for t in a.lora_targets.split(",") if t.strip())
-train(TrainConfig(**vars(a)))
+try:
+    train(TrainConfig(**vars(a)))
+except (ValueError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError) as e:
+    sys.exit(f"train_lora.py: error: {e}")   # bad input or a stopped run: the message, not a traceback

@@ -339,6 +339,9 @@ def test_eval_py_help_and_run(tiny, tmp_path):
     metrics, preds, report = read_outputs(out)
     assert metrics["n_reviews"] == 5 and metrics["base"]["n"] == 5 and len(preds) == 5
     assert "| hf before fine-tuning |" in run.stdout and report.strip() in run.stdout
+    bad = run_script("--model", tiny[0], "--data", need(REVIEWS / "valid.jsonl"), "--limit", 0, "--out", out)
+    assert bad.returncode == 1 and "eval.py: error: --limit must be a positive" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 # ----------------------------------------------------------------------------- bad input

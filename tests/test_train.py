@@ -486,3 +486,11 @@ def test_resume_refuses_changed_settings(base, tmp_path):
     assert saved_step(tmp_path / "run") == 2
     res = train(config(folder, tmp_path / "run", max_steps=2, resume=True, micro_batch_size=4))
     assert res["step"] == 2
+
+
+def test_train_lora_reports_bad_input_without_a_traceback(base, tmp_path):
+    folder, _ = base
+    cfg = config(folder, tmp_path / "run", batch_size=12, micro_batch_size=8)
+    with pytest.raises(SystemExit) as e:
+        cli(flags(cfg))
+    assert str(e.value.code) == "train_lora.py: error: --batch-size 12 must be divisible by --micro-batch-size 8 x 1 processes"
