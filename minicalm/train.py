@@ -29,7 +29,7 @@ from . import data
 from .config import CalmConfig
 from .lora import apply_lora, save_adapter, trainable_parameters
 from .plan import preflight
-from .progress import Progress
+from .progress import Progress, fmt_time
 from .tokenizer import load_tokenizer
 from .weights import atomic_write, default_dtype, load_model, resolve, save_checkpoint
 
@@ -313,6 +313,9 @@ def train(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
     if stop["signal"] and step < total_steps:
         say(cfg, rank, f"stopped ({stop['signal']}): checkpoint at step {step} in {out}; continue with --resume")
+    else:
+        say(cfg, rank, f"done: {step} steps in {fmt_time(time.time() - t_start)}, last loss {last_loss:.4f}"
+                       + (f", validation loss {val:.4f}" if val is not None else "") + f"; checkpoint in {out}")
     return {"step": step, "total_steps": total_steps, "loss": last_loss, "val_loss": val,
             "out": str(out), "model": model, "seconds": time.time() - t_start}
 
