@@ -203,7 +203,7 @@ def table(rows: list[tuple[str, dict]], post: bool = True) -> str:
 
 
 def format_report(cfg: EvalConfig, metrics: dict, runs: dict) -> str:
-    model = cfg.model if Path(cfg.model).exists() else cfg.model.split("/")[-1]   # a folder as given, a hub id's name
+    model = Path(cfg.model.rstrip("/")).name   # the title line gives the full path or id
     names = {"base": f"{model} before fine-tuning", "adapter": f"{model} + LoRA ({cfg.adapter})"}
     first = next(iter(runs.values()))["metrics"]
     first = first.get("generate", first.get("likelihood", first))
