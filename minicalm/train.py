@@ -185,6 +185,9 @@ def train(cfg: TrainConfig) -> dict:
     n_scored = [sum(t != -100 for t in e.labels[1:]) for e in train_set]   # loss tokens per example
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+    if cfg.warmup_steps >= total_steps:
+        say(cfg, rank, f"warning: --warmup-steps {cfg.warmup_steps} >= the run's {total_steps} steps: the learning "
+                       f"rate never reaches --lr {cfg.lr}")
 
     if rank == 0:   # memory and time estimate from the real step on fake tensors; refuses what will not fit
         preflight(cfg, CalmConfig.from_json(resolve(cfg.model, cfg.revision) / "config.json"), lengths, device,
