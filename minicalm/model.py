@@ -35,7 +35,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x_rot, x_pass = x[..., :rd], x[..., rd:]
     half = torch.cat((-x_rot[..., rd // 2:], x_rot[..., : rd // 2]), dim=-1)
     x_rot = x_rot * cos.to(x.dtype) + half * sin.to(x.dtype)
-    return torch.cat((x_rot, x_pass), dim=-1)
+    return x_rot if x_pass.shape[-1] == 0 else torch.cat((x_rot, x_pass), dim=-1)   # OpenCALM rotates every dim
 
 
 # ----------------------------------------------------------------------------- KV cache
