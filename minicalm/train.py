@@ -179,6 +179,8 @@ def train(cfg: TrainConfig) -> dict:
     tok = load_tokenizer(cfg.model, revision=cfg.revision)
     train_set = load_examples(cfg, tok, "train", cfg.limit_train)
     valid_set = [] if cfg.valid_file == "none" else load_examples(cfg, tok, "valid", cfg.eval_limit)
+    accuracy_set = (data.read_jsonl(cfg.valid_file or data.marc_ja("validation"), limit=cfg.eval_accuracy)
+                    if valid_set and cfg.eval_accuracy else [])   # read once, answered at every validation
     if not train_set:
         raise ValueError("the training set is empty")
     lengths = [len(e.input_ids) for e in train_set]
@@ -189,11 +191,12 @@ def train(cfg: TrainConfig) -> dict:
         say(cfg, rank, f"warning: --warmup-steps {cfg.warmup_steps} >= the run's {total_steps} steps: the learning "
                        f"rate never reaches --lr {cfg.lr}")
 
+    folder = resolve(cfg.model, cfg.revision)   # once: the hub is asked once, the plan and the load share it
     if rank == 0:   # memory and time estimate from the real step on fake tensors; refuses what will not fit
-        preflight(cfg, CalmConfig.from_json(resolve(cfg.model, cfg.revision) / "config.json"), lengths, device,
-                  dtype, log=cfg.log)
+        preflight(cfg, CalmConfig.from_json(folder / "config.json"), lengths, device, dtype, log=cfg.log)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, dtype=dtype, device=device, revision=cfg.revision)
+    model = load_model(folder, dtype=dtype, device=device)
+    model.name_or_path = cfg.model   # the id the user gave, not the hub cache's snapshot folder
     if cfg.full:
         model.requires_grad_(True)
     else:
@@ -293,8 +296,8 @@ def train(cfg: TrainConfig) -> dict:
                    "elapsed_s": round(time.time() - t_start, 2)}
             if valid_set and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 rec["val_loss"] = val = validation_loss(model, valid_set, cfg.micro_batch_size, tok.pad_token_id, device)
-                if cfg.eval_accuracy:
-                    rec["val_accuracy"] = validation_accuracy(model, tok, cfg)
+                if accuracy_set:
+                    rec["val_accuracy"] = validation_accuracy(model, tok, accuracy_set, cfg)
             if rank == 0:
                 with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -337,9 +340,8 @@ def keep_metrics_until(path: Path, step: int) -> None:
     atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8"))
 
 
-def validation_accuracy(model, tok, cfg: TrainConfig) -> float:
-    """Greedy-answer accuracy on the first cfg.eval_accuracy validation reviews (the evaluation code path)."""
+def validation_accuracy(model, tok, reviews: list[data.Review], cfg: TrainConfig) -> float:
+    """Greedy-answer accuracy on a slice of the validation reviews (the evaluation code path)."""
     from .evaluate import evaluate_reviews
-    reviews = data.read_jsonl(cfg.valid_file or data.marc_ja("validation"), limit=cfg.eval_accuracy)
     return evaluate_reviews(model, tok, reviews, max_len=cfg.max_len, batch_size=cfg.micro_batch_size,
                             log=False)["metrics"]["accuracy"]
