@@ -63,7 +63,8 @@ def run(out: str, train_file: str, valid_file: str, pretrain_steps: int = 3000, 
     valid = data.read_jsonl(valid_file, limit=eval_limit)
     kw = dict(max_len=256, batch_size=32, mode="both", log=log)
     stage(f"4/6 evaluating the pretrained model on {len(valid)} reviews with the post's prompt")
-    before = evaluate_reviews(load_model(base), tok, valid, **kw)
+    model = load_model(base)
+    before = evaluate_reviews(model, tok, valid, **kw)
 
     stage("5/6 LoRA fine-tuning (r 16, alpha 32, all four linear layers) with the train_lora.py code path")
     lora = train(TrainConfig(
@@ -75,8 +76,7 @@ def run(out: str, train_file: str, valid_file: str, pretrain_steps: int = 3000, 
         eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=seed, log=log))
 
     stage("6/6 evaluating base + adapter")
-    model = load_model(base)
-    load_adapter(model, out_dir / "lora" / "adapter")
+    load_adapter(model, out_dir / "lora" / "adapter")   # onto the same base model evaluated before
     after = evaluate_reviews(model, tok, valid, **kw)
 
     seconds = time.time() - t0
