@@ -311,11 +311,13 @@ def train(cfg: TrainConfig) -> dict:
                     stop["signal"] = "another rank"
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stop["signal"]:
                 save(final=step == total_steps)
+        if world > 1:
+            leave_process_group()
     finally:
         bar.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        if world > 1:
+        if world > 1 and dist.is_initialized():   # after an error: no collective, the other rank may be gone
             dist.destroy_process_group()
     if stop["signal"] and step < total_steps:
         say(cfg, rank, f"stopped ({stop['signal']}): checkpoint at step {step} in {out}; continue with --resume")
@@ -324,6 +326,21 @@ def train(cfg: TrainConfig) -> dict:
                        + (f", validation loss {val:.4f}" if val is not None else "") + f"; checkpoint in {out}")
     return {"step": step, "total_steps": total_steps, "loss": last_loss, "val_loss": val,
             "out": str(out), "model": model, "seconds": time.time() - t_start}
+
+
+def leave_process_group(timeout: float = 10.0) -> None:
+    """Leave torchrun's process group once every rank is done (rank 0 may still be saving).
+
+    A gloo worker thread drops its references to a collective's tensors just after the collective returns, and it
+    needs the GIL for that; if the interpreter is already exiting the process aborts ('terminate called without an
+    active exception'). So: one last collective, then wait (GIL released) until its tensor is ours alone again.
+    """
+    done = torch.zeros(1)
+    dist.all_reduce(done)
+    deadline = time.time() + timeout
+    while dist.get_backend() == "gloo" and done._use_count() > 1 and time.time() < deadline:
+        time.sleep(0.001)
+    dist.destroy_process_group()
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
