@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hf_tiny
+from conftest import assert_close_to_scale, hf_tiny
 from minicalm import load_model
 
 V = 128
@@ -33,7 +33,7 @@ def test_logits_match_transformers(tmp_path, hs, parallel, rotary_pct, sharded):
     with torch.no_grad():
         want, got = hf(x).logits, model(x)
     assert got.shape == (2, 24, V)
-    assert (got - want).abs().max() < 1e-4
+    assert_close_to_scale(got, want)
 
 
 def test_tied_embeddings_match_transformers(tmp_path):
@@ -42,7 +42,7 @@ def test_tied_embeddings_match_transformers(tmp_path):
     assert model.embed_out.weight is model.gpt_neox.embed_in.weight
     x = ids()
     with torch.no_grad():
-        assert (model(x) - hf(x).logits).abs().max() < 1e-4
+        assert_close_to_scale(model(x), hf(x).logits)
 
 
 def test_logits_at_equals_slicing_full_logits(tiny_checkpoint):
@@ -52,9 +52,10 @@ def test_logits_at_equals_slicing_full_logits(tiny_checkpoint):
         full = model(x)
         mask = torch.zeros(3, 10, dtype=torch.bool)
         mask[0, 9], mask[1, 4], mask[1, 7], mask[2, 0] = True, True, True, True
-        assert torch.allclose(model(x, logits_at=mask), full[mask], atol=1e-6)               # (N, V)
+        # the head runs on fewer rows (another matmul shape): equal to rounding, not bit for bit
+        assert_close_to_scale(model(x, logits_at=mask), full[mask])                   # (N, V)
         idx = torch.tensor([-1, 2])
-        assert torch.allclose(model(x, logits_at=idx), full[:, idx], atol=1e-6)              # (B, K, V)
+        assert_close_to_scale(model(x, logits_at=idx), full[:, idx])                  # (B, K, V)
 
 
 @pytest.mark.parametrize("P", [1, 7])
@@ -66,8 +67,8 @@ def test_chunked_forward_through_the_cache_equals_full_forward(tiny_checkpoint, 
         cache = model.new_cache(2, 16)
         head = model(x[:, :P], cache=cache, start=0)
         tail = model(x[:, P:], cache=cache, start=P)
-    assert (head - full[:, :P]).abs().max() < 1e-5
-    assert (tail - full[:, P:]).abs().max() < 1e-5
+    assert_close_to_scale(head, full[:, :P])   # other attention shapes: equal to rounding
+    assert_close_to_scale(tail, full[:, P:])
 
 
 def test_cache_refuses_to_overflow(tiny_checkpoint):
@@ -114,6 +115,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpo
     loss0, g0, calls0 = loss_and_grads(False)
     loss1, g1, calls1 = loss_and_grads(True)
     assert (calls0, calls1) == (2, 4)   # with checkpointing each block runs again in backward
+    # Exact, on every kernel set: the recompute runs the same ops on the same shapes in the same process.
     assert torch.equal(loss0, loss1)
     assert g0.keys() == g1.keys() and all(g0[n] is not None for n in g0)
     for n in g0:
