@@ -41,6 +41,10 @@ p.add_argument("--dtype", default=D.dtype, choices=["auto", "bfloat16", "float16
 p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
 p.add_argument("--train-on-inputs", action="store_true", help="loss on the whole prompt, not only the answer")
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward to save memory")
+p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+               help="run every row in full instead of computing the prompt head the rows share once per micro-batch "
+                    "(same loss and gradients; with LoRA dropout the head's masks are then drawn per row)")
+p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU runs; slow to start)")
 a = p.parse_args()
 a.lora_targets = tuple(t.strip() for t in a.lora_targets.split(",") if t.strip())
 try:

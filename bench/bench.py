@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import minicalm
 from minicalm import data
 from minicalm.evaluate import evaluate_reviews
-from minicalm.train import answer_loss, micro_step
+from minicalm.loss import answer_loss, micro_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .loss import IGNORE_INDEX
 from .weights import atomic_write
 
 # The Alpaca template of the blog post (FACTS.md section 1): English header, Japanese instruction.
@@ -26,7 +27,6 @@ PROMPT_HEAD = (
 )
 PROMPT_TAIL = "\n\n### Response:\n"
 LABEL_WORDS = {"positive": "ポジティブ", "negative": "ネガティブ"}
-IGNORE_INDEX = -100   # labels the loss skips (F.cross_entropy's default ignore_index)
 
 # JGLUE's JSON files spell labels as words; its Parquet conversion as ClassLabel ints.
 _LABELS = {"positive": "positive", "negative": "negative", 0: "positive", 1: "negative"}

@@ -82,10 +82,7 @@ def _evaluate(model, tok, reviews, max_len, batch_size, max_new_tokens, mode, re
             valid[r, P:P + L - len(own)] = False
         ids, valid = ids.to(device), valid.to(device)
         positions = P + (valid[:, P:P + L].long().cumsum(-1) - 1).clamp(min=0)      # (B, L)
-        cache = model.new_cache(B, valid.shape[1])
-        for layer in range(len(cache.k)) if P else ():
-            cache.k[layer][:, :, :P] = prefix.k[layer]
-            cache.v[layer][:, :, :P] = prefix.v[layer]
+        cache = model.new_cache(B, valid.shape[1], prefix=prefix if P else None)   # the header's slots first
         logits = model(ids, positions=positions, key_valid=valid[:, :P + L], cache=cache, start=P,
                        logits_at=LAST.to(device))[:, -1]                              # (B, V)
         if mode != "generate":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from .config import GELUS, CalmConfig
@@ -41,17 +42,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------- KV cache
 
 class KVCache:
-    """Preallocated keys and values for every layer: (B, nh, S_max, hs) each. The caller says where to write."""
+    """Keys and values of earlier slots for every layer, k[i] and v[i] of shape (B, nh, S, hs).
 
-    def __init__(self, cfg: CalmConfig, batch_size: int, max_len: int, *, dtype: torch.dtype, device):
-        shape = (batch_size, cfg.num_attention_heads, max_len, cfg.head_size)
+    update(layer, start, k, v) puts a call's keys and values (B, nh, T, hs) at slots [start, start+T) and returns
+    those of slots [0, start+T) for attention. Two kinds:
+      preallocated (max_len given; decoding): S = max_len, written in place; `prefix` copies a shared prompt
+        head's slots [0, P) into every row first (evaluation computes the head once per run);
+      growing (max_len None; training's shared head): starts empty and returns cat(slots [0, start), new), so
+        autograd sees plain tensors (no in-place writes, and activation checkpointing may recompute a layer).
+        A 1-row growing cache read by B rows is broadcast to them and keeps only its own row's slots.
+    """
+
+    def __init__(self, cfg: CalmConfig, batch_size: int = 1, max_len: int | None = None, *, dtype: torch.dtype,
+                 device, prefix: "KVCache | None" = None):
+        shape = (batch_size, cfg.num_attention_heads, max_len or 0, cfg.head_size)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
+        for layer in range(cfg.num_hidden_layers) if prefix is not None else ():
+            self.update(layer, 0, prefix.k[layer], prefix.v[layer])
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, nh, T, hs) at [start, start+T) and return all keys and values up to there."""
-        end = start + k.shape[2]
+        B, end = k.shape[0], start + k.shape[2]
+        if self.max_len is None:   # growing
+            kept_k, kept_v = self.k[layer], self.v[layer]
+            if kept_k.shape[2] < start:
+                raise ValueError(f"KV cache holds {kept_k.shape[2]} positions, asked to continue at {start}")
+            k = torch.cat((kept_k[:, :, :start].expand(B, -1, -1, -1), k), dim=2)   # (B, nh, start+T, hs)
+            v = torch.cat((kept_v[:, :, :start].expand(B, -1, -1, -1), v), dim=2)
+            if B == kept_k.shape[0]:
+                self.k[layer], self.v[layer] = k, v
+            return k, v
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
         self.k[layer][:, :, start:end] = k
@@ -70,6 +91,17 @@ def attention_mask(key_valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
     k_slot = torch.arange(S, device=key_valid.device)[None, :]                  # (1, S)
     causal = k_slot <= q_slot                                                    # (T, S)
     return ((causal[None] & key_valid[:, None, :]) | (k_slot == q_slot)[None])[:, None]
+
+
+def lower_right_causal(T: int, S: int, device: torch.device):
+    """Queries at the last T of S slots, each seeing every slot up to its own (rows continuing a shared head).
+
+    On GPU PyTorch's lower-right causal bias, which SDPA's fused kernels take as it is; elsewhere the same pattern
+    as one (T, S) boolean mask (CPU attention would build it anyway, and fake tensors cannot hold the bias).
+    """
+    if device.type == "cuda":
+        return causal_lower_right(T, S)
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -140,7 +172,13 @@ class CalmForCausalLM(nn.Module):
     Optional arguments, used by decoding, evaluation and training:
       positions  (B, T) rotary positions; default start, start+1, ...
       key_valid  (B, S) False at padding slots of the cache (or of input_ids when there is no cache)
-      cache, start  a KVCache to write this call's keys and values into, at slots [start, start+T)
+      cache, start  a KVCache holding slots [0, start) (e.g. a shared prompt head); this call's tokens go to slots
+                 [start, start+T) and each attends to every earlier slot and to itself (causal, lower-right aligned)
+      shared     P: input_ids[:, :P] is the same in every row (the prompt's head). It runs once, as one row, into a
+                 growing KVCache; the rows continue from its keys and values with their own T - P tokens at
+                 positions P, P+1, ... The logits, the loss and every gradient equal those of running each row in
+                 full (autograd sums the rows' gradients into the head), for about (B-1) P fewer token-passes. The
+                 head's dropout masks (LoRA's) are then shared by the rows.
       logits_at  where to compute the 52k-wide head: a bool mask (B, T) -> (N, V), or indices along T -> (B, K, V)
     """
 
@@ -166,7 +204,23 @@ class CalmForCausalLM(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, *, positions=None, key_valid=None, cache: KVCache | None = None,
-                start: int = 0, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                start: int = 0, shared: int = 0, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        if shared:
+            if not 0 < shared < T or cache is not None or start or positions is not None or key_valid is not None:
+                raise ValueError(f"shared={shared} needs 0 < shared < T={T} and no cache, start, positions, key_valid")
+            head = self.new_cache()                                                   # growing, one row
+            h = self.hidden(input_ids[:1, :shared], cache=head)                        # (1, P, C), once
+            own = self.hidden(input_ids[:, shared:], cache=head, start=shared)         # (B, T-P, C)
+            x = torch.cat((h.expand(B, -1, -1), own), dim=1)                           # (B, T, C)
+        else:
+            x = self.hidden(input_ids, positions=positions, key_valid=key_valid, cache=cache, start=start)
+        if logits_at is not None:
+            x = x[logits_at] if logits_at.dtype == torch.bool else x[:, logits_at]
+        return self.embed_out(self.gpt_neox.final_layer_norm(x))
+
+    def hidden(self, input_ids, positions=None, key_valid=None, cache: KVCache | None = None, start: int = 0):
+        """The residual stream after the last block, (B, T, C), before the final LayerNorm (see forward)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
@@ -174,21 +228,20 @@ class CalmForCausalLM(nn.Module):
         mask = None
         if key_valid is not None:
             mask = attention_mask(key_valid, start, T)
-        elif start > 0 and T > 1:   # a chunk after a cached prefix: causal with an offset
-            mask = attention_mask(torch.ones(B, start + T, dtype=torch.bool, device=input_ids.device), start, T)
+        elif start > 0 and T > 1:   # after `start` cached slots: causal, aligned to the last slot
+            mask = lower_right_causal(T, start + T, input_ids.device)
         x = self.gpt_neox.embed_in(input_ids)                       # (B, T, C)
         for i, block in enumerate(self.gpt_neox.layers):
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, cache, i, start, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i, start)
-        if logits_at is not None:
-            x = x[logits_at] if logits_at.dtype == torch.bool else x[:, logits_at]
-        return self.embed_out(self.gpt_neox.final_layer_norm(x))
+        return x
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None, prefix: KVCache | None = None) -> KVCache:
+        """A KVCache in this model's dtype and device: preallocated for max_len slots, or growing (max_len None)."""
         w = self.gpt_neox.embed_in.weight
-        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device)
+        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device, prefix=prefix)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

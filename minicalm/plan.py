@@ -2,7 +2,7 @@
 
 `python -m minicalm.plan --model open-calm-7b --micro-batch-size 4 --max-len 512 --grad-checkpoint`
 
-The figures come from running the real training step (minicalm.train.micro_step, then AdamW) on fake tensors
+The figures come from running the real training step (minicalm.loss.micro_step, then AdamW) on fake tensors
 (torch's FakeTensorMode: shapes and dtypes, no data, no memory), while a dispatch mode adds up the bytes of
 every live tensor storage and keeps the peak, and torch's FlopCounterMode counts FLOPs. So the plan follows
 the code: change the model or the loop and the plan changes with it. Not counted: the CUDA context
@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import PRESETS, CalmConfig, get_preset
 from .lora import apply_lora
+from .loss import micro_step
 from .model import CalmForCausalLM
 
 A100_BF16_FLOPS = 312e12
@@ -71,33 +72,37 @@ class LiveBytes(TorchDispatchMode):
 class Plan:
     model: str
     micro_batch_size: int
-    max_len: int
+    max_len: int                  # tokens per row in the memory figure (the longest batch)
+    shared_tokens: int            # the rows' common head, computed once per micro-batch (0: no sharing)
     grad_checkpoint: bool
     dtype: str
     params: int
     trainable_params: int
     weights_bytes: int            # the frozen base (and the adapters)
     optimizer_bytes: int          # AdamW's two moments, fp32
-    peak_bytes: int               # the training step's peak of live tensor bytes
-    step_flops: float             # one micro-batch: forward, backward, optimizer
-    flops_per_token: float
+    peak_bytes: int               # the training step's peak of live tensor bytes, micro-batch x max_len
+    step_flops: float             # one micro-batch of average-length rows: forward, backward, optimizer
+    flops_per_token: float        # step_flops per token of the rows (shared tokens counted in every row)
     epoch_tokens: float
     epoch_seconds: float          # at `utilization` of `peak_flops`
     utilization: float
     peak_flops: float
 
     def summary(self, epochs: float = 3, memory_bytes: float | None = None) -> str:
-        gib = lambda b: f"{b / GiB:.2f} GiB" if b >= 0.1 * GiB else f"{b / 2**20:.1f} MiB"
-        lines = [f"plan for {self.model}: micro-batch {self.micro_batch_size} x {self.max_len} tokens, "
-                 f"{self.dtype}, grad checkpoint {'on' if self.grad_checkpoint else 'off'}",
+        lines = [f"plan for {self.model}: micro-batch {self.micro_batch_size} x {self.max_len} tokens"
+                 + (f", the first {self.shared_tokens} shared" if self.shared_tokens else "")
+                 + f", {self.dtype}, grad checkpoint {'on' if self.grad_checkpoint else 'off'}",
                  f"  parameters {self.params:,}, trainable {self.trainable_params:,}",
                  f"  weights {gib(self.weights_bytes)}, optimizer state {gib(self.optimizer_bytes)}, "
-                 f"peak {gib(self.peak_bytes)}"
-                 + (f" of {memory_bytes / GiB:.0f} GiB" if memory_bytes else ""),
+                 f"peak {gib(self.peak_bytes)}" + (f" of {memory_bytes / GiB:.0f} GiB" if memory_bytes else ""),
                  f"  {self.flops_per_token / 1e9:.3g} GFLOP per token; an epoch of {self.epoch_tokens / 1e6:.3g}M tokens "
                  f"at {self.utilization:.0%} of {self.peak_flops / 1e12:.0f} TFLOP/s (A100 bf16): "
                  f"{self.epoch_seconds / 3600:.2f} h, {epochs:g} epochs {epochs * self.epoch_seconds / 3600:.2f} h"]
         return "\n".join(lines)
+
+
+def gib(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if b >= 0.1 * GiB else f"{b / 2**20:.1f} MiB"
 
 
 def config_of(model: str) -> CalmConfig:
@@ -108,18 +113,28 @@ def config_of(model: str) -> CalmConfig:
     return CalmConfig.from_json(path / "config.json" if path.is_dir() else path)
 
 
-def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256, *, grad_checkpoint: bool = False,
-         lora_r: int = 8, lora_targets=("query_key_value",), full: bool = False, answer_tokens: int = 4,
-         train_on_inputs: bool = False, dtype: torch.dtype = torch.bfloat16, examples: int = 187_528,
-         avg_tokens: float = 150.0, utilization: float = 0.5, peak_flops: float = A100_BF16_FLOPS,
-         name: str | None = None) -> Plan:
-    """Run two real training steps on fake tensors (the second has AdamW's state) and report the figures."""
-    from .train import micro_step   # train imports plan for its preflight; import here to keep the order simple
-
+def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256, *, shared_tokens: int = 0,
+         grad_checkpoint: bool = False, lora_r: int = 8, lora_targets=("query_key_value",), full: bool = False,
+         answer_tokens: int = 4, train_on_inputs: bool = False, dtype: torch.dtype = torch.bfloat16,
+         examples: int = 187_528, avg_tokens: float = 150.0, utilization: float = 0.5,
+         peak_flops: float = A100_BF16_FLOPS, name: str | None = None) -> Plan:
+    """Run the training step on fake tensors: memory at micro_batch_size x max_len (two steps: the second has
+    AdamW's state), FLOPs at micro_batch_size x avg_tokens (what an epoch is made of)."""
     cfg = model if isinstance(model, CalmConfig) else config_of(model)
-    B, T = micro_batch_size, max_len
-    scored = B * (T - 1 if train_on_inputs else answer_tokens)   # positions the loss scores
+    B = micro_batch_size
+    shared_tokens = shared_tokens if B > 1 else 0   # one row shares nothing
+    avg = min(max(round(avg_tokens), shared_tokens + answer_tokens + 1), max_len)
+
+    def batch(T: int):
+        """input_ids (B, T) whose first shared_tokens are common, labels scoring the last answer_tokens (or all)."""
+        x = torch.zeros(B, T, dtype=torch.long)
+        y = x.clone()
+        if not train_on_inputs:
+            y[:, : T - answer_tokens] = -100
+        return x, y, B * (T - 1 if train_on_inputs else answer_tokens)   # and the positions the loss scores
+
     with FakeTensorMode():
+        x, y, scored = batch(max_len)
         with LiveBytes(scored) as mem:
             default = torch.get_default_dtype()
             torch.set_default_dtype(torch.float32 if full else dtype)   # build the base directly in its dtype
@@ -135,27 +150,24 @@ def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256,
             net.train()
             params = [p for p in net.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4)
-            x = torch.zeros(B, T, dtype=torch.long)
-            y = x.clone()
-            if not train_on_inputs:
-                y[:, : T - answer_tokens] = -100   # the last answer_tokens labels are scored
             weights = mem.live
             for _ in range(2):   # the second step has AdamW's state: the steady state
-                micro_step(net, x, y, n_target=1)
+                micro_step(net, x, y, n_target=1, shared=shared_tokens)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         # FLOPs in a separate step: FlopCounterMode keeps tensors alive and would inflate the memory figure.
+        x, y, scored = batch(avg)
         with FlopCounterMode(display=False) as flops, LiveBytes(scored):
-            micro_step(net, x, y, n_target=1)
+            micro_step(net, x, y, n_target=1, shared=shared_tokens)
             opt.step()
         opt_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                         if isinstance(v, torch.Tensor) and v.dim() > 0)
         n_params = sum(p.numel() for p in net.parameters())
     step_flops = float(flops.get_total_flops())
-    per_token = step_flops / (B * T)
+    per_token = step_flops / (B * avg)
     epoch_tokens = examples * avg_tokens
     return Plan(model=name or (model if isinstance(model, str) else "config"),
-                micro_batch_size=B, max_len=T, grad_checkpoint=grad_checkpoint,
+                micro_batch_size=B, max_len=max_len, shared_tokens=shared_tokens, grad_checkpoint=grad_checkpoint,
                 dtype=str(torch.float32 if full else dtype).removeprefix("torch."), params=n_params,
                 trainable_params=sum(p.numel() for p in params), weights_bytes=weights, optimizer_bytes=opt_bytes,
                 peak_bytes=mem.peak, step_flops=step_flops, flops_per_token=per_token, epoch_tokens=epoch_tokens,
@@ -169,6 +181,9 @@ def main(argv=None):
     p.add_argument("--model", default="open-calm-7b", help=f"preset ({', '.join(PRESETS)}), hub id or config.json")
     p.add_argument("--micro-batch-size", type=int, default=16)
     p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--shared-tokens", type=int, default=75,
+                   help="the prompt head every row shares, computed once per micro-batch (0: no sharing); default: "
+                        "half of --avg-tokens, as measured on the reviews with two tokenizers (FACTS.md section 6)")
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="query_key_value")
@@ -183,17 +198,22 @@ def main(argv=None):
     p.add_argument("--memory-gb", type=float, default=40.0, help="accelerator memory, GiB")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     a = p.parse_args(argv)
-    pl = plan(a.model, a.micro_batch_size, a.max_len, grad_checkpoint=a.grad_checkpoint, lora_r=a.lora_r,
-              lora_targets=tuple(a.lora_targets.split(",")), full=a.full, train_on_inputs=a.train_on_inputs,
-              dtype=getattr(torch, a.dtype), examples=a.examples, avg_tokens=a.avg_tokens,
-              utilization=a.utilization, peak_flops=a.peak_tflops * 1e12)
+    kw = dict(grad_checkpoint=a.grad_checkpoint, lora_r=a.lora_r, lora_targets=tuple(a.lora_targets.split(",")),
+              full=a.full, train_on_inputs=a.train_on_inputs, dtype=getattr(torch, a.dtype), examples=a.examples,
+              avg_tokens=a.avg_tokens, utilization=a.utilization, peak_flops=a.peak_tflops * 1e12, name=a.model)
+    plans = [plan(a.model, a.micro_batch_size, a.max_len, shared_tokens=s, **kw)
+             for s in dict.fromkeys((a.shared_tokens, 0))]   # with sharing, then without for comparison
     memory = a.memory_gb * GiB
+    fits = lambda pl: pl.peak_bytes < 0.9 * memory
     if a.json:
-        print(json.dumps(asdict(pl) | {"epochs": a.epochs, "total_seconds": a.epochs * pl.epoch_seconds,
-                                       "memory_bytes": memory, "fits": pl.peak_bytes < 0.9 * memory}))
-    else:
-        print(pl.summary(a.epochs, memory))
-        print(f"  fits in {a.memory_gb:g} GiB with a 10% margin: {'yes' if pl.peak_bytes < 0.9 * memory else 'NO'}")
+        print(json.dumps([asdict(pl) | {"epochs": a.epochs, "total_seconds": a.epochs * pl.epoch_seconds,
+                                        "memory_bytes": memory, "fits": fits(pl)} for pl in plans]))
+        return
+    print(plans[0].summary(a.epochs, memory))
+    print(f"  fits in {a.memory_gb:g} GiB with a 10% margin: {'yes' if fits(plans[0]) else 'NO'}")
+    for pl in plans[1:]:
+        print(f"without sharing (--shared-tokens 0): peak {gib(pl.peak_bytes)}, {pl.flops_per_token / 1e9:.3g} GFLOP "
+              f"per token, {a.epochs:g} epochs {a.epochs * pl.epoch_seconds / 3600:.2f} h")
 
 
 if __name__ == "__main__":
@@ -201,13 +221,14 @@ if __name__ == "__main__":
 
 
 def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.device, dtype: torch.dtype,
-              log: bool = True, memory: int | None = None) -> Plan:
+              shared: int = 0, log: bool = True, memory: int | None = None) -> Plan:
     """train()'s check before loading the model: print the plan; refuse settings that would not fit in the GPU's
     memory (or in `memory` bytes when given), naming the first smaller setting that fits."""
     kw = dict(lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, full=cfg.full, train_on_inputs=cfg.train_on_inputs,
               dtype=dtype, examples=len(lengths), avg_tokens=sum(lengths) / len(lengths), name=cfg.model)
     T = min(cfg.max_len, max(lengths))
-    pl = plan(model_cfg, cfg.micro_batch_size, T, grad_checkpoint=cfg.grad_checkpoint, **kw)
+    shared = min(shared, T - 1)
+    pl = plan(model_cfg, cfg.micro_batch_size, T, shared_tokens=shared, grad_checkpoint=cfg.grad_checkpoint, **kw)
     if memory is None and device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     if log:
@@ -215,7 +236,8 @@ def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.devi
     if memory and pl.peak_bytes > 0.9 * memory:
         options = [(mb, gc) for gc in (False, True) for mb in (16, 8, 4, 2, 1) if mb < cfg.micro_batch_size or gc]
         fits = next((f"--micro-batch-size {mb}" + (" --grad-checkpoint" if gc else "") for mb, gc in options
-                     if plan(model_cfg, mb, T, grad_checkpoint=gc, **kw).peak_bytes < 0.9 * memory), None)
+                     if plan(model_cfg, mb, T, shared_tokens=shared, grad_checkpoint=gc, **kw).peak_bytes
+                     < 0.9 * memory), None)
         raise MemoryError(f"the plan's peak {pl.peak_bytes / GiB:.1f} GiB exceeds 90% of this GPU's "
                           f"{memory / GiB:.1f} GiB; " + (f"try {fits}" if fits else "no micro-batch size fits"))
     return pl

@@ -7,7 +7,11 @@ Full-parameter training (pretraining the miniature) keeps the whole model in fp3
 
 A step: the global batch (--batch-size examples) is split into micro-batches of --micro-batch-size, spread
 over the ranks (torchrun) and accumulated. The loss is summed over answer tokens and divided by the answer
-tokens of the whole global batch, so any split of the same batch gives the same gradient.
+tokens of the whole global batch, so any split of the same batch gives the same gradient. Within a micro-batch
+the prompt's head, the same in every row, is computed once (share_prefix; minicalm.loss, CalmForCausalLM).
+
+Stages, top to bottom: `setup` (data, plan, model, optimizer, resume) -> the loop in `train` -> `train_step`
+(one optimizer step) and `save` (the checkpoint); `validate` between steps.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from . import data
 from .config import CalmConfig
 from .lora import apply_lora, save_adapter, trainable_parameters
+from .loss import IGNORE_INDEX, answer_loss, micro_step, shared_prefix_len
 from .plan import preflight
 from .progress import Progress, fmt_time
 from .tokenizer import load_tokenizer
@@ -66,6 +71,8 @@ class TrainConfig:
     resume: bool = False
     train_on_inputs: bool = False            # loss over the whole prompt (the post's way), not the answer only
     grad_checkpoint: bool = False
+    share_prefix: bool = True                # compute the rows' common prompt head once per micro-batch
+    compile: bool = False                    # torch.compile each block (for GPU runs)
     full: bool = False                       # train every parameter instead of LoRA (pretraining)
     text: bool = False                       # raw-text language modelling (packed blocks of max_len), no prompt
     max_time: float | None = None            # seconds; stop and save once exceeded
@@ -89,25 +96,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return cfg.lr * (0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac)
-
-
-def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled positions; the LM head runs only where labels need it."""
-    targets = labels[:, 1:]                                   # (B, T-1) the token after each position
-    where = torch.zeros_like(labels, dtype=torch.bool)
-    where[:, :-1] = targets != -100                           # (B, T) positions whose next token is scored
-    logits = model(input_ids, logits_at=where)                # (N, V)
-    return F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
-
-
-def micro_step(model, input_ids: torch.Tensor, labels: torch.Tensor, n_target: int) -> torch.Tensor:
-    """Forward and backward of one micro-batch, its loss scaled by the global batch's target count.
-
-    Gradients accumulate in .grad across micro-batches; returns the micro-batch's summed loss (detached).
-    """
-    loss = answer_loss(model, input_ids, labels)
-    (loss / n_target).backward()
-    return loss.detach()
 
 
 def peak_memory(device: torch.device) -> int:
@@ -136,25 +124,77 @@ def load_examples(cfg: TrainConfig, tok, split: str, limit: int | None) -> list[
     return examples
 
 
+def common_prefix(examples: list[data.Example]) -> int:
+    """Tokens every example begins with (the prompt's head): what sharing saves, for the plan."""
+    first = examples[0].input_ids
+    n = len(first)
+    for e in examples[1:]:
+        while e.input_ids[:n] != first[:n]:
+            n -= 1
+    return n
+
+
+def batch_tensors(examples: list[data.Example], pad_id: int, share: bool, device):
+    """(input_ids, labels, shared prefix length) of one micro-batch, on the device."""
+    x, y = data.collate(examples, pad_id)
+    return x.to(device), y.to(device), shared_prefix_len(x) if share else 0
+
+
 @torch.no_grad()
-def validation_loss(model, examples: list[data.Example], micro_batch_size: int, pad_id: int, device) -> float:
+def validation_loss(model, examples: list[data.Example], micro_batch_size: int, pad_id: int, device,
+                    share: bool = True) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for idx in data.length_batches([len(e.input_ids) for e in examples], micro_batch_size, seed=0):
-        x, y = data.collate([examples[i] for i in idx], pad_id)
-        total += answer_loss(model, x.to(device), y.to(device)).item()
-        count += int((y[:, 1:] != -100).sum())
+        x, y, shared = batch_tensors([examples[i] for i in idx], pad_id, share, device)
+        total += answer_loss(model, x, y, shared).item()
+        count += int((y[:, 1:] != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(count, 1)
 
 
-# ----------------------------------------------------------------------------- the loop
+def validation_accuracy(model, tok, reviews: list[data.Review], cfg: TrainConfig) -> float:
+    """Greedy-answer accuracy on a slice of the validation reviews (the evaluation code path)."""
+    from .evaluate import evaluate_reviews
+    return evaluate_reviews(model, tok, reviews, max_len=cfg.max_len, batch_size=cfg.micro_batch_size,
+                            log=False)["metrics"]["accuracy"]
 
-def train(cfg: TrainConfig) -> dict:
-    """Fine-tune (LoRA, or every parameter with cfg.full) and write everything under cfg.out. Returns a summary."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+
+# ----------------------------------------------------------------------------- set-up
+
+@dataclass
+class Run:
+    """Everything `setup` prepares and the loop uses."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    tok: object
+    train_set: list[data.Example]
+    valid_set: list[data.Example]
+    accuracy_set: list[data.Review]   # read once, answered at every validation
+    steps_per_epoch: int
+    total_steps: int
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    step: int = 0
+    epoch_batches: tuple[int, list[list[int]]] = (-1, [])   # (epoch, its global batches), drawn once an epoch
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
+    @property
+    def state_file(self) -> Path:
+        return self.out / "state.pt"
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check the settings, read the data (bad files fail before a 7B model is loaded), print the plan, load the
+    model with LoRA (or every parameter trainable), make the optimizer, and restore a checkpoint on --resume."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by --micro-batch-size "
                          f"{cfg.micro_batch_size} x {world} processes")
@@ -171,20 +211,15 @@ def train(cfg: TrainConfig) -> dict:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = default_dtype(device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    if cfg.full:
-        dtype = torch.float32
+    dtype = torch.float32 if cfg.full else default_dtype(device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
-    # data first: bad files fail before a 7B model is loaded
     tok = load_tokenizer(cfg.model, revision=cfg.revision)
     train_set = load_examples(cfg, tok, "train", cfg.limit_train)
     valid_set = [] if cfg.valid_file == "none" else load_examples(cfg, tok, "valid", cfg.eval_limit)
     accuracy_set = (data.read_jsonl(cfg.valid_file or data.marc_ja("validation"), limit=cfg.eval_accuracy)
-                    if valid_set and cfg.eval_accuracy else [])   # read once, answered at every validation
+                    if valid_set and cfg.eval_accuracy else [])
     if not train_set:
         raise ValueError("the training set is empty")
-    lengths = [len(e.input_ids) for e in train_set]
-    n_scored = [sum(t != -100 for t in e.labels[1:]) for e in train_set]   # loss tokens per example
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
     if cfg.warmup_steps >= total_steps:
@@ -193,7 +228,9 @@ def train(cfg: TrainConfig) -> dict:
 
     folder = resolve(cfg.model, cfg.revision)   # once: the hub is asked once, the plan and the load share it
     if rank == 0:   # memory and time estimate from the real step on fake tensors; refuses what will not fit
-        preflight(cfg, CalmConfig.from_json(folder / "config.json"), lengths, device, dtype, log=cfg.log)
+        shared = common_prefix(train_set) if cfg.share_prefix else 0
+        preflight(cfg, CalmConfig.from_json(folder / "config.json"), [len(e.input_ids) for e in train_set], device,
+                  dtype, shared=shared, log=cfg.log)
     torch.manual_seed(cfg.seed)
     model = load_model(folder, dtype=dtype, device=device)
     model.name_or_path = cfg.model   # the id the user gave, not the hub cache's snapshot folder
@@ -202,130 +239,167 @@ def train(cfg: TrainConfig) -> dict:
     else:
         apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     model.grad_checkpoint = cfg.grad_checkpoint
+    if cfg.compile:   # each block on its own: shapes change with every micro-batch, so compile them dynamic
+        for block in model.gpt_neox.layers:
+            block.compile(dynamic=True)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     trainable, total = trainable_parameters(model)
     say(cfg, rank, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; {len(train_set):,} examples, "
                    f"{total_steps:,} steps of {cfg.batch_size}, {world} process(es), {dtype}")
-
-    step = 0
+    run = Run(cfg, rank, world, device, out, tok, train_set, valid_set, accuracy_set, steps_per_epoch, total_steps,
+              model, opt)
     if cfg.resume:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)   # our own file, still no unpickling
-        same = lambda a, b: (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
-        changed = {k: (state["config"].get(k), v) for k, v in asdict(cfg).items()
-                   if k in RESUME_FIXED and not same(state["config"].get(k), v)}
-        if changed:
-            raise ValueError(f"--resume: {state_file} was trained with other settings: " +
-                             ", ".join(f"{k} {a!r} now {b!r}" for k, (a, b) in changed.items()))
-        model.load_state_dict(state["trainable"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        say(cfg, rank, f"resumed from {state_file} at step {step}")
+        resume(run)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
-        keep_metrics_until(out / "metrics.jsonl", step)
+        keep_metrics_until(out / "metrics.jsonl", run.step)
+    return run
 
-    def save(final: bool = False) -> None:
-        if rank != 0:
-            return
-        trainable_state = {k: v for k, v in model.state_dict().items() if k in trainable_names}
-        state = {"step": step, "trainable": trainable_state, "optimizer": opt.state_dict(), "config": asdict(cfg)}
-        atomic_write(state_file, lambda p: torch.save(state, p))
-        if cfg.full:
-            save_checkpoint(model, out / "model", tokenizer_dir=tok.path.parent)
-        else:
-            save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)
-        say(cfg, rank, f"\nsaved step {step} to {out}" + (" (final)" if final else ""))
 
-    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+def resume(run: Run) -> None:
+    """Restore the adapter (or model), AdamW's state and the step; refuse settings that would change the run."""
+    state = torch.load(run.state_file, map_location="cpu", weights_only=True)   # our own file, still no unpickling
+    same = lambda a, b: (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+    changed = {k: (state["config"].get(k), v) for k, v in asdict(run.cfg).items()
+               if k in RESUME_FIXED and not same(state["config"].get(k), v)}
+    if changed:
+        raise ValueError(f"--resume: {run.state_file} was trained with other settings: " +
+                         ", ".join(f"{k} {a!r} now {b!r}" for k, (a, b) in changed.items()))
+    run.model.load_state_dict(state["trainable"], strict=False)
+    run.opt.load_state_dict(state["optimizer"])
+    run.step = state["step"]
+    say(run.cfg, run.rank, f"resumed from {run.state_file} at step {run.step}")
+
+
+# ----------------------------------------------------------------------------- one step, a checkpoint
+
+def step_batch(run: Run) -> list[int]:
+    """The example indices of the global batch of step `run.step`: a function of (seed, epoch) and the step only.
+    Drawn whole, then cut: --micro-batch-size and the process count change how a step is computed, never which
+    examples it sees (length_batches sorts a batch by length: little padding)."""
+    epoch, i = divmod(run.step, run.steps_per_epoch)
+    if run.epoch_batches[0] != epoch:
+        run.epoch_batches = (epoch, data.length_batches([len(e.input_ids) for e in run.train_set], run.cfg.batch_size,
+                                                        seed=run.cfg.seed + epoch))
+    return run.epoch_batches[1][i]
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step: this rank's micro-batches (forward, backward, accumulate), the all-reduce across
+    ranks, gradient clipping and AdamW. Returns the step's metrics."""
+    cfg, model, opt, device = run.cfg, run.model, run.opt, run.device
+    batch = step_batch(run)
+    mine = [batch[k:k + cfg.micro_batch_size] for k in range(0, len(batch), cfg.micro_batch_size)][run.rank::run.world]
+    n_target = sum(sum(t != IGNORE_INDEX for t in run.train_set[j].labels[1:]) for j in batch)
+    lr = lr_at(run.step, run.total_steps, cfg)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    # Data order and dropout RNG are functions of (seed, step, rank): resuming needs only the step.
+    torch.manual_seed(cfg.seed * 1_000_003 + run.step * run.world + run.rank)
+    t0 = time.time()
+    loss_sum, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    for idx in mine:
+        x, y, shared = batch_tensors([run.train_set[j] for j in idx], run.tok.pad_token_id, cfg.share_prefix, device)
+        loss_sum += micro_step(model, x, y, n_target, shared)
+        tokens += sum(len(run.train_set[j].input_ids) for j in idx)
+    if run.world > 1:   # DDP over the trainable (adapter) gradients, by hand
+        for p in run.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(tokens)
+    loss = loss_sum.item() / n_target
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss} at step {run.step + 1}; the last good checkpoint "
+                                 f"is kept in {run.out} (try a lower --lr)")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient norm at step {run.step + 1}; the last good checkpoint "
+                                 f"is kept in {run.out} (try a lower --lr)")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    run.step += 1
+    return {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "loss": loss, "lr": lr,
+            "tokens_per_s": round(tokens.item() / max(time.time() - t0, 1e-9), 1),
+            "peak_memory_bytes": peak_memory(device), "grad_norm": round(grad_norm.item(), 4)}
+
+
+def save(run: Run, final: bool = False) -> None:
+    """Checkpoint (rank 0): state.pt (trainable tensors, AdamW, step, settings) and the adapter (or the model),
+    each written atomically, so a kill at any moment leaves the previous checkpoint whole."""
+    if run.rank != 0:
+        return
+    cfg, model = run.cfg, run.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {"step": run.step, "trainable": {k: v for k, v in model.state_dict().items() if k in trainable},
+             "optimizer": run.opt.state_dict(), "config": asdict(cfg)}
+    atomic_write(run.state_file, lambda p: torch.save(state, p))
+    if cfg.full:
+        save_checkpoint(model, run.out / "model", tokenizer_dir=run.tok.path.parent)
+    else:
+        save_adapter(model, run.out / "adapter", base_model_name_or_path=cfg.model)
+    say(cfg, run.rank, f"\nsaved step {run.step} to {run.out}" + (" (final)" if final else ""))
+
+
+def validate(run: Run, rec: dict) -> None:
+    """Validation loss (and greedy accuracy with --eval-accuracy) into the step's record."""
+    cfg = run.cfg
+    rec["val_loss"] = validation_loss(run.model, run.valid_set, cfg.micro_batch_size, run.tok.pad_token_id,
+                                      run.device, cfg.share_prefix)
+    if run.accuracy_set:
+        rec["val_accuracy"] = validation_accuracy(run.model, run.tok, run.accuracy_set, cfg)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig) -> dict:
+    """Fine-tune (LoRA, or every parameter with cfg.full) and write everything under cfg.out. Returns a summary."""
+    run = setup(cfg)
     stop = {"signal": None}   # set by Ctrl-C, SIGTERM (schedulers, torchrun) or --max-time; acted on between steps
     handlers = {sig: signal.signal(sig, lambda n, _: stop.update(signal=signal.Signals(n).name))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-    epoch_batches: dict[int, list[list[int]]] = {}
-    bar = Progress(total_steps, "train", start=step, enabled=cfg.log and rank == 0)
-    t_start, last_loss, val = time.time(), float("nan"), None
+    bar = Progress(run.total_steps, "train", start=run.step, enabled=cfg.log and run.rank == 0)
+    t_start, rec, val = time.time(), {"loss": float("nan")}, None
     try:
-        while step < total_steps and stop["signal"] is None:
-            epoch, i = divmod(step, steps_per_epoch)
-            # Draw the global batch, then cut it: --micro-batch-size and the process count change how a step is
-            # computed, never which examples it sees (length_batches sorts a batch by length: little padding).
-            if epoch not in epoch_batches:
-                epoch_batches.clear()
-                epoch_batches[epoch] = data.length_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
-            batch = epoch_batches[epoch][i]
-            step_batches = [batch[k:k + cfg.micro_batch_size] for k in range(0, len(batch), cfg.micro_batch_size)]
-            mine = step_batches[rank::world]
-            n_target = sum(n_scored[j] for j in batch)
-            lr = lr_at(step, total_steps, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            # Data order and dropout RNG are functions of (seed, step, rank): resuming needs only the step.
-            torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-            t0 = time.time()
-            loss_sum = torch.zeros((), device=device)
-            tokens = torch.zeros((), device=device)
-            for idx in mine:
-                x, y = data.collate([train_set[j] for j in idx], tok.pad_token_id)
-                x, y = x.to(device), y.to(device)
-                loss_sum += micro_step(model, x, y, n_target)
-                tokens += sum(lengths[j] for j in idx)
-            if world > 1:   # DDP over the trainable (adapter) gradients, by hand
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                dist.all_reduce(loss_sum)
-                dist.all_reduce(tokens)
-            last_loss = loss_sum.item() / n_target
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"non-finite loss {last_loss} at step {step + 1}; the last good checkpoint "
-                                         f"is kept in {out} (try a lower --lr)")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient norm at step {step + 1}; the last good checkpoint "
-                                         f"is kept in {out} (try a lower --lr)")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.time() - t0
-            rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss, "lr": lr,
-                   "tokens_per_s": round(tokens.item() / max(dt, 1e-9), 1), "peak_memory_bytes": peak_memory(device),
-                   "grad_norm": round(grad_norm.item(), 4),
-                   "elapsed_s": round(time.time() - t_start, 2)}
-            if valid_set and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                rec["val_loss"] = val = validation_loss(model, valid_set, cfg.micro_batch_size, tok.pad_token_id, device)
-                if accuracy_set:
-                    rec["val_accuracy"] = validation_accuracy(model, tok, accuracy_set, cfg)
-            if rank == 0:
-                with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        while run.step < run.total_steps and stop["signal"] is None:
+            rec = train_step(run)
+            rec["elapsed_s"] = round(time.time() - t_start, 2)
+            if run.valid_set and (run.step == run.total_steps or (cfg.eval_every and run.step % cfg.eval_every == 0)):
+                validate(run, rec)
+                val = rec["val_loss"]
+            if run.rank == 0:
+                with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
-            bar.update(1, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update(1, loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if cfg.max_time and time.time() - t_start > cfg.max_time:
                 stop["signal"] = "max_time"
-            if world > 1:   # every rank stops at the same step, or one would wait forever in all_reduce
-                flag = torch.tensor(float(stop["signal"] is not None), device=device)
+            if run.world > 1:   # every rank stops at the same step, or one would wait forever in all_reduce
+                flag = torch.tensor(float(stop["signal"] is not None), device=run.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 if flag.item() and stop["signal"] is None:
                     stop["signal"] = "another rank"
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stop["signal"]:
-                save(final=step == total_steps)
-        if world > 1:
+            if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == run.total_steps or stop["signal"]:
+                save(run, final=run.step == run.total_steps)
+        if run.world > 1:
             leave_process_group()
     finally:
         bar.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        if world > 1 and dist.is_initialized():   # after an error: no collective, the other rank may be gone
+        if run.world > 1 and dist.is_initialized():   # after an error: no collective, the other rank may be gone
             dist.destroy_process_group()
-    if stop["signal"] and step < total_steps:
-        say(cfg, rank, f"stopped ({stop['signal']}): checkpoint at step {step} in {out}; continue with --resume")
+    if stop["signal"] and run.step < run.total_steps:
+        say(cfg, run.rank, f"stopped ({stop['signal']}): checkpoint at step {run.step} in {run.out}; continue with "
+                           f"--resume")
     else:
-        say(cfg, rank, f"done: {step} steps in {fmt_time(time.time() - t_start)}, last loss {last_loss:.4f}"
-                       + (f", validation loss {val:.4f}" if val is not None else "") + f"; checkpoint in {out}")
-    return {"step": step, "total_steps": total_steps, "loss": last_loss, "val_loss": val,
-            "out": str(out), "model": model, "seconds": time.time() - t_start}
+        say(cfg, run.rank, f"done: {run.step} steps in {fmt_time(time.time() - t_start)}, last loss {rec['loss']:.4f}"
+                           + (f", validation loss {val:.4f}" if val is not None else "") + f"; checkpoint in {run.out}")
+    return {"step": run.step, "total_steps": run.total_steps, "loss": rec["loss"], "val_loss": val,
+            "out": str(run.out), "model": run.model, "seconds": time.time() - t_start}
 
 
 def leave_process_group(timeout: float = 10.0) -> None:
@@ -355,10 +429,3 @@ def keep_metrics_until(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):   # a line torn by a crash mid-write
             pass
     atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8"))
-
-
-def validation_accuracy(model, tok, reviews: list[data.Review], cfg: TrainConfig) -> float:
-    """Greedy-answer accuracy on a slice of the validation reviews (the evaluation code path)."""
-    from .evaluate import evaluate_reviews
-    return evaluate_reviews(model, tok, reviews, max_len=cfg.max_len, batch_size=cfg.micro_batch_size,
-                            log=False)["metrics"]["accuracy"]

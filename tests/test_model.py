@@ -120,3 +120,22 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpo
     assert g0.keys() == g1.keys() and all(g0[n] is not None for n in g0)
     for n in g0:
         assert torch.equal(g0[n], g1[n]), n   # the recompute is the same arithmetic: bit-identical
+
+
+@pytest.mark.parametrize("P", [1, 9])
+def test_shared_head_gives_the_logits_of_every_row_in_full(tiny_checkpoint, P):
+    """`shared=P` runs the rows' common first P tokens once and continues each row from their keys and values."""
+    model = load_model(tiny_checkpoint[0])
+    x = ids(3, 16)
+    x[:, :P] = x[0, :P]
+    x[1, P] = (x[0, P] + 1) % V   # rows differ right after the head
+    with torch.no_grad():
+        full, shared = model(x), model(x, shared=P)
+        mask = torch.zeros(3, 16, dtype=torch.bool)
+        mask[0, 2], mask[1, P], mask[2, 15] = True, True, True      # in the head, at its end, after it
+        picked = model(x, shared=P, logits_at=mask)
+    assert_close_to_scale(shared, full)   # other matmul shapes: equal to rounding
+    assert_close_to_scale(picked, full[mask])
+    for bad in (dict(shared=16), dict(shared=P, cache=model.new_cache(3, 16)), dict(shared=P, start=2)):
+        with pytest.raises(ValueError, match="shared="):
+            model(x, **bad)

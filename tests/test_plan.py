@@ -18,8 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 from minicalm.config import CalmConfig
 from minicalm.lora import apply_lora
 from minicalm.model import CalmForCausalLM
-from minicalm.train import micro_step
-cfg, B, T, gc, full, answer = json.loads(sys.argv[1])
+from minicalm.loss import micro_step
+cfg, B, T, gc, full, answer, shared = json.loads(sys.argv[1])
 cfg = CalmConfig(**cfg)
 x = torch.randint(0, cfg.vocab_size, (B, T))
 y = x.clone()
@@ -31,30 +31,35 @@ with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
     m.grad_checkpoint = gc
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
     for _ in range(2):
-        micro_step(m, x, y, 1); opt.step(); opt.zero_grad(set_to_none=True)
+        micro_step(m, x, y, 1, shared); opt.step(); opt.zero_grad(set_to_none=True)
 live = peak = 0
 for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
     live += e.nbytes(); peak = max(peak, live)
 print(json.dumps(peak))
 """
 
-CASES = {  # name: (config, micro-batch, length, grad checkpoint, full/train-on-inputs)
-    "lora": (dict(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024), 8, 128, False, False),
-    "lora-checkpointed": (dict(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024), 8, 128, True, False),
-    "full-all-positions": (dict(vocab_size=4000, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512), 16, 128, False, True),
+SMALL = dict(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)
+MICRO = dict(vocab_size=4000, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512)
+CASES = {  # name: (config, micro-batch, length, grad checkpoint, full/train-on-inputs, shared head)
+    "lora": (SMALL, 8, 128, False, False, 0),
+    "lora-checkpointed": (SMALL, 8, 128, True, False, 0),
+    "full-all-positions": (MICRO, 16, 128, False, True, 0),
+    "lora-shared-head": (SMALL, 8, 128, False, False, 60),
+    "lora-shared-head-checkpointed": (SMALL, 8, 128, True, False, 60),
+    "full-all-positions-shared-head": (MICRO, 16, 128, False, True, 60),
 }
 TOLERANCE = 0.02   # stated: the plan is within 2% of the measured peak
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_plan_memory_matches_measured_peak(case):
-    cfg, B, T, gc, full = CASES[case]
+    cfg, B, T, gc, full, shared = CASES[case]
     answer = 5
-    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([cfg, B, T, gc, full, answer])],
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([cfg, B, T, gc, full, answer, shared])],
                          capture_output=True, text=True, check=True)
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    p = plan(CalmConfig(**cfg), B, T, grad_checkpoint=gc, full=full, train_on_inputs=full, answer_tokens=answer,
-             dtype=torch.float32)
+    p = plan(CalmConfig(**cfg), B, T, shared_tokens=shared, grad_checkpoint=gc, full=full, train_on_inputs=full,
+             answer_tokens=answer, dtype=torch.float32)
     assert abs(p.peak_bytes - measured) <= TOLERANCE * measured, (p.peak_bytes, measured)
 
 
@@ -94,3 +99,16 @@ def test_preflight_refuses_what_does_not_fit_and_names_what_does():
     ok = preflight(TrainConfig(), get_preset("open-calm-7b"), lengths, torch.device("cpu"), torch.bfloat16,
                    log=False, memory=40 * 2**30)
     assert ok.peak_bytes < 0.9 * 40 * 2**30
+
+
+def test_sharing_the_head_cuts_flops_and_memory_as_the_arithmetic_says():
+    """OpenCALM-7B, micro-batch 16 of 150-token rows whose first 75 are the shared head: the blocks' work per token
+    falls by (B-1)/B * 75/150 = 47% (attention over the head's keys stays, so a little less), and so does the
+    activation memory of those tokens."""
+    kw = dict(avg_tokens=150, max_len=256)
+    shared, unshared = (plan("open-calm-7b", 16, shared_tokens=s, **kw) for s in (75, 0))
+    assert 0.53 <= shared.flops_per_token / unshared.flops_per_token <= 0.56
+    assert shared.epoch_seconds / unshared.epoch_seconds == pytest.approx(shared.flops_per_token / unshared.flops_per_token)
+    activations = lambda p: p.peak_bytes - p.weights_bytes - p.optimizer_bytes
+    assert 0.65 <= activations(shared) / activations(unshared) <= 0.75   # (256 - 75 * 15/16) / 256 = 0.73
+    assert plan("open-calm-7b", 1, shared_tokens=75, **kw).shared_tokens == 0   # one row shares nothing

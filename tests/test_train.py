@@ -25,11 +25,12 @@ from safetensors.torch import load_file, save_file
 
 import minicalm.train as T
 from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale, need
-from minicalm import CalmConfig, CalmForCausalLM, load_adapter, load_model, save_checkpoint
-from minicalm.data import IGNORE_INDEX, Example, PromptEncoder, collate, format_prompt, read_jsonl
-from minicalm.lora import LORA_KEYS
+from minicalm import CalmConfig, CalmForCausalLM, apply_lora, load_adapter, load_model, save_checkpoint
+from minicalm.data import IGNORE_INDEX, Example, PromptEncoder, collate, encode_reviews, format_prompt, read_jsonl
+from minicalm.lora import LORA_KEYS, VALID_TARGETS
+from minicalm.loss import answer_loss, shared_prefix_len
 from minicalm.tokenizer import train_tokenizer
-from minicalm.train import TrainConfig, answer_loss, lr_at, train
+from minicalm.train import TrainConfig, lr_at, train
 
 MAX_LEN = 128   # the prompt's head is ~60 tokens with this tokenizer; reviews are cut to fit
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -473,14 +474,16 @@ def test_full_parameter_text_mode_trains_every_parameter(base, tmp_path):
 # ----------------------------------------------------------------------------- the script
 
 def test_train_lora_help_lists_every_flag(capsys):
+    """Every TrainConfig setting but the library-only ones (full, text, log: the miniature's pretraining) is a flag."""
+    from dataclasses import fields
     with pytest.raises(SystemExit) as e:
         cli(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model --revision --train-file --valid-file --out --epochs --lr --batch-size --micro-batch-size "
-                 "--max-len --lora-r --lora-alpha --lora-dropout --lora-targets --warmup-steps --eval-every "
-                 "--save-every --max-steps --limit-train --seed --device --dtype --resume --train-on-inputs "
-                 "--grad-checkpoint").split():
+    names = {f.name for f in fields(TrainConfig)} - {"full", "text", "log"}
+    flags_ = {"--no-share-prefix" if n == "share_prefix" else "--" + n.replace("_", "-") for n in names}
+    assert len(flags_) == 33
+    for flag in flags_:
         assert f"  {flag}" in text, flag
 
 
@@ -502,3 +505,75 @@ def test_train_lora_reports_bad_input_without_a_traceback(base, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli(flags(cfg))
     assert str(e.value.code) == "train_lora.py: error: --batch-size 12 must be divisible by --micro-batch-size 8 x 1 processes"
+
+
+# ----------------------------------------------------------------------------- the shared prompt head
+
+@pytest.mark.parametrize("train_on_inputs", [False, True], ids=["answer-only", "train-on-inputs"])
+@pytest.mark.parametrize("kind", ["qkv", "all-four", "full"])
+def test_shared_head_gives_the_same_loss_and_gradients(base, kind, train_on_inputs):
+    """A micro-batch of 6 real prompts: the loss and every trainable gradient with the head computed once equal
+    those of running every row in full (dropout 0, fp32), and the loss is transformers' on the same batch."""
+    folder, tok = base
+    model = load_model(folder).train()
+    if kind == "full":
+        model.requires_grad_(True)
+    else:
+        apply_lora(model, ("query_key_value",) if kind == "qkv" else VALID_TARGETS, r=4, alpha=8, dropout=0.0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():   # B starts at zero, which would leave every lora_A gradient zero
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    enc = PromptEncoder(tok, MAX_LEN)
+    examples, _ = encode_reviews(enc, read_jsonl(REVIEWS / "train.jsonl", limit=6), train_on_inputs)
+    x, y = collate(examples, tok.pad_token_id)
+    P = shared_prefix_len(x)
+    assert len(enc.prefix_ids) <= P < min(len(e.input_ids) for e in examples)   # the head: most of each prompt
+    runs = {}
+    for shared in (0, P):
+        model.zero_grad()
+        loss = answer_loss(model, x, y, shared)
+        loss.backward()
+        runs[shared] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    (loss0, grads0), (loss1, grads1) = runs[0], runs[P]
+    assert loss1.item() == pytest.approx(loss0.item(), rel=FP32_REL)
+    assert grads0.keys() == grads1.keys() and len(grads0) == {"qkv": 4, "all-four": 16}.get(kind, 28)
+    for name in grads0:
+        assert grads0[name].abs().max() > 0, name
+        assert_close_to_scale(grads1[name], grads0[name], msg=name)
+    if kind == "full":   # the base weights: transformers' loss on the same batch
+        from transformers import GPTNeoXForCausalLM
+        hf = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = hf(x).logits[:, :-1]
+        want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), reduction="sum")
+        assert loss1.item() == pytest.approx(want.item(), rel=FP32_REL)
+
+
+def test_train_lora_losses_with_and_without_sharing(base, tmp_path):
+    """A few train_lora.py steps (2 micro-batches each, validation included): the same per-step losses whether the
+    prompt head is computed once per micro-batch (the default) or in every row (--no-share-prefix)."""
+    folder, _ = base
+    kw = dict(batch_size=16, micro_batch_size=8, max_steps=4, eval_every=2, valid_file=str(REVIEWS / "valid.jsonl"),
+              eval_limit=12)
+    cli(flags(config(folder, tmp_path / "shared", **kw)))
+    cli(flags(config(folder, tmp_path / "unshared", **kw)) + ["--no-share-prefix"])
+    shared, unshared = metrics(tmp_path / "shared"), metrics(tmp_path / "unshared")
+    assert [r["loss"] for r in shared] == pytest.approx([r["loss"] for r in unshared], rel=1e-4)
+    assert [r["val_loss"] for r in shared if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in unshared if "val_loss" in r], rel=1e-4)
+    assert len([r for r in shared if "val_loss" in r]) == 2
+    assert [json.loads((tmp_path / d / "train_config.json").read_text())["share_prefix"]
+            for d in ("shared", "unshared")] == [True, False]
+
+
+def test_compile_gives_the_same_losses(base, tmp_path):
+    """--compile (each block through torch.compile, dynamic shapes): the same losses as eager, to rounding (the
+    compiled kernels fuse operations). CI runs this once, not under every ATEN_CPU_CAPABILITY: inductor's code picks
+    its own vector instructions."""
+    folder, _ = base
+    eager = train(config(folder, tmp_path / "eager", max_steps=2))
+    compiled = train(config(folder, tmp_path / "compiled", max_steps=2, compile=True))
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=FP32_REL)
+    assert compiled["step"] == eager["step"] == 2
