@@ -1,12 +1,16 @@
 """minicalm vs transformers + peft on the same work, same random weights, in one process.
 
-    python bench/bench.py [--size small|tiny] [--reps N] [--device cpu|cuda] [--threads 1]
+    python bench/bench.py [--size small|tiny] [--part all|training|small] [--reps N] [--device cpu|cuda]
 
 A random transformers GPTNeoXForCausalLM is saved with save_pretrained and loaded by both sides (minicalm through
 minicalm.load_model), LoRA r=8 alpha=16 dropout 0.05 on query_key_value is added to both, and the adapter A
 matrices are copied so that both start from identical weights. Each repetition times minicalm and transformers
 back to back, alternating which goes first; the table reports medians of the rates and of the paired ratios
 (ratio = minicalm rate / transformers rate, above 1 means minicalm is faster). Writes bench/results.json.
+
+Two parts: `training` (the main job's step on 7B-shaped proxies, where the LM head is a small share of the work,
+and the whole train_lora.py step against transformers + peft) and `small` (open-calm-small's shape: a training
+step, evaluation, decoding).
 """
 from __future__ import annotations
 
@@ -23,10 +27,14 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import torch.nn.functional as F
+
 import minicalm
 from minicalm import data
 from minicalm.evaluate import evaluate_reviews
-from minicalm.loss import answer_loss, micro_step
+from minicalm.loss import answer_loss, micro_step, shared_prefix_len
+from minicalm.tokenizer import train_tokenizer
+from minicalm.train import TrainConfig, setup, step_batch, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -36,6 +44,9 @@ SIZES = {   # open-calm-small's shape, and a quick one; vocab 50304 covers the G
     "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
 }
+# OpenCALM-7B's proportions at CPU size: hidden 512, 8 layers (hs 64). With a 4,000-token vocabulary the LM head
+# is 7.5% of a full forward (OpenCALM-7B: 3%), so the body's work decides the step.
+PROXY_7B = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048)
 LORA = dict(r=8, alpha=16, dropout=0.05, targets=("query_key_value",))
 
 
@@ -54,7 +65,8 @@ def timed(fn, device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def paired(name: str, ours, theirs, work: float, unit: str, reps: int, device) -> dict:
+def paired(name: str, ours, theirs, work: float, unit: str, reps: int, device,
+           names=("minicalm", "transformers+peft")) -> dict:
     """Warm up each side once, then `reps` pairs alternating who goes first; rates are work / seconds."""
     ours(), theirs()
     t_ours, t_theirs = [], []
@@ -62,26 +74,32 @@ def paired(name: str, ours, theirs, work: float, unit: str, reps: int, device) -
         first, second = ((ours, t_ours), (theirs, t_theirs)) if i % 2 == 0 else ((theirs, t_theirs), (ours, t_ours))
         for fn, out in (first, second):
             out.append(timed(fn, device))
-        print(f"  {name} rep {i + 1}/{reps}: minicalm {t_ours[-1][0]:.3f}s, transformers+peft {t_theirs[-1][0]:.3f}s "
+        print(f"  {name} rep {i + 1}/{reps}: {names[0]} {t_ours[-1][0]:.3f}s, {names[1]} {t_theirs[-1][0]:.3f}s "
               f"(CPU {t_ours[-1][1]:.3f}s, {t_theirs[-1][1]:.3f}s)", file=sys.stderr, flush=True)
     wall_o, cpu_o = zip(*t_ours)
     wall_t, cpu_t = zip(*t_theirs)
-    return {"work": name, "unit": unit, "work_per_call": work, "minicalm_s": wall_o, "transformers_s": wall_t,
+    return {"work": name, "unit": unit, "sides": list(names), "work_per_call": work, "minicalm_s": wall_o,
+            "transformers_s": wall_t,
             "minicalm_cpu_s": cpu_o, "transformers_cpu_s": cpu_t,
             "minicalm": work / statistics.median(wall_o), "transformers": work / statistics.median(wall_t),
             "ratio": statistics.median(b / a for a, b in zip(wall_o, wall_t)),
             "ratio_cpu_time": statistics.median(b / a for a, b in zip(cpu_o, cpu_t))}
 
 
-def build_models(size: str, device, dtype, folder: Path):
-    """The same random weights on both sides, with LoRA; returns (minicalm model, peft model)."""
+def build_models(shape: dict, device, dtype, folder: Path, vocab_size: int = 50304, tokenizer: Path = TOKENIZER):
+    """The same random weights on both sides, with LoRA; returns (minicalm model, peft model). The checkpoint folder
+    (with tokenizer.json) stays for train_lora.py's step."""
+    import shutil
+
     from peft import LoraConfig, get_peft_model
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=50304, rotary_pct=1.0, use_parallel_residual=False, max_position_embeddings=2048,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False, **SIZES[size])
+    cfg = GPTNeoXConfig(vocab_size=vocab_size, rotary_pct=1.0, use_parallel_residual=False,
+                        max_position_embeddings=2048, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                        tie_word_embeddings=False, **shape)
     GPTNeoXForCausalLM(cfg).save_pretrained(folder)
+    shutil.copy(tokenizer, folder / "tokenizer.json")
     ours = minicalm.load_model(folder, dtype=dtype, device=device)
     minicalm.apply_lora(ours, LORA["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
     hf = GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
@@ -93,6 +111,107 @@ def build_models(size: str, device, dtype, folder: Path):
             if "lora_" in name:
                 p.copy_(mine[name.removeprefix("base_model.model.").replace(".default", "")])
     return ours, theirs
+
+
+def train_lora_run(folder: Path, out: Path, device, batch_size: int, micro_batch_size: int, share: bool):
+    """train_lora.py's set-up (minicalm.train.setup) on the bench checkpoint and the real reviews; its
+    train_step(run) is the whole step the script times (micro-batches, clipping, AdamW)."""
+    cfg = TrainConfig(model=str(folder), train_file=str(REVIEWS / "train.jsonl"), valid_file="none", out=str(out),
+                      limit_train=512, batch_size=batch_size, micro_batch_size=micro_batch_size, max_steps=10_000,
+                      lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      lora_targets=LORA["targets"], share_prefix=share, device=device.type,
+                      dtype="float32" if device.type == "cpu" else "bfloat16", log=False)
+    return setup(cfg)
+
+
+def median_step(run) -> int:
+    """The step of the first epoch whose global batch has the median padded length: a typical step, not the
+    shortest or longest reviews."""
+    lengths = []
+    for i in range(run.steps_per_epoch):
+        run.step = i
+        lengths.append((max(len(run.train_set[j].input_ids) for j in step_batch(run)), i))
+    return sorted(lengths)[len(lengths) // 2][1]
+
+
+def same_step(run, step: int):
+    """train_step on the same global batch each time (the work of one step, repeatable)."""
+    def fn():
+        run.step = step
+        train_step(run)
+    return fn
+
+
+def hf_global_step(model, opt, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """What a transformers + peft user writes for the same global batch: labels=..., the mean loss re-weighted by
+    each micro-batch's share of the scored tokens, backward, clipping at 1.0, AdamW."""
+    n = sum(int((y[:, 1:] != -100).sum()) for _, y in micro_batches)
+
+    def step():
+        for x, y in micro_batches:
+            loss = model(input_ids=x, labels=y).loss   # full (B, T, V) logits, mean over labelled tokens
+            (loss * int((y[:, 1:] != -100).sum()) / n).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def training_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
+    """The main job's step where the LM head is a small share of the work (7B-shaped proxy), and the whole
+    train_lora.py step against transformers + peft on a head-heavy shape."""
+    results = []
+    # A 4,000-token BPE trained on the reviews, as the miniature trains its own: the prompt's head is 59 of a mean
+    # 121 tokens (FACTS.md section 6), the less flattering of the two tokenizers measured there.
+    texts = [r.sentence for r in data.read_jsonl(REVIEWS / "train.jsonl")]
+    bpe = train_tokenizer(texts + [data.format_prompt("")] * 100, tmp / "bpe" / "tokenizer.json", 4000).path
+    ours, theirs = build_models(PROXY_7B, device, dtype, tmp / "proxy", vocab_size=4000, tokenizer=bpe)
+    runs = {share: train_lora_run(tmp / "proxy", tmp / f"run-{share}", device, 16, 16, share) for share in (True, False)}
+    step = median_step(runs[True])
+    runs[True].step = step
+    x, y = (t.to(device) for t in data.collate([runs[True].train_set[i] for i in step_batch(runs[True])], 1))
+    P, n_tokens = shared_prefix_len(x.cpu()), int((x != 1).sum())
+    with FlopCounterMode(display=False) as full:
+        ours(x)
+    with FlopCounterMode(display=False) as head:
+        ours.embed_out(torch.zeros(x.numel(), ours.config.hidden_size, device=device, dtype=dtype))
+    info["proxy_7b"] = {"shape": PROXY_7B, "vocab": 4000, "batch": list(x.shape), "shared_tokens": P,
+                        "real_tokens": n_tokens, "lm_head_share_of_forward": head.get_total_flops() / full.get_total_flops()}
+
+    # the public API without sharing, against transformers + peft: the same body, both with full logits
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+    ours.train(), theirs.train()
+
+    def public_api_step():
+        logits = ours(x)                                          # (B, T, V), as a user of the model writes it
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten()).backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    results.append(paired(f"7B-shaped proxy: LoRA step through the public API (model(x), cross-entropy), no sharing, "
+                          f"{x.shape[0]} prompts", public_api_step, hf_global_step(theirs, opt_theirs, [(x, y)]),
+                          n_tokens, "tokens/s", args.reps, device))
+    # train_lora.py's step with the head shared against --no-share-prefix: both sides are minicalm here
+    results.append(paired(f"7B-shaped proxy: train_lora.py step, batch {x.shape[0]} in one micro-batch, shared "
+                          f"head ({P} of {x.shape[1]} tokens) vs --no-share-prefix", same_step(runs[True], step),
+                          same_step(runs[False], step), n_tokens, "tokens/s", args.reps, device,
+                          names=("shared", "no-share-prefix")))
+    del ours, theirs, runs
+
+    # the whole train_lora.py step against transformers + peft, head-heavy (vocab 50304, the GPT-NeoX tokenizer)
+    ours, theirs = build_models(PROXY_7B, device, dtype, tmp / "wide")
+    run = train_lora_run(tmp / "wide", tmp / "run-wide", device, 8, 4, True)
+    run.step = step = median_step(run)
+    batch = [run.train_set[i] for i in step_batch(run)]
+    micro = [tuple(t.to(device) for t in data.collate(batch[k:k + 4], 1)) for k in (0, 4)]
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+    theirs.train()
+    n_tokens = sum(len(e.input_ids) for e in batch)
+    results.append(paired("train_lora.py step vs transformers + peft, hidden 512, 8 layers, vocab 50304, batch 8 as "
+                          "2 micro-batches of 4", same_step(run, step), hf_global_step(theirs, opt_theirs, micro),
+                          n_tokens, "tokens/s", args.reps, device))
+    return results
 
 
 def matmul_flops(M: int, K: int, N: int, device, dtype, reps: int) -> float:
@@ -116,25 +235,11 @@ def machine(args) -> dict:
             "loadavg_start": os.getloadavg()}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", choices=SIZES, default="small")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=8, help="training micro-batch (train.py's default)")
-    ap.add_argument("--eval-reviews", type=int, default=64)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    info = {"args": vars(args), "machine": machine(args), "dtype": str(dtype), "lora": LORA}
-
+def small_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
+    """open-calm-small's shape (vocab 50304, the GPT-NeoX tokenizer): a training step, evaluation, decoding."""
     tok = minicalm.load_tokenizer(TOKENIZER)
     enc = data.PromptEncoder(tok, max_len=256)
-    with tempfile.TemporaryDirectory() as tmp:
-        ours, theirs = build_models(args.size, device, dtype, Path(tmp))
+    ours, theirs = build_models(SIZES[args.size], device, dtype, tmp / "small")
     info["params"], info["attn_implementation"] = ours.num_params(), theirs.config._attn_implementation
     results = []
 
@@ -144,10 +249,12 @@ def main():
     idx = data.length_batches([len(e.input_ids) for e in examples], args.batch_size, seed=0)[0]
     x, y = (t.to(device) for t in data.collate([examples[i] for i in idx], tok.pad_token_id))
     n_target, n_tokens = int((y[:, 1:] != -100).sum()), sum(len(examples[i].input_ids) for i in idx)
-    info["train_batch"] = {"shape": list(x.shape), "real_tokens": n_tokens, "answer_tokens": n_target}
+    shared = shared_prefix_len(x.cpu())   # the prompt head, computed once per micro-batch as train() does
+    info["train_batch"] = {"shape": list(x.shape), "real_tokens": n_tokens, "answer_tokens": n_target,
+                           "shared_tokens": shared}
     with torch.no_grad():   # the same loss on both sides (dropout off), so both do the same work
         ours.eval(), theirs.eval()
-        info["train_loss"] = {"minicalm": answer_loss(ours, x, y).item() / n_target,
+        info["train_loss"] = {"minicalm": answer_loss(ours, x, y, shared).item() / n_target,
                               "transformers": theirs(input_ids=x, labels=y).loss.item()}
     ours.train(), theirs.train()
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
@@ -155,7 +262,7 @@ def main():
 
     def step_ours():
         opt_ours.zero_grad(set_to_none=True)
-        micro_step(ours, x, y, n_target)
+        micro_step(ours, x, y, n_target, shared)
         opt_ours.step()
 
     def step_theirs():
@@ -163,21 +270,23 @@ def main():
         theirs(input_ids=x, labels=y).loss.backward()   # full (B, T, V) logits, mean over labelled tokens
         opt_theirs.step()
 
-    results.append(paired("LoRA training step", step_ours, step_theirs, n_tokens, "tokens/s", args.reps, device))
+    results.append(paired(f"LoRA training step, {x.shape[0]} prompts, shared head", step_ours, step_theirs, n_tokens,
+                          "tokens/s", args.reps, device))
 
     # 4. achieved FLOP/s of our training step against a bare matmul of a representative size
     with FlopCounterMode(display=False) as counter:
-        micro_step(ours, x, y, n_target)
+        micro_step(ours, x, y, n_target, shared)
     opt_ours.zero_grad(set_to_none=True)
     step_flops = counter.get_total_flops()
     B, T = x.shape
     C = ours.config.hidden_size
     mm_rep = matmul_flops(B * T, C, 3 * C, device, dtype, args.reps)
     mm_2048 = matmul_flops(2048, 2048, 2048, device, dtype, args.reps)
-    achieved = step_flops / min(results[0]["minicalm_s"])   # best against best, as for the matmul
+    achieved = step_flops / min(results[-1]["minicalm_s"])   # best against best, as for the matmul
     info["flops"] = {"step_flops": step_flops, "achieved_flops_per_s": achieved,
-                     f"matmul_{B * T}x{C}x{3 * C}_flops_per_s": mm_rep, "matmul_2048_flops_per_s": mm_2048,
-                     "fraction_of_matmul": achieved / mm_rep, "fraction_of_matmul_2048": achieved / mm_2048}
+                     "matmul_shape": f"{B * T}x{C}x{3 * C}", "matmul_flops_per_s": mm_rep,
+                     "matmul_2048_flops_per_s": mm_2048, "fraction_of_matmul": achieved / mm_rep,
+                     "fraction_of_matmul_2048": achieved / mm_2048}
     ours.eval(), theirs.eval()
 
     # 2. evaluation of the post's prompt: ours with its own batching (length-sorted, shared head computed once);
@@ -240,21 +349,47 @@ def main():
                           decode_theirs, 64, "tokens/s", args.reps, device))
     a, b = outs["minicalm"][0, prompt.shape[1]:], outs["transformers"][0, prompt.shape[1]:]
     info["decode"] = {"new_tokens": [len(a), len(b)], "same_tokens": int((a == b[:len(a)]).sum())}
+
+    fl = info["flops"]
+    results.append({"work": f"training step FLOP/s vs bare {fl['matmul_shape']} matmul (best runs)",
+                    "text": f"{fl['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * fl['fraction_of_matmul']:.0f}% "
+                            f"of {fl['matmul_flops_per_s'] / 1e9:.1f}"})
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("all", "training", "small"), default="all")
+    ap.add_argument("--size", choices=SIZES, default="small", help="the shape of the `small` part")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8, help="the `small` part's training micro-batch")
+    ap.add_argument("--eval-reviews", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    info = {"args": vars(args), "machine": machine(args), "dtype": str(dtype), "lora": LORA}
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.part in ("all", "training"):
+            results += training_part(args, device, dtype, Path(tmp), info)
+        if args.part in ("all", "small"):
+            results += small_part(args, device, dtype, Path(tmp), info)
     info["machine"]["loadavg_end"] = os.getloadavg()
 
-    # the table
-    fl = info["flops"]
-    lines = [f"{args.size} ({info['params'] / 1e6:.0f}M params, {dtype}, {args.device}, {args.threads} thread(s), "
-             f"{args.reps} reps; train batch {x.shape[0]}x{x.shape[1]})", "",
-             "| work | minicalm | transformers+peft | ratio | ratio (CPU time) |", "|---|---|---|---|---|"]
+    lines = [f"{dtype}, {args.device}, {args.threads} thread(s), {args.reps} reps", "",
+             "| work | minicalm | the other side | ratio | ratio (CPU time) |", "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['work']} ({r['unit']}) | {r['minicalm']:.1f} | {r['transformers']:.1f} | {r['ratio']:.2f}x "
-                     f"| {r['ratio_cpu_time']:.2f}x |")
-    lines.append(f"| training step FLOP/s vs bare {B * T}x{C}x{3 * C} matmul (best runs) | "
-                 f"{fl['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * fl['fraction_of_matmul']:.0f}% of "
-                 f"{mm_rep / 1e9:.1f} | | | |")
-    lines += ["", "rates: work / median wall time; ratios: median over repetitions of transformers time / minicalm time "
-              "(above 1: minicalm faster). Load average " + " -> ".join(
+        if "text" in r:
+            lines.append(f"| {r['work']} | {r['text']} | | | |")
+        else:
+            lines.append(f"| {r['work']} ({r['unit']}) | {r['minicalm']:.1f} | {r['transformers']:.1f} | "
+                         f"{r['ratio']:.2f}x | {r['ratio_cpu_time']:.2f}x |")
+    lines += ["", "rates: work / median wall time; ratios: median over repetitions of the other side's time / "
+              "minicalm's (above 1: minicalm faster). Load average " + " -> ".join(
                   f"{info['machine'][k][0]:.1f}" for k in ("loadavg_start", "loadavg_end")) +
               f" on {info['machine']['cpus']} CPUs."]
     table = "\n".join(lines)

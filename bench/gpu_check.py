@@ -6,13 +6,17 @@
 1. train() on an open-calm-small-shaped random checkpoint (real reviews, the GPT-NeoX tokenizer), bf16 base,
    a few steps: the loss is finite and falls, and the run's peak accelerator memory (metrics.jsonl,
    torch.cuda.max_memory_allocated) is compared with minicalm.plan's figure for the same settings;
-2. the decoding and evaluation paths in bf16 (greedy_generate with and without the KV cache agree).
-Then run `python bench/bench.py --device cuda --size small --reps 3` for the README's GPU table.
+2. the decoding and evaluation paths in bf16 (greedy_generate with and without the KV cache agree);
+3. train_lora.py's step (minicalm.train.train_step) timed four ways: the shared prompt head or --no-share-prefix,
+   eager or --compile (after warm-up steps, which include compiling), tokens/s of each.
+Then run `python bench/bench.py --device cuda --reps 3` for the README's GPU table.
 """
 import argparse
 import json
 import sys
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +27,7 @@ from minicalm import greedy_generate, load_model  # noqa: E402
 from minicalm.config import CalmConfig  # noqa: E402
 from minicalm.model import CalmForCausalLM  # noqa: E402
 from minicalm.plan import GiB, plan  # noqa: E402
-from minicalm.train import TrainConfig, train  # noqa: E402
+from minicalm.train import TrainConfig, common_prefix, setup, step_batch, train, train_step  # noqa: E402
 from minicalm.weights import save_checkpoint  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -52,7 +56,7 @@ def main():
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0], "loss did not fall"
     if a.device.startswith("cuda"):
         measured = max(r["peak_memory_bytes"] for r in rows)
-        planned = plan(cfg, 16, 256, dtype=torch.bfloat16, answer_tokens=4).peak_bytes
+        planned = plan(cfg, 16, 256, shared_tokens=shared_head(tc), dtype=torch.bfloat16, answer_tokens=4).peak_bytes
         print(f"   peak memory: measured {measured / GiB:.2f} GiB, planned {planned / GiB:.2f} GiB "
               f"({measured / planned - 1:+.1%}; the planner leaves out kernel workspaces and fragmentation)")
 
@@ -63,7 +67,28 @@ def main():
     same = torch.equal(greedy_generate(model, ids, 24, attention_mask=mask),
                        greedy_generate(model, ids, 24, attention_mask=mask, use_cache=False))
     print(f"2. greedy decoding in {next(model.parameters()).dtype}: KV cache equals no cache: {same}")
-    print("next: python bench/bench.py --device cuda --size small --reps 3")
+
+    print("3. train_lora.py's step, batch 16 in one micro-batch (tokens/s after 2 warm-up steps):")
+    for share, compiled in ((True, False), (False, False), (True, True), (False, True)):
+        run = setup(replace(tc, out=str(tmp / f"t-{share}-{compiled}"), limit_train=16 * 8, max_steps=8,
+                            share_prefix=share, compile=compiled, log=False))
+        rates = []
+        for _ in range(7):
+            tokens = sum(len(run.train_set[j].input_ids) for j in step_batch(run))
+            t0 = time.perf_counter()
+            train_step(run)   # ends with .item() on the loss and grad norm: the GPU has finished
+            rates.append(tokens / (time.perf_counter() - t0))
+        print(f"   {'shared head' if share else '--no-share-prefix'}, {'--compile' if compiled else 'eager'}: "
+              f"{sorted(rates[2:])[2]:.0f} tokens/s (median of 5; first step {rates[0]:.0f})")
+    print("next: python bench/bench.py --device cuda --reps 3")
+
+
+def shared_head(tc: TrainConfig) -> int:
+    """The prompt head every training example starts with (what train() shares), for the plan."""
+    from minicalm import data
+    from minicalm.tokenizer import load_tokenizer
+    enc = data.PromptEncoder(load_tokenizer(tc.model), tc.max_len)
+    return common_prefix(data.encode_reviews(enc, data.read_jsonl(tc.train_file, limit=tc.limit_train))[0])
 
 
 if __name__ == "__main__":
