@@ -41,43 +41,51 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------------------- KV cache
 
-class KVCache:
-    """Keys and values of earlier slots for every layer, k[i] and v[i] of shape (B, nh, S, hs).
+class LayerKV:
+    """One layer's keys and values, k and v of shape (B, nh, S, hs), and how a call adds its own (see KVCache)."""
 
-    update(layer, start, k, v) puts a call's keys and values (B, nh, T, hs) at slots [start, start+T) and returns
-    those of slots [0, start+T) for attention. Two kinds:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, preallocated: bool):
+        self.k, self.v, self.preallocated = k, v, preallocated
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put k, v (B, nh, T, hs) at slots [start, start+T); return the keys and values of slots [0, start+T)."""
+        B, end = k.shape[0], start + k.shape[2]
+        if not self.preallocated:   # growing: concatenate, never write in place
+            if self.k.shape[2] < start:
+                raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked to continue at {start}")
+            k = torch.cat((self.k[:, :, :start].expand(B, -1, -1, -1), k), dim=2)   # (B, nh, start+T, hs)
+            v = torch.cat((self.v[:, :, :start].expand(B, -1, -1, -1), v), dim=2)
+            if B == self.k.shape[0]:   # a 1-row shared head read by B rows stays as it is
+                self.k, self.v = k, v
+            return k, v
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked to write up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of earlier slots for every layer: layers[i] (a LayerKV), each (B, nh, S, hs).
+
+    A layer's update(start, k, v) puts a call's keys and values at slots [start, start+T) and returns those of
+    slots [0, start+T) for attention. Two kinds:
       preallocated (max_len given; decoding): S = max_len, written in place; `prefix` copies a shared prompt
         head's slots [0, P) into every row first (evaluation computes the head once per run);
       growing (max_len None; training's shared head): starts empty and returns cat(slots [0, start), new), so
         autograd sees plain tensors (no in-place writes, and activation checkpointing may recompute a layer).
         A 1-row growing cache read by B rows is broadcast to them and keeps only its own row's slots.
+    Each block gets its own LayerKV (not the cache and a layer number), so torch.compile sees every block alike.
     """
 
     def __init__(self, cfg: CalmConfig, batch_size: int = 1, max_len: int | None = None, *, dtype: torch.dtype,
                  device, prefix: "KVCache | None" = None):
         shape = (batch_size, cfg.num_attention_heads, max_len or 0, cfg.head_size)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.max_len = max_len
-        for layer in range(cfg.num_hidden_layers) if prefix is not None else ():
-            self.update(layer, 0, prefix.k[layer], prefix.v[layer])
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        B, end = k.shape[0], start + k.shape[2]
-        if self.max_len is None:   # growing
-            kept_k, kept_v = self.k[layer], self.v[layer]
-            if kept_k.shape[2] < start:
-                raise ValueError(f"KV cache holds {kept_k.shape[2]} positions, asked to continue at {start}")
-            k = torch.cat((kept_k[:, :, :start].expand(B, -1, -1, -1), k), dim=2)   # (B, nh, start+T, hs)
-            v = torch.cat((kept_v[:, :, :start].expand(B, -1, -1, -1), v), dim=2)
-            if B == kept_k.shape[0]:
-                self.k[layer], self.v[layer] = k, v
-            return k, v
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.layers = [LayerKV(torch.zeros(shape, dtype=dtype, device=device),
+                               torch.zeros(shape, dtype=dtype, device=device), max_len is not None)
+                       for _ in range(cfg.num_hidden_layers)]
+        for mine, head in zip(self.layers, prefix.layers) if prefix is not None else ():
+            mine.update(0, head.k, head.v)
 
 
 def attention_mask(key_valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -114,17 +122,15 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(C, 3 * C, bias=cfg.attention_bias)
         self.dense = nn.Linear(C, C, bias=cfg.attention_bias)
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+    def forward(self, x, cos, sin, mask=None, causal: bool = False, kv: LayerKV | None = None, start: int = 0):
         B, T, C = x.shape
         nh, hs = self.cfg.num_attention_heads, self.cfg.head_size
         # The fused projection is interleaved per head: [q0 k0 v0 | q1 k1 v1 | ...], not [q | k | v].
         qkv = self.query_key_value(x).view(B, T, nh, 3 * hs).transpose(1, 2)   # (B, nh, T, 3*hs)
         q, k, v = qkv.split(hs, dim=-1)                                         # (B, nh, T, hs) each
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)                             # (B, nh, S, hs)
-        # Without a mask, plain causal attention is right only when the queries start at slot 0.
-        causal = mask is None and start == 0 and T > 1
+        if kv is not None:
+            k, v = kv.update(start, k, v)                                       # (B, nh, S, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)   # scale hs**-0.5
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.dense(y)
@@ -150,8 +156,8 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer=0, start=0):
-        a = self.attention(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, mask=None, causal=False, kv=None, start=0):
+        a = self.attention(self.input_layernorm(x), cos, sin, mask, causal, kv, start)
         if self.parallel:   # Pythia: x + attn(ln1(x)) + mlp(ln2(x))
             return x + a + self.mlp(self.post_attention_layernorm(x))
         x = x + a           # OpenCALM: x + attn(ln1(x)), then + mlp(ln2(.))
@@ -225,17 +231,20 @@ class CalmForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(self.config, positions)
-        mask = None
+        mask, causal = None, False   # decided here, outside any compiled block: plain Python bools
         if key_valid is not None:
             mask = attention_mask(key_valid, start, T)
         elif start > 0 and T > 1:   # after `start` cached slots: causal, aligned to the last slot
             mask = lower_right_causal(T, start + T, input_ids.device)
+        else:                       # from slot 0: plain causal (one new token sees every cached slot)
+            causal = T > 1
         x = self.gpt_neox.embed_in(input_ids)                       # (B, T, C)
         for i, block in enumerate(self.gpt_neox.layers):
+            kv = None if cache is None else cache.layers[i]
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, cache, i, start, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, causal, kv, start, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i, start)
+                x = block(x, cos, sin, mask, causal, kv, start)
         return x
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None, prefix: KVCache | None = None) -> KVCache:
