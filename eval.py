@@ -12,11 +12,13 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.Argume
 p.add_argument("--model", default=D.model, help="hub id or local checkpoint folder")
 p.add_argument("--revision", default=D.revision)
 p.add_argument("--adapter", default=D.adapter, help="LoRA adapter folder (PEFT format, e.g. RUN/adapter)")
-p.add_argument("--data", default=D.data, help="JGLUE JSON lines; default: MARC-ja validation from the hub")
-p.add_argument("--limit", type=int, default=D.limit, help="evaluate only the first N reviews")
+p.add_argument("--task", default=D.task, help="built-in task (marc-ja, jnli) or a task JSON file; default: the "
+               "task saved beside --adapter (task.json), else marc-ja")
+p.add_argument("--data", default=D.data, help="JSON lines of the task's rows; default: its validation split from the hub")
+p.add_argument("--limit", type=int, default=D.limit, help="evaluate only the first N rows")
 p.add_argument("--batch-size", type=int, default=D.batch_size)
 p.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens)
-p.add_argument("--max-len", type=int, default=D.max_len, help="prompt tokens; longer reviews are truncated")
+p.add_argument("--max-len", type=int, default=D.max_len, help="prompt tokens; longer rows' text is truncated")
 p.add_argument("--mode", choices=["generate", "likelihood", "both"], default=D.mode,
                help="greedy answers, label log-likelihood, or both")
 p.add_argument("--out", default=D.out, help="folder for metrics.json, predictions.jsonl, report.md")

@@ -1,4 +1,4 @@
-"""LoRA-fine-tune OpenCALM on MARC-ja with the post's prompt: `python train_lora.py --epochs 3 --lr 3e-4`.
+"""LoRA-fine-tune OpenCALM on MARC-ja with the post's prompt (or any --task): `python train_lora.py --epochs 3 --lr 3e-4`.
 
 Only parses flags; the loop is minicalm.train.train. Several GPUs: `torchrun --nproc-per-node N train_lora.py ...`.
 """
@@ -11,14 +11,17 @@ D = TrainConfig()
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--model", default=D.model, help="hub id (cyberagent/open-calm-small ... -7b) or local folder")
 p.add_argument("--revision", default=D.revision, help="hub branch, tag or commit (e.g. refs/pr/5 for 7b safetensors)")
-p.add_argument("--train-file", default=D.train_file, help="JGLUE JSON lines; default: MARC-ja train from the hub")
-p.add_argument("--valid-file", default=D.valid_file, help="JGLUE JSON lines; default: MARC-ja validation; 'none' skips")
+p.add_argument("--task", default=D.task, help="built-in task (marc-ja, jnli) or a task JSON file: prompt, label words")
+p.add_argument("--train-file", default=D.train_file, help="JSON lines of the task's rows; default: its train split "
+               "from the hub")
+p.add_argument("--valid-file", default=D.valid_file, help="JSON lines; default: the task's validation split; 'none' "
+               "skips validation")
 p.add_argument("--out", default=D.out, help="run folder: adapter/, state.pt, metrics.jsonl, train_config.json")
 p.add_argument("--epochs", type=float, default=D.epochs)
 p.add_argument("--lr", type=float, default=D.lr, help="peak learning rate")
 p.add_argument("--batch-size", type=int, default=D.batch_size, help="examples per optimizer step (all GPUs)")
 p.add_argument("--micro-batch-size", type=int, default=D.micro_batch_size, help="examples per forward on one GPU")
-p.add_argument("--max-len", type=int, default=D.max_len, help="tokens per example; longer reviews are truncated")
+p.add_argument("--max-len", type=int, default=D.max_len, help="tokens per example; longer rows' text is truncated")
 p.add_argument("--lora-r", type=int, default=D.lora_r)
 p.add_argument("--lora-alpha", type=float, default=D.lora_alpha)
 p.add_argument("--lora-dropout", type=float, default=D.lora_dropout)

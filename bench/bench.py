@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 import minicalm
 from minicalm import data
-from minicalm.evaluate import evaluate_reviews
+from minicalm.evaluate import evaluate_rows
 from minicalm.loss import answer_loss, micro_step, shared_prefix_len
+from minicalm.task import MARC_JA
 from minicalm.tokenizer import train_tokenizer
 from minicalm.train import TrainConfig, setup, step_batch, train_step
 
@@ -163,8 +164,8 @@ def training_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
     results = []
     # A 4,000-token BPE trained on the reviews, as the miniature trains its own: the prompt's head is 59 of a mean
     # 121 tokens (FACTS.md section 6), the less flattering of the two tokenizers measured there.
-    texts = [r.sentence for r in data.read_jsonl(REVIEWS / "train.jsonl")]
-    bpe = train_tokenizer(texts + [data.format_prompt("")] * 100, tmp / "bpe" / "tokenizer.json", 4000).path
+    texts = [r.text for r in data.read_jsonl(REVIEWS / "train.jsonl")]
+    bpe = train_tokenizer(texts + [MARC_JA.format({"sentence": ""})] * 100, tmp / "bpe" / "tokenizer.json", 4000).path
     ours, theirs = build_models(PROXY_7B, device, dtype, tmp / "proxy", vocab_size=4000, tokenizer=bpe)
     runs = {share: train_lora_run(tmp / "proxy", tmp / f"run-{share}", device, 16, 16, share) for share in (True, False)}
     step = median_step(runs[True])
@@ -245,7 +246,7 @@ def small_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
 
     # 1. a LoRA training step on a length-grouped batch of real prompts, as train.py batches them
     train_reviews = data.read_jsonl(REVIEWS / "train.jsonl", limit=256)
-    examples, _ = data.encode_reviews(enc, train_reviews)
+    examples, _ = data.encode_rows(enc, train_reviews)
     idx = data.length_batches([len(e.input_ids) for e in examples], args.batch_size, seed=0)[0]
     x, y = (t.to(device) for t in data.collate([examples[i] for i in idx], tok.pad_token_id))
     n_target, n_tokens = int((y[:, 1:] != -100).sum()), sum(len(examples[i].input_ids) for i in idx)
@@ -293,7 +294,7 @@ def small_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
     # transformers generate on batches of 16, left padded, (a) given our length-sorted batches, (b) in file order,
     # as a plain evaluation loop (and the post's) batches them.
     reviews = data.read_jsonl(REVIEWS / "valid.jsonl", limit=args.eval_reviews)
-    in_order = [enc.encode_prompt(r.sentence)[0] for r in reviews]
+    in_order = [ids for ids, _ in enc.encode_prompts(reviews)]
 
     def batches_of(prompts):
         out = []
@@ -308,7 +309,7 @@ def small_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
     new_tokens = {}
 
     def eval_ours():
-        out = evaluate_reviews(ours, tok, reviews, mode="generate", batch_size=16, max_new_tokens=8, log=False)
+        out = evaluate_rows(ours, tok, reviews, mode="generate", batch_size=16, max_new_tokens=8, log=False)
         new_tokens["minicalm_rows_stopped_at_newline"] = sum("\n" in p["continuation"] for p in out["predictions"])
 
     def eval_theirs_on(batches, key):
@@ -333,7 +334,7 @@ def small_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
     info["eval_new_tokens"] = new_tokens   # ours stops a row at EOS or a newline token; generate at EOS only
 
     # 3. greedy decoding at batch 1: one real prompt, 64 new tokens, no early stop on either side
-    prompt = torch.tensor([enc.encode_prompt(reviews[0].sentence)[0]], device=device)
+    prompt = torch.tensor([enc.encode_prompt(reviews[0])[0]], device=device)
     outs = {}
 
     def decode_ours():

@@ -88,7 +88,7 @@ def shared_head(tc: TrainConfig) -> int:
     from minicalm import data
     from minicalm.tokenizer import load_tokenizer
     enc = data.PromptEncoder(load_tokenizer(tc.model), tc.max_len)
-    return common_prefix(data.encode_reviews(enc, data.read_jsonl(tc.train_file, limit=tc.limit_train))[0])
+    return common_prefix(data.encode_rows(enc, data.read_jsonl(tc.train_file, limit=tc.limit_train))[0])
 
 
 if __name__ == "__main__":

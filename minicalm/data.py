@@ -1,8 +1,9 @@
-"""MARC-ja data: the prompt, reading and downloading reviews, encoding them for training and evaluation, batching.
+"""Data: reading a task's rows, downloading built-in tasks' data, encoding prompts for training and evaluation,
+batching.
 
-Training and evaluation both tokenize through `PromptEncoder`, segment by segment
-(head + review + tail + answer + eos), so the shared head has the same ids for every review and a prompt is
-tokenized identically whether it is trained on or evaluated.
+Training and evaluation both tokenize through `PromptEncoder`, segment by segment (the template's literal texts
+and the row's fields, then the answer word and EOS), so the head shared by every prompt has the same ids in every
+row, and a prompt is tokenized identically whether it is trained on or evaluated.
 """
 from __future__ import annotations
 
@@ -15,175 +16,190 @@ from pathlib import Path
 import torch
 
 from .loss import IGNORE_INDEX
+from .task import MARC_JA, Task
 from .weights import atomic_write
-
-# The Alpaca template of the blog post (FACTS.md section 1): English header, Japanese instruction.
-PROMPT_HEAD = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n"
-    "この文章は、「ポジティブ」ですか?「ネガティブ」ですか?「ポジティブ」か「ネガティブ」のどちらかを書いて。\n\n"
-    "### Input:\n"
-)
-PROMPT_TAIL = "\n\n### Response:\n"
-LABEL_WORDS = {"positive": "ポジティブ", "negative": "ネガティブ"}
-
-# JGLUE's JSON files spell labels as words; its Parquet conversion as ClassLabel ints.
-_LABELS = {"positive": "positive", "negative": "negative", 0: "positive", 1: "negative"}
-HUB_REPO, HUB_REVISION = "shunk031/JGLUE", "refs/convert/parquet"
-VALID_ROWS, VALID_POSITIVE = 5654, 4832   # the official MARC-ja validation split
-
-
-def format_prompt(review: str) -> str:
-    """The prompt text up to and including the newline after `### Response:`; the model continues from there."""
-    return PROMPT_HEAD + review + PROMPT_TAIL
 
 
 @dataclass
-class Review:
-    sentence: str
-    label: str       # "positive" or "negative"
-    review_id: str
+class Row:
+    fields: dict[str, str]   # the values of the task's prompt fields
+    label: str               # the label's name
+    id: str
+
+    @property
+    def text(self) -> str:
+        """The row's own text (its fields, one per line): raw text for pretraining and tokenizer training."""
+        return "\n".join(self.fields.values())
 
 
-def normalize_label(value) -> str:
-    """"positive"/"negative", or the Parquet ints 0 (positive) / 1 (negative); anything else is a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or value not in _LABELS:
-        raise ValueError(f"unknown label {value!r} (expected 'positive', 'negative', 0 or 1)")
-    return _LABELS[value]
+def parse_row(row, task: Task, line: int) -> Row:
+    """One JSON row -> Row; a ValueError names the field or label that is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object with fields {', '.join(task.fields + [task.label_field])}")
+    for name in task.fields:
+        if name not in row:
+            raise ValueError(f"no field {name!r}, which task {task.name}'s prompt uses")
+        if not isinstance(row[name], str):
+            raise ValueError(f"{name} is {type(row[name]).__name__}, not a string")
+    if task.label_field not in row:
+        raise ValueError(f"no label field {task.label_field!r}")
+    key = task.id_field
+    return Row({name: row[name] for name in task.fields}, task.label_name(row[task.label_field]),
+               str(row[key]) if key and row.get(key) is not None else str(line))
 
 
-def _parse_review(line: str) -> Review:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e})") from None
-    if not isinstance(row, dict) or not {"sentence", "label", "review_id"} <= row.keys():
-        raise ValueError("expected a JSON object with fields sentence, label, review_id")
-    if not isinstance(row["sentence"], str):
-        raise ValueError(f"sentence is {type(row['sentence']).__name__}, not a string")
-    return Review(row["sentence"], normalize_label(row["label"]), str(row["review_id"]))
-
-
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[Review]:
-    """Reviews from a JGLUE-format JSON-lines file (sentence, label, review_id); blank lines are skipped."""
+def read_jsonl(path: str | Path, task: Task = MARC_JA, limit: int | None = None) -> list[Row]:
+    """Rows of a JSON-lines file (the task's fields and label, optionally an id); blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (JSON lines of MARC-ja reviews expected)")
-    reviews: list[Review] = []
+        raise FileNotFoundError(f"{path}: no such file (JSON lines of task {task.name} rows expected)")
+    rows: list[Row] = []
     with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
-            if limit is not None and len(reviews) >= limit:
+            if limit is not None and len(rows) >= limit:
                 break
             if line.strip():
                 try:
-                    reviews.append(_parse_review(line))
+                    rows.append(parse_row(json.loads(line), task, n))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
                 except ValueError as e:
                     raise ValueError(f"{path}:{n}: {e}") from None
-    if not reviews and limit != 0:
-        raise ValueError(f"{path}: no reviews in the file")
-    return reviews
+    if not rows and limit != 0:
+        raise ValueError(f"{path}: no rows in the file")
+    return rows
 
 
-def parquet_to_jsonl(parquet_path: str | Path, out_path: str | Path) -> dict[str, int]:
-    """Convert a MARC-ja Parquet file (int labels) to JGLUE JSON lines, atomically; returns row counts."""
+def parquet_to_jsonl(parquet_path: str | Path, out_path: str | Path, task: Task = MARC_JA) -> dict[str, int]:
+    """Convert a task's Parquet file (JGLUE's: int labels) to JSON lines, atomically; returns row counts per label."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError('reading MARC-ja\'s Parquet files needs pyarrow: pip install "minicalm[marc]"') from None
+        raise ImportError('reading JGLUE\'s Parquet files needs pyarrow: pip install "minicalm[marc]"') from None
+    columns = task.fields + [task.label_field] + ([task.id_field] if task.id_field else [])
     try:
-        rows = pq.read_table(parquet_path, columns=["sentence", "label", "review_id"]).to_pylist()
+        rows = pq.read_table(parquet_path, columns=columns).to_pylist()
     except Exception as e:   # pyarrow's errors (missing column, not Parquet) share no useful base class
-        raise ValueError(f"{parquet_path}: not a MARC-ja Parquet file ({e})") from None
-    lines, counts = [], {"rows": 0, "positive": 0, "negative": 0}
+        raise ValueError(f"{parquet_path}: not a Parquet file of task {task.name} ({e})") from None
+    lines, counts = [], {"rows": 0} | {label: 0 for label in task.labels}
     for n, row in enumerate(rows):
         try:
-            label = normalize_label(row["label"])
+            r = parse_row(row, task, n)
         except ValueError as e:
             raise ValueError(f"{parquet_path}: row {n}: {e}") from None
         counts["rows"] += 1
-        counts[label] += 1
-        lines.append(json.dumps({"sentence": row["sentence"], "label": label, "review_id": str(row["review_id"])},
-                                ensure_ascii=False))
+        counts[r.label] += 1
+        out = r.fields | {task.label_field: r.label} | ({task.id_field: r.id} if task.id_field else {})
+        lines.append(json.dumps(out, ensure_ascii=False))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: p.write_text("\n".join(lines) + "\n", encoding="utf-8"))
     return counts
 
 
-def marc_ja(split: str, cache_dir: str | Path | None = None) -> Path:
-    """Path of MARC-ja's train or validation split as JGLUE JSON lines, downloaded and converted on first use."""
+def task_data(task: Task, split: str, cache_dir: str | Path | None = None, subset: int | None = None,
+              seed: int = 0) -> Path:
+    """A built-in task's train or validation split as JSON lines, downloaded from the hub and converted on first use
+    (cached in ~/.cache/minicalm/<task>/); `subset` keeps a fixed-seed random sample of that many rows."""
     split = {"valid": "validation"}.get(split, split)
     if split not in ("train", "validation"):
-        raise ValueError(f"MARC-ja split {split!r}: expected 'train' or 'validation' (test labels were never released)")
-    out = Path(cache_dir or "~/.cache/minicalm/marc-ja").expanduser() / f"{split}.jsonl"
-    if out.is_file():
-        return out
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-    try:
-        parquet = hf_hub_download(HUB_REPO, f"MARC-ja/jglue-{split}.parquet", repo_type="dataset",
-                                  revision=HUB_REVISION)
-    except (OSError, HfHubHTTPError, EntryNotFoundError) as e:
-        raise FileNotFoundError(
-            f"could not download MARC-ja {split} (dataset {HUB_REPO}, revision {HUB_REVISION}): "
-            f"{type(e).__name__}: {e}. Without the hub, pass JGLUE JSON-lines files with --train-file/--valid-file."
-        ) from e
-    counts = parquet_to_jsonl(parquet, out)
-    if split == "validation" and (counts["rows"], counts["positive"]) != (VALID_ROWS, VALID_POSITIVE):
-        warnings.warn(f"{out}: MARC-ja validation has {counts['rows']} rows / {counts['positive']} positive, "
-                      f"expected {VALID_ROWS} / {VALID_POSITIVE} (a 5,734-row file is the unofficial regeneration)")
+        raise ValueError(f"{task.name} split {split!r}: expected 'train' or 'validation' (test labels are not "
+                         f"public)")
+    if task.hub is None:
+        raise FileNotFoundError(f"task {task.name} has no built-in data: pass --train-file and --valid-file "
+                                f"(JSON lines with {', '.join(task.fields + [task.label_field])})")
+    folder = Path(cache_dir or Path("~/.cache/minicalm") / task.name).expanduser()
+    full = folder / f"{split}.jsonl"
+    if not full.is_file():
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+        repo, revision = task.hub["repo"], task.hub["revision"]
+        try:
+            parquet = hf_hub_download(repo, task.hub["files"][split], repo_type="dataset", revision=revision)
+        except (OSError, HfHubHTTPError, EntryNotFoundError) as e:
+            raise FileNotFoundError(
+                f"could not download {task.name} {split} (dataset {repo}, revision {revision}): {type(e).__name__}: "
+                f"{e}. Without the hub, pass JSON-lines files with --train-file/--valid-file.") from e
+        counts = parquet_to_jsonl(parquet, full, task)
+        want = task.hub.get(f"{split}_counts")
+        if want and {k: counts[k] for k in want} != want:
+            warnings.warn(f"{full}: {task.name} {split} has {counts}, expected {want} (for MARC-ja, a 5,734-row "
+                          f"validation file is the unofficial regeneration)")
+    if subset is None:
+        return full
+    out = folder / f"{split}-{subset}-seed{seed}.jsonl"
+    if not out.is_file():
+        lines = [ln for ln in full.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        picked = sorted(random.Random(seed).sample(range(len(lines)), min(subset, len(lines))))
+        atomic_write(out, lambda p: p.write_text("".join(lines[i] + "\n" for i in picked), encoding="utf-8"))
     return out
 
 
 class PromptEncoder:
-    """Token ids of prompts and training examples: enc(HEAD) + enc(review) + enc(TAIL) [+ enc(word) + eos].
+    """Token ids of a task's prompts and training examples, segment by segment: the template's literal texts and
+    the row's fields [+ enc(answer word) + eos].
 
-    Only the review is ever truncated (its end is cut), to leave room for the longest answer + eos within
-    max_len; the cut does not depend on the label, so training and evaluation see the same prompt.
+    Only the fields are ever truncated (their ends are cut, the longest first), to leave room for the longest
+    answer + eos within max_len; the cut does not depend on the label, so training and evaluation see the same
+    prompt. Refuses answer words whose tokens are a prefix of another's: greedy answers could not tell them apart.
     """
 
-    def __init__(self, tokenizer, max_len: int = 256):
-        self.tokenizer, self.max_len = tokenizer, max_len
+    def __init__(self, tokenizer, max_len: int = 256, task: Task = MARC_JA):
+        self.tokenizer, self.max_len, self.task = tokenizer, max_len, task
         self.eos_id = tokenizer.eos_token_id
-        self.prefix_ids = tokenizer.encode(PROMPT_HEAD)
-        self.tail_ids = tokenizer.encode(PROMPT_TAIL)
-        self.answer_ids = {label: tokenizer.encode(word) for label, word in LABEL_WORDS.items()}   # without eos
-        fixed = len(self.prefix_ids) + len(self.tail_ids) + max(map(len, self.answer_ids.values())) + 1
-        self.review_budget = max_len - fixed   # the most review tokens that fit
-        if self.review_budget < 1:
-            raise ValueError(f"max_len {max_len} leaves no room for the review: the prompt's head, tail and the "
+        self.literal_ids = [tokenizer.encode(text) for text, _ in task.segments]
+        self.head_ids = self.literal_ids[0]   # the same in every prompt
+        self.answer_ids = {label: tokenizer.encode(word) for label, word in task.labels.items()}   # without eos
+        for a, ids_a in self.answer_ids.items():
+            for b, ids_b in self.answer_ids.items():
+                if a != b and ids_b[:len(ids_a)] == ids_a:
+                    raise ValueError(f"{task.source}: task {task.name!r}: the answer word of {a!r} "
+                                     f"({task.labels[a]!r}) is, in tokens, a prefix of that of {b!r} "
+                                     f"({task.labels[b]!r}): an answer could not tell them apart")
+        fixed = sum(map(len, self.literal_ids)) + max(map(len, self.answer_ids.values())) + 1
+        self.field_budget = max_len - fixed   # the most field tokens that fit
+        if self.field_budget < len(task.fields):
+            raise ValueError(f"max_len {max_len} leaves no room for the rows' text: the prompt's fixed text and the "
                              f"longest answer + eos take {fixed} tokens with this tokenizer")
 
-    def review_ids(self, review: str) -> list[int]:
-        return self.tokenizer.encode(review)
+    def prompt_from_ids(self, field_ids: list[list[int]]) -> tuple[list[int], bool]:
+        """The prompt's ids from each field's ids (in the template's order), and whether a field was cut."""
+        keep = [len(f) for f in field_ids]
+        while sum(keep) > self.field_budget:   # cut the longest field down to the next longest, or to fit
+            i = max(range(len(keep)), key=keep.__getitem__)
+            rest = max((k for j, k in enumerate(keep) if j != i), default=0)
+            keep[i] -= min(sum(keep) - self.field_budget, max(keep[i] - rest, 1))
+        ids = []
+        for lit, f, k in zip(self.literal_ids, field_ids + [[]], keep + [0]):
+            ids += lit + f[:k]
+        return ids, keep != [len(f) for f in field_ids]
 
-    def prompt_from_ids(self, review_ids: list[int]) -> tuple[list[int], bool]:
-        return self.prefix_ids + review_ids[: self.review_budget] + self.tail_ids, len(review_ids) > self.review_budget
-
-    def example_from_ids(self, review_ids: list[int], label: str,
+    def example_from_ids(self, field_ids: list[list[int]], label: str,
                          train_on_inputs: bool = False) -> tuple[list[int], list[int], bool]:
         if label not in self.answer_ids:
             raise ValueError(f"unknown label {label!r} (expected one of {sorted(self.answer_ids)})")
-        prompt, truncated = self.prompt_from_ids(review_ids)
+        prompt, truncated = self.prompt_from_ids(field_ids)
         answer = self.answer_ids[label] + [self.eos_id]
         ids = prompt + answer
         labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt) + answer
         return ids, labels, truncated
 
-    def encode_prompt(self, review: str) -> tuple[list[int], bool]:
-        """(ids of HEAD + review + TAIL, whether the review was cut)."""
-        return self.prompt_from_ids(self.review_ids(review))
+    def field_ids(self, rows: list[Row]) -> list[list[list[int]]]:
+        """Each row's fields tokenized, in the template's order; one parallel batch per field."""
+        per_field = [self.tokenizer.encode_batch([r.fields[f] for r in rows]) for f in self.task.fields]
+        return [list(ids) for ids in zip(*per_field)]
 
-    def encode_prompts(self, reviews: list[str]) -> list[tuple[list[int], bool]]:
-        """encode_prompt for many reviews, tokenized in one parallel batch."""
-        return [self.prompt_from_ids(r) for r in self.tokenizer.encode_batch(reviews)]
+    def encode_prompt(self, row: Row) -> tuple[list[int], bool]:
+        """(ids of the prompt, whether a field was cut)."""
+        return self.prompt_from_ids(self.field_ids([row])[0])
 
-    def encode_example(self, review: str, label: str,
-                       train_on_inputs: bool = False) -> tuple[list[int], list[int], bool]:
+    def encode_prompts(self, rows: list[Row]) -> list[tuple[list[int], bool]]:
+        return [self.prompt_from_ids(f) for f in self.field_ids(rows)]
+
+    def encode_example(self, row: Row, train_on_inputs: bool = False) -> tuple[list[int], list[int], bool]:
         """(input_ids, labels, truncated). labels align with input_ids (the loss shifts them) and are -100
         except on the answer + eos; with train_on_inputs they equal input_ids (loss on the whole sequence)."""
-        return self.example_from_ids(self.review_ids(review), label, train_on_inputs)
+        return self.example_from_ids(self.field_ids([row])[0], row.label, train_on_inputs)
 
 
 @dataclass
@@ -192,12 +208,12 @@ class Example:
     labels: list[int]
 
 
-def encode_reviews(encoder: PromptEncoder, reviews: list[Review],
-                   train_on_inputs: bool = False) -> tuple[list[Example], int]:
-    """(examples, how many reviews were truncated), tokenized in one parallel batch."""
+def encode_rows(encoder: PromptEncoder, rows: list[Row],
+                train_on_inputs: bool = False) -> tuple[list[Example], int]:
+    """(examples, how many rows were truncated), tokenized in parallel batches."""
     examples, n_truncated = [], 0
-    for rev, rids in zip(reviews, encoder.tokenizer.encode_batch([r.sentence for r in reviews])):
-        ids, labels, truncated = encoder.example_from_ids(rids, rev.label, train_on_inputs)
+    for row, fids in zip(rows, encoder.field_ids(rows)):
+        ids, labels, truncated = encoder.example_from_ids(fids, row.label, train_on_inputs)
         examples.append(Example(ids, labels))
         n_truncated += truncated
     return examples, n_truncated

@@ -5,26 +5,28 @@ import math
 
 import torch
 
-from .data import LABEL_WORDS
+from .task import MARC_JA
 
-LABELS = ("positive", "negative")
-_OPENERS = "「『\"'“‘"   # quotes a model may open its answer with (the instruction quotes the words 「」)
+_OPENERS = "「『\"'“‘"   # quotes a model may open its answer with (the post's instruction quotes the words 「」)
+INVALID = "invalid"      # the confusion matrix's column for answers that are no label word
 
 
-def parse_answer(text: str) -> str:
-    """"positive", "negative" or "invalid" for a continuation generated after the prompt.
+def parse_answer(text: str, words: dict[str, str] = MARC_JA.labels) -> str | None:
+    """The label whose answer word a continuation generated after the prompt gives, or None (no valid answer).
 
     Rule: drop leading whitespace (blank lines included) and take the first line; strip its whitespace and any
-    opening quotes 「『"'“‘. The answer is valid if that line begins with ポジティブ or ネガティブ and the other
-    word does not appear anywhere on it. Extra text after the word on the same line is fine (ポジティブです。);
-    later lines are ignored. Anything else is invalid: empty output, English words (Positive), a sentence
-    that mentions the word later on (この文章はポジティブです), or both words on the first line.
+    opening quotes 「『"'“‘. The answer is valid if that line begins with a label's word (the longest such word)
+    and no other label's word appears on the rest of the line. Extra text after the word is fine (ポジティブです。);
+    later lines are ignored. Anything else is invalid: empty output, English words (Positive), a sentence that
+    mentions the word later on (この文章はポジティブです), or two label words on the first line.
     """
     line = text.lstrip().split("\n", 1)[0].strip().lstrip(_OPENERS)
-    found = [label for label, word in LABEL_WORDS.items() if word in line]
-    if len(found) == 1 and line.startswith(LABEL_WORDS[found[0]]):
-        return found[0]
-    return "invalid"
+    starts = [label for label, word in words.items() if line.startswith(word)]
+    if not starts:
+        return None
+    label = max(starts, key=lambda k: len(words[k]))
+    rest = line[len(words[label]):]
+    return None if any(w in rest for k, w in words.items() if k != label) else label
 
 
 def _ratio(a: float, b: float) -> float:
@@ -41,37 +43,39 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> list[float]
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def compute_metrics(golds: list[str], preds: list[str]) -> dict:
-    """Accuracy and friends; an invalid answer counts as wrong everywhere except valid_accuracy.
+def compute_metrics(golds: list[str], preds: list[str | None], labels=tuple(MARC_JA.labels)) -> dict:
+    """Accuracy and friends over N labels; an invalid answer (None) counts as wrong everywhere but valid_accuracy.
 
-    confusion[gold][pred] counts gold ∈ positive/negative against pred ∈ positive/negative/invalid.
+    confusion[gold][pred] counts each gold label against each predicted label and "invalid" (an N x (N+1) matrix).
     Per class: precision = correct / predicted as the class, recall = correct / gold of the class (an invalid
-    answer is a miss), F1. macro_f1 and balanced_accuracy (mean recall) average the two classes;
-    majority_baseline is the accuracy of always answering this split's majority gold class.
+    answer is a miss), F1. macro_f1 and balanced_accuracy (mean recall) average the classes; majority_baseline is
+    the accuracy of always answering this split's majority gold class.
     """
+    labels = list(labels)
+    preds = [INVALID if p is None else p for p in preds]
     if len(golds) != len(preds) or not golds:
         raise ValueError(f"need as many predictions as gold labels (at least one): {len(golds)} vs {len(preds)}")
-    if set(golds) - set(LABELS) or set(preds) - {*LABELS, "invalid"}:
-        raise ValueError(f"golds must be {LABELS}, preds also 'invalid': got {sorted(set(golds) | set(preds))}")
+    if set(golds) - set(labels) or set(preds) - {*labels, INVALID}:
+        raise ValueError(f"golds must be among {labels}, preds also None: got {sorted(set(golds) | set(preds))}")
     n = len(golds)
-    confusion = {g: {p: 0 for p in (*LABELS, "invalid")} for g in LABELS}
+    confusion = {g: {p: 0 for p in (*labels, INVALID)} for g in labels}
     for g, p in zip(golds, preds):
         confusion[g][p] += 1
-    correct = sum(confusion[c][c] for c in LABELS)
-    invalid = sum(confusion[g]["invalid"] for g in LABELS)
+    correct = sum(confusion[c][c] for c in labels)
+    invalid = sum(confusion[g][INVALID] for g in labels)
     per_class = {}
-    for c in LABELS:
-        predicted, support = sum(confusion[g][c] for g in LABELS), sum(confusion[c].values())
+    for c in labels:
+        predicted, support = sum(confusion[g][c] for g in labels), sum(confusion[c].values())
         precision, recall = _ratio(confusion[c][c], predicted), _ratio(confusion[c][c], support)
         per_class[c] = {"precision": precision, "recall": recall, "support": support,
                         "f1": _ratio(2 * precision * recall, precision + recall)}
-    majority = max(LABELS, key=lambda c: per_class[c]["support"])   # ties go to positive
+    majority = max(labels, key=lambda c: per_class[c]["support"])   # ties go to the first label
     return {
         "n": n, "accuracy": correct / n, "accuracy_ci95": wilson_interval(correct, n),
         "invalid_rate": invalid / n, "n_valid": n - invalid, "valid_accuracy": _ratio(correct, n - invalid),
         "confusion": confusion, "per_class": per_class,
-        "macro_f1": sum(per_class[c]["f1"] for c in LABELS) / 2,
-        "balanced_accuracy": sum(per_class[c]["recall"] for c in LABELS) / 2,
+        "macro_f1": sum(per_class[c]["f1"] for c in labels) / len(labels),
+        "balanced_accuracy": sum(per_class[c]["recall"] for c in labels) / len(labels),
         "majority_label": majority, "majority_baseline": per_class[majority]["support"] / n,
     }
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import data
 from .config import CalmConfig
@@ -35,6 +34,7 @@ from .lora import apply_lora, save_adapter, trainable_parameters
 from .loss import IGNORE_INDEX, answer_loss, micro_step, shared_prefix_len
 from .plan import preflight
 from .progress import Progress, fmt_time
+from .task import Task, load_task
 from .tokenizer import load_tokenizer
 from .weights import atomic_write, default_dtype, load_model, resolve, save_checkpoint
 
@@ -43,8 +43,9 @@ from .weights import atomic_write, default_dtype, load_model, resolve, save_chec
 class TrainConfig:
     model: str = "cyberagent/open-calm-7b"   # hub id or local checkpoint folder
     revision: str | None = None
-    train_file: str | None = None            # JGLUE JSON lines; None: MARC-ja train from the hub
-    valid_file: str | None = None            # None: MARC-ja validation from the hub ("none" to skip)
+    task: str = "marc-ja"                    # built-in task name or a task JSON file (minicalm.task)
+    train_file: str | None = None            # the task's JSON lines; None: its train split from the hub
+    valid_file: str | None = None            # None: the task's validation split from the hub ("none" to skip)
     out: str = "runs/open-calm-7b-lora"
     epochs: float = 3.0
     lr: float = 3e-4
@@ -84,8 +85,8 @@ class TrainConfig:
 
 # Settings a resumed run must share with the checkpoint: they decide the data order, the adapter or the schedule's
 # shape. Paths may change (a moved model or data file); so may --epochs / --max-steps, to extend or cut a run.
-RESUME_FIXED = ("lr", "batch_size", "max_len", "lora_r", "lora_alpha", "lora_targets", "warmup_steps", "schedule",
-                "limit_train", "seed", "train_on_inputs", "full", "text")
+RESUME_FIXED = ("task", "lr", "batch_size", "max_len", "lora_r", "lora_alpha", "lora_targets", "warmup_steps",
+                "schedule", "limit_train", "seed", "train_on_inputs", "full", "text")
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -110,17 +111,21 @@ def say(cfg: TrainConfig, rank: int, *msg) -> None:
         print(*msg, file=sys.stderr, flush=True)
 
 
-def load_examples(cfg: TrainConfig, tok, split: str, limit: int | None) -> list[data.Example]:
+def split_path(cfg: TrainConfig, task: Task, split: str):
+    """--train-file / --valid-file, or the task's own split from the hub."""
+    return (cfg.train_file if split == "train" else cfg.valid_file) or data.task_data(task, split)
+
+
+def load_examples(cfg: TrainConfig, tok, task: Task, split: str, limit: int | None) -> list[data.Example]:
     """Prompt examples (or packed raw-text blocks with --text) of one split."""
-    path = cfg.train_file if split == "train" else cfg.valid_file
-    path = path or data.marc_ja("train" if split == "train" else "validation")
-    reviews = data.read_jsonl(path, limit=limit)
+    path = split_path(cfg, task, split)
+    rows = data.read_jsonl(path, task, limit=limit)
     if cfg.text:
-        blocks = data.pack_texts(tok, [r.sentence for r in reviews], cfg.max_len)
+        blocks = data.pack_texts(tok, [r.text for r in rows], cfg.max_len)
         return [data.Example(b.tolist(), b.tolist()) for b in blocks]
-    examples, truncated = data.encode_reviews(data.PromptEncoder(tok, cfg.max_len), reviews, cfg.train_on_inputs)
+    examples, truncated = data.encode_rows(data.PromptEncoder(tok, cfg.max_len, task), rows, cfg.train_on_inputs)
     if truncated:
-        print(f"{path}: {truncated} of {len(reviews)} reviews truncated to --max-len {cfg.max_len}", file=sys.stderr)
+        print(f"{path}: {truncated} of {len(rows)} rows truncated to --max-len {cfg.max_len}", file=sys.stderr)
     return examples
 
 
@@ -154,11 +159,11 @@ def validation_loss(model, examples: list[data.Example], micro_batch_size: int, 
     return total / max(count, 1)
 
 
-def validation_accuracy(model, tok, reviews: list[data.Review], cfg: TrainConfig) -> float:
-    """Greedy-answer accuracy on a slice of the validation reviews (the evaluation code path)."""
-    from .evaluate import evaluate_reviews
-    return evaluate_reviews(model, tok, reviews, max_len=cfg.max_len, batch_size=cfg.micro_batch_size,
-                            log=False)["metrics"]["accuracy"]
+def validation_accuracy(model, tok, rows: list[data.Row], task: Task, cfg: TrainConfig) -> float:
+    """Greedy-answer accuracy on a slice of the validation rows (the evaluation code path)."""
+    from .evaluate import evaluate_rows
+    return evaluate_rows(model, tok, rows, task, max_len=cfg.max_len, batch_size=cfg.micro_batch_size,
+                         log=False)["metrics"]["accuracy"]
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -172,9 +177,10 @@ class Run:
     device: torch.device
     out: Path
     tok: object
+    task: Task
     train_set: list[data.Example]
     valid_set: list[data.Example]
-    accuracy_set: list[data.Review]   # read once, answered at every validation
+    accuracy_set: list[data.Row]      # read once, answered at every validation
     steps_per_epoch: int
     total_steps: int
     model: torch.nn.Module
@@ -213,10 +219,11 @@ def setup(cfg: TrainConfig) -> Run:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     dtype = torch.float32 if cfg.full else default_dtype(device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
+    task = load_task(cfg.task)
     tok = load_tokenizer(cfg.model, revision=cfg.revision)
-    train_set = load_examples(cfg, tok, "train", cfg.limit_train)
-    valid_set = [] if cfg.valid_file == "none" else load_examples(cfg, tok, "valid", cfg.eval_limit)
-    accuracy_set = (data.read_jsonl(cfg.valid_file or data.marc_ja("validation"), limit=cfg.eval_accuracy)
+    train_set = load_examples(cfg, tok, task, "train", cfg.limit_train)
+    valid_set = [] if cfg.valid_file == "none" else load_examples(cfg, tok, task, "validation", cfg.eval_limit)
+    accuracy_set = (data.read_jsonl(split_path(cfg, task, "validation"), task, limit=cfg.eval_accuracy)
                     if valid_set and cfg.eval_accuracy else [])
     if not train_set:
         raise ValueError("the training set is empty")
@@ -248,13 +255,14 @@ def setup(cfg: TrainConfig) -> Run:
     trainable, total = trainable_parameters(model)
     say(cfg, rank, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; {len(train_set):,} examples, "
                    f"{total_steps:,} steps of {cfg.batch_size}, {world} process(es), {dtype}")
-    run = Run(cfg, rank, world, device, out, tok, train_set, valid_set, accuracy_set, steps_per_epoch, total_steps,
-              model, opt)
+    run = Run(cfg, rank, world, device, out, tok, task, train_set, valid_set, accuracy_set, steps_per_epoch,
+              total_steps, model, opt)
     if cfg.resume:
         resume(run)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
+        write_task(task, out)
         keep_metrics_until(out / "metrics.jsonl", run.step)
     return run
 
@@ -340,8 +348,8 @@ def save(run: Run, final: bool = False) -> None:
     atomic_write(run.state_file, lambda p: torch.save(state, p))
     if cfg.full:
         save_checkpoint(model, run.out / "model", tokenizer_dir=run.tok.path.parent)
-    else:
-        save_adapter(model, run.out / "adapter", base_model_name_or_path=cfg.model)
+    else:   # the task beside the adapter: eval.py --adapter then asks the same question by default
+        write_task(run.task, save_adapter(model, run.out / "adapter", base_model_name_or_path=cfg.model))
     say(cfg, run.rank, f"\nsaved step {run.step} to {run.out}" + (" (final)" if final else ""))
 
 
@@ -351,7 +359,7 @@ def validate(run: Run, rec: dict) -> None:
     rec["val_loss"] = validation_loss(run.model, run.valid_set, cfg.micro_batch_size, run.tok.pad_token_id,
                                       run.device, cfg.share_prefix)
     if run.accuracy_set:
-        rec["val_accuracy"] = validation_accuracy(run.model, run.tok, run.accuracy_set, cfg)
+        rec["val_accuracy"] = validation_accuracy(run.model, run.tok, run.accuracy_set, run.task, cfg)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -400,6 +408,12 @@ def train(cfg: TrainConfig) -> dict:
                            + (f", validation loss {val:.4f}" if val is not None else "") + f"; checkpoint in {run.out}")
     return {"step": run.step, "total_steps": run.total_steps, "loss": rec["loss"], "val_loss": val,
             "out": str(run.out), "model": run.model, "seconds": time.time() - t_start}
+
+
+def write_task(task: Task, folder: Path) -> None:
+    """task.json: the run's task as a task file (the prompt, the label words), whatever --task named."""
+    atomic_write(folder / "task.json", lambda p: p.write_text(json.dumps(task.to_dict(), indent=2, ensure_ascii=False),
+                                                             encoding="utf-8"))
 
 
 def leave_process_group(timeout: float = 10.0) -> None:

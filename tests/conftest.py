@@ -64,3 +64,21 @@ def hf_tiny(tmp_path: Path, name: str = "hf", seed: int = 0, max_shard_size=None
 def tiny_checkpoint(tmp_path):
     """A random tiny OpenCALM-shaped (sequential residual, full rotary) checkpoint and its transformers model."""
     return hf_tiny(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 500-token byte-level BPE trained on review text (+ the prompt, so its head is short) and a random tiny
+    GPT-NeoX checkpoint folder (config.json, model.safetensors, tokenizer.json), built once per test module."""
+    from minicalm import CalmConfig, CalmForCausalLM, save_checkpoint
+    from minicalm.data import read_jsonl
+    from minicalm.task import MARC_JA
+    from minicalm.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("base")
+    texts = [r.text for r in read_jsonl(need(REVIEWS / "train.jsonl"), limit=1000)]
+    tok = train_tokenizer(texts + [MARC_JA.format({"sentence": ""})] * 500, root / "tok" / "tokenizer.json", 500)
+    cfg = CalmConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=256)
+    folder = save_checkpoint(CalmForCausalLM(cfg).init_weights(seed=0), root / "base", tokenizer_dir=tok.path.parent)
+    return folder, tok

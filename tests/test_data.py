@@ -10,9 +10,19 @@ import torch
 
 from conftest import NEOX_TOKENIZER, REVIEWS, need
 from minicalm import load_tokenizer
-from minicalm.data import (IGNORE_INDEX, LABEL_WORDS, PROMPT_HEAD, PROMPT_TAIL, Example, PromptEncoder, Review,
-                           collate, encode_reviews, format_prompt, length_batches, marc_ja, pack_texts,
-                           parquet_to_jsonl, read_jsonl)
+from minicalm.data import (IGNORE_INDEX, Example, PromptEncoder, Row, collate, encode_rows, length_batches,
+                           pack_texts, parquet_to_jsonl, read_jsonl, task_data)
+from minicalm.task import MARC_JA
+
+HEAD, TAIL = MARC_JA.head, MARC_JA.segments[1][0]   # the post's prompt around the review
+
+
+def review(text: str, label: str = "positive", id_: str = "x") -> Row:
+    return Row({"sentence": text}, label, id_)
+
+
+def format_prompt(text: str) -> str:
+    return MARC_JA.format({"sentence": text})
 
 # FACTS.md section 1, written out by hand: header, blank line, instruction, blank line, input, blank line, response.
 EXPECTED_PROMPT = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
@@ -47,16 +57,16 @@ def write(tmp_path, name, text):
 
 def test_prompt_layout_matches_facts():
     assert format_prompt("とても良い商品でした。") == EXPECTED_PROMPT
-    assert PROMPT_HEAD + "X" + PROMPT_TAIL == format_prompt("X")
-    assert PROMPT_TAIL == "\n\n### Response:\n"
-    assert LABEL_WORDS == {"positive": "ポジティブ", "negative": "ネガティブ"}
+    assert HEAD + "X" + TAIL == format_prompt("X") and MARC_JA.fields == ["sentence"]
+    assert TAIL == "\n\n### Response:\n"
+    assert MARC_JA.labels == {"positive": "ポジティブ", "negative": "ネガティブ"}
 
 
 # ----------------------------------------------------------------------------- reading
 
 def test_read_real_files(valid):
     assert len(valid) == 1000 and sum(r.label == "positive" for r in valid) == 630
-    assert valid[0].label == "negative" and valid[0].review_id == "darkmap-00000" and valid[0].sentence
+    assert valid[0].label == "negative" and valid[0].id == "darkmap-00000" and valid[0].fields["sentence"]
     train = read_jsonl(REVIEWS / "train.jsonl")
     assert len(train) == 10368 and sum(r.label == "positive" for r in train) == 6630
     assert read_jsonl(REVIEWS / "valid.jsonl", limit=5) == valid[:5]
@@ -66,8 +76,8 @@ def test_read_int_labels_and_blank_lines(tmp_path):
     path = write(tmp_path, "ok.jsonl", '{"sentence": "良い", "label": 0, "review_id": "a"}\n\n   \n'
                                        '{"sentence": "悪い", "label": 1, "review_id": 7}\n'
                                        '{"sentence": "普通", "label": "negative", "review_id": "c"}')
-    assert read_jsonl(path) == [Review("良い", "positive", "a"), Review("悪い", "negative", "7"),
-                                Review("普通", "negative", "c")]
+    assert read_jsonl(path) == [review("良い", "positive", "a"), review("悪い", "negative", "7"),
+                                review("普通", "negative", "c")]
 
 
 GOOD = '{"sentence": "良い", "label": "positive", "review_id": "a"}\n'
@@ -75,7 +85,8 @@ GOOD = '{"sentence": "良い", "label": "positive", "review_id": "a"}\n'
 
 @pytest.mark.parametrize("line3, why", [
     ('{"sentence": "x", "label": "positive", "review_id": "c"', "JSON"),   # cut off
-    ('{"sentence": "x", "review_id": "c"}', "fields"),
+    ('{"sentence": "x", "review_id": "c"}', "no label field 'label'"),
+    ('{"text": "x", "label": "positive", "review_id": "c"}', "no field 'sentence'"),
     ('["x", "positive", "c"]', "fields"),
     ('{"sentence": 3, "label": "positive", "review_id": "c"}', "string"),
     ('{"sentence": "x", "label": "neutral", "review_id": "c"}', "neutral"),
@@ -93,7 +104,7 @@ def test_missing_and_empty_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_jsonl(tmp_path / "nope.jsonl")
     for text in ("", "\n  \n"):
-        with pytest.raises(ValueError, match="empty.jsonl: no reviews"):
+        with pytest.raises(ValueError, match="empty.jsonl: no rows"):
             read_jsonl(write(tmp_path, "empty.jsonl", text))
 
 
@@ -112,8 +123,8 @@ def test_parquet_to_jsonl(tmp_path):
     counts = parquet_to_jsonl(src, tmp_path / "out" / "v.jsonl")
     assert counts == {"rows": 4, "positive": 3, "negative": 1}
     assert read_jsonl(tmp_path / "out" / "v.jsonl") == [
-        Review("レビュー0", "positive", "R0"), Review("レビュー1", "negative", "R1"),
-        Review("レビュー2", "positive", "R2"), Review("レビュー3", "positive", "R3")]
+        review("レビュー0", "positive", "R0"), review("レビュー1", "negative", "R1"),
+        review("レビュー2", "positive", "R2"), review("レビュー3", "positive", "R3")]
     assert "レビュー0" in (tmp_path / "out" / "v.jsonl").read_text(encoding="utf-8")   # not \\u-escaped
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["v.jsonl"]              # no temporary left
     with pytest.raises(ValueError, match="row 1"):
@@ -130,17 +141,21 @@ def test_marc_ja_download_convert_cache_and_check(tmp_path, monkeypatch):
         return str(src)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    with pytest.warns(UserWarning, match=r"3 rows / 1 positive.*5654 / 4832.*5,734"):
-        path = marc_ja("validation", cache_dir=tmp_path / "cache")
+    with pytest.warns(UserWarning, match=r"'rows': 3, 'positive': 1.*'rows': 5654, 'positive': 4832.*5,734"):
+        path = task_data(MARC_JA, "validation", cache_dir=tmp_path / "cache")
     assert path == tmp_path / "cache" / "validation.jsonl" and len(read_jsonl(path)) == 3
     assert calls == [("shunk031/JGLUE", "MARC-ja/jglue-validation.parquet",
                       {"repo_type": "dataset", "revision": "refs/convert/parquet"})]
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # the train split is not checked against validation's counts
-        assert marc_ja("train", cache_dir=tmp_path / "cache").name == "train.jsonl"
-    assert marc_ja("valid", cache_dir=tmp_path / "cache") == path and len(calls) == 2   # cached: no download
+        assert task_data(MARC_JA, "train", cache_dir=tmp_path / "cache").name == "train.jsonl"
+    assert task_data(MARC_JA, "valid", cache_dir=tmp_path / "cache") == path and len(calls) == 2   # cached
+    sample = task_data(MARC_JA, "validation", cache_dir=tmp_path / "cache", subset=2, seed=0)   # a fixed sample
+    assert len(read_jsonl(sample)) == 2
+    assert [r for r in read_jsonl(sample) if r not in read_jsonl(path)] == [] and len(calls) == 2
+    assert task_data(MARC_JA, "validation", cache_dir=tmp_path / "cache", subset=2, seed=0) == sample
     with pytest.raises(ValueError, match="test"):
-        marc_ja("test", cache_dir=tmp_path / "cache")
+        task_data(MARC_JA, "test", cache_dir=tmp_path / "cache")
 
 
 def test_marc_ja_hub_unreachable(tmp_path, monkeypatch):
@@ -152,7 +167,7 @@ def test_marc_ja_hub_unreachable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(FileNotFoundError, match="--train-file/--valid-file"):
-        marc_ja("train", cache_dir=tmp_path)
+        task_data(MARC_JA, "train", cache_dir=tmp_path)
     assert not list(tmp_path.iterdir())
 
 
@@ -160,16 +175,17 @@ def test_marc_ja_hub_unreachable(tmp_path, monkeypatch):
 
 def test_segments_and_round_trip(tok):
     enc = PromptEncoder(tok, max_len=256)
-    review = "とても良い商品でした。"
-    assert enc.prefix_ids == tok.encode(PROMPT_HEAD)
-    assert enc.answer_ids == {k: tok.encode(w) for k, w in LABEL_WORDS.items()}   # no eos here
-    prompt, truncated = enc.encode_prompt(review)
-    assert not truncated and prompt == enc.prefix_ids + tok.encode(review) + tok.encode(PROMPT_TAIL)
-    assert tok.decode(prompt, skip_special_tokens=False) == format_prompt(review)
-    ids, labels, truncated = enc.encode_example(review, "negative")
+    text = "とても良い商品でした。"
+    assert enc.head_ids == tok.encode(HEAD)
+    assert enc.answer_ids == {k: tok.encode(w) for k, w in MARC_JA.labels.items()}   # no eos here
+    prompt, truncated = enc.encode_prompt(review(text))
+    assert not truncated and prompt == enc.head_ids + tok.encode(text) + tok.encode(TAIL)
+    assert tok.decode(prompt, skip_special_tokens=False) == format_prompt(text)
+    ids, labels, truncated = enc.encode_example(review(text, "negative"))
     assert not truncated and ids[: len(prompt)] == prompt
-    assert tok.decode(ids, skip_special_tokens=False) == format_prompt(review) + "ネガティブ<|endoftext|>"
-    assert enc.encode_prompts([review, "悪い"]) == [enc.encode_prompt(review), enc.encode_prompt("悪い")]
+    assert tok.decode(ids, skip_special_tokens=False) == format_prompt(text) + "ネガティブ<|endoftext|>"
+    assert enc.encode_prompts([review(text), review("悪い")]) == [enc.encode_prompt(review(text)),
+                                                                   enc.encode_prompt(review("悪い"))]
 
 
 def test_label_masking_by_hand():
@@ -179,52 +195,55 @@ def test_label_masking_by_hand():
         def encode(self, text):
             return [ord(c) for c in text]
 
-    enc = PromptEncoder(Chars(), max_len=len(PROMPT_HEAD) + len(PROMPT_TAIL) + 5 + 1 + 3)   # room for 3 review chars
-    P, Tl = [ord(c) for c in PROMPT_HEAD], [ord(c) for c in PROMPT_TAIL]
+        def encode_batch(self, texts):
+            return [self.encode(t) for t in texts]
+
+    enc = PromptEncoder(Chars(), max_len=len(HEAD) + len(TAIL) + 5 + 1 + 3)   # room for 3 review chars
+    P, Tl = [ord(c) for c in HEAD], [ord(c) for c in TAIL]
     word = [ord(c) for c in "ポジティブ"]
-    ids, labels, truncated = enc.encode_example("良い", "positive")
-    assert not truncated and not enc.encode_example("良い品", "positive")[2]   # 3 chars: exactly fits
+    ids, labels, truncated = enc.encode_example(review("良い"))
+    assert not truncated and not enc.encode_example(review("良い品"))[2]   # 3 chars: exactly fits
     assert ids == P + [ord("良"), ord("い")] + Tl + word + [0]
     assert labels == [IGNORE_INDEX] * (len(P) + 2 + len(Tl)) + word + [0]       # only answer + eos
-    ids_all, labels_all, _ = enc.encode_example("良い", "positive", train_on_inputs=True)
+    ids_all, labels_all, _ = enc.encode_example(review("良い"), train_on_inputs=True)
     assert ids_all == ids and labels_all == ids                                 # the whole sequence
-    ids, labels, truncated = enc.encode_example("あいうえお", "negative")         # 5 chars, room for 3
+    ids, labels, truncated = enc.encode_example(review("あいうえお", "negative"))   # 5 chars, room for 3
     assert truncated and ids == P + [ord(c) for c in "あいう"] + Tl + [ord(c) for c in "ネガティブ"] + [0]
     assert len(ids) == enc.max_len
     with pytest.raises(ValueError, match="neutral"):
-        enc.encode_example("良い", "neutral")
-    with pytest.raises(ValueError, match="no room for the review"):
-        PromptEncoder(Chars(), max_len=len(PROMPT_HEAD) + len(PROMPT_TAIL) + 6)
+        enc.encode_example(review("良い", "neutral"))
+    with pytest.raises(ValueError, match="no room for the rows' text"):
+        PromptEncoder(Chars(), max_len=len(HEAD) + len(TAIL) + 6)
 
 
 def test_truncation_keeps_head_tail_answer(tok, valid):
     enc = PromptEncoder(tok, max_len=192)
-    long_review = max(valid, key=lambda r: len(r.sentence)).sentence
-    full = tok.encode(long_review)
+    long_review = max(valid, key=lambda r: len(r.fields["sentence"])).fields["sentence"]
+    full, tail_ids = tok.encode(long_review), enc.literal_ids[1]
     for label in ("positive", "negative"):
-        ids, labels, truncated = enc.encode_example(long_review, label)
+        ids, labels, truncated = enc.encode_example(review(long_review, label))
         answer = enc.answer_ids[label] + [tok.eos_token_id]
         assert truncated and len(ids) <= 192
-        assert ids[: len(enc.prefix_ids)] == enc.prefix_ids                          # instruction intact
+        assert ids[: len(enc.head_ids)] == enc.head_ids                              # instruction intact
         assert ids[-len(answer):] == answer and labels[-len(answer):] == answer       # answer + eos intact
-        tail_at = len(ids) - len(answer) - len(enc.tail_ids)
-        assert ids[tail_at: len(ids) - len(answer)] == enc.tail_ids                   # tail intact
-        assert ids[len(enc.prefix_ids): tail_at] == full[: enc.review_budget]         # the review's end is cut
-    prompt, truncated = enc.encode_prompt(long_review)
+        tail_at = len(ids) - len(answer) - len(tail_ids)
+        assert ids[tail_at: len(ids) - len(answer)] == tail_ids                       # tail intact
+        assert ids[len(enc.head_ids): tail_at] == full[: enc.field_budget]            # the review's end is cut
+    prompt, truncated = enc.encode_prompt(review(long_review))
     assert truncated and prompt == ids[: -len(answer)]   # evaluation's prompt is training's prompt
 
 
-def test_encode_reviews_real(tok, valid):
+def test_encode_rows_real(tok, valid):
     enc = PromptEncoder(tok, max_len=256)
     t = time.perf_counter()
-    examples, n_truncated = encode_reviews(enc, valid)
+    examples, n_truncated = encode_rows(enc, valid)
     took = time.perf_counter() - t
     assert len(examples) == 1000 and all(len(e.input_ids) <= 256 for e in examples)
-    singles = [enc.encode_example(r.sentence, r.label) for r in valid]
+    singles = [enc.encode_example(r) for r in valid]
     assert n_truncated == sum(s[2] for s in singles) > 0
     assert [(e.input_ids, e.labels) for e in examples] == [s[:2] for s in singles]   # batch == one by one
-    print(f"\nencode_reviews: 1000 reviews in {took:.2f}s, {n_truncated} truncated at 256 NeoX tokens")
-    on_inputs, _ = encode_reviews(enc, valid[:3], train_on_inputs=True)
+    print(f"\nencode_rows: 1000 reviews in {took:.2f}s, {n_truncated} truncated at 256 NeoX tokens")
+    on_inputs, _ = encode_rows(enc, valid[:3], train_on_inputs=True)
     assert all(e.labels == e.input_ids for e in on_inputs)
 
 
@@ -239,7 +258,7 @@ def test_collate_pads_right_and_masks_padding():
 
 
 def test_length_batches(tok, valid):
-    lengths = [len(r) for r in tok.encode_batch([r.sentence for r in valid])]
+    lengths = [len(r) for r in tok.encode_batch([r.fields["sentence"] for r in valid])]
     batches = length_batches(lengths, batch_size=8, seed=3)
     assert batches == length_batches(lengths, batch_size=8, seed=3)      # deterministic
     assert batches != length_batches(lengths, batch_size=8, seed=4)

@@ -18,7 +18,10 @@ import torch
 from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale, hf_tiny, need
 from minicalm import (LoRALinear, apply_lora, data, evaluate, greedy_generate, load_model, load_tokenizer,
                       save_adapter)
-from minicalm.evaluate import LABELS, POST_ROWS, EvalConfig, evaluate_reviews, run_eval, stop_token_ids
+from minicalm.evaluate import POST_ROWS, EvalConfig, evaluate_rows, run_eval, stop_token_ids
+from minicalm.task import MARC_JA
+
+LABELS = tuple(MARC_JA.labels)
 from minicalm.score import compute_metrics, label_logprobs, parse_answer
 from minicalm.tokenizer import train_tokenizer
 
@@ -30,8 +33,8 @@ NEW = 8           # max_new_tokens, as eval.py's default
 def tok(tmp_path_factory):
     """A 500-token byte-level BPE trained once on real reviews plus the prompt: the header gets merged tokens
     (prompts stay short) while ポジティブ/ネガティブ stay several tokens that share their first one."""
-    texts = [r.sentence for r in data.read_jsonl(need(REVIEWS / "train.jsonl"), limit=1000)]
-    texts += [data.PROMPT_HEAD + data.PROMPT_TAIL] * 20
+    texts = [r.text for r in data.read_jsonl(need(REVIEWS / "train.jsonl"), limit=1000)]
+    texts += [MARC_JA.format({"sentence": ""})] * 20
     return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer.json", vocab_size=500)
 
 
@@ -48,14 +51,14 @@ def tiny(tok, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reviews() -> list[data.Review]:
+def reviews() -> list[data.Row]:
     """The first 12 validation reviews: 44 to 285 tokens, 7 of them cut to fit MAX_LEN, so batches mix padding."""
     return data.read_jsonl(need(REVIEWS / "valid.jsonl"), limit=12)
 
 
 def prompt_ids(tok, reviews) -> list[list[int]]:
     enc = data.PromptEncoder(tok, MAX_LEN)
-    return [enc.encode_prompt(r.sentence)[0] for r in reviews]
+    return [ids for ids, _ in enc.encode_prompts(reviews)]
 
 
 def answer_ids(tok) -> list[list[int]]:
@@ -82,7 +85,7 @@ def up_to_stop(tokens: list[int], stops: tuple[set[int], set[int]]) -> list[int]
 class Recorder:
     """Wraps evaluate's greedy_loop and label_scores to keep their raw outputs, batch by batch.
 
-    evaluate_reviews visits the reviews in one length-sorted order whatever the batch size or prefix reuse, so
+    evaluate_rows visits the reviews in one length-sorted order whatever the batch size or prefix reuse, so
     the rows of torch.cat(recorded) line up between two runs on the same reviews."""
 
     def __init__(self, monkeypatch):
@@ -107,7 +110,7 @@ class Recorder:
         self.tokens, self.scores = [], []
 
 
-# ----------------------------------------------------------------------------- evaluate_reviews
+# ----------------------------------------------------------------------------- evaluate_rows
 
 def test_likelihood_matches_transformers(tok, tiny, reviews):
     _, model, hf = tiny
@@ -117,9 +120,9 @@ def test_likelihood_matches_transformers(tok, tiny, reviews):
     assert len({len(p) for p in prompts}) > 4 and min(map(len, prompts)) < max(map(len, prompts)) - 20
     want = torch.tensor([[hf_logprob(hf, p, a) for a in answers] for p in prompts], dtype=torch.float32)
 
-    out = evaluate_reviews(model, tok, reviews, max_len=MAX_LEN, batch_size=4, mode="likelihood", log=False)
+    out = evaluate_rows(model, tok, reviews, max_len=MAX_LEN, batch_size=4, mode="likelihood", log=False)
     preds = out["predictions"]
-    assert [(p["review_id"], p["gold"]) for p in preds] == [(r.review_id, r.label) for r in reviews]   # input order
+    assert [(p["id"], p["gold"]) for p in preds] == [(r.id, r.label) for r in reviews]   # input order
     got = torch.tensor([[p[f"logprob_{label}"] for label in LABELS] for p in preds])
     assert_close_to_scale(got, want)   # log-probabilities of ~60 here, stored rounded to 5 decimals (1e-7 of that)
     assert_close_to_scale(got, label_logprobs(model, prompts, answers))
@@ -127,7 +130,7 @@ def test_likelihood_matches_transformers(tok, tiny, reviews):
     assert "answer" not in preds[0] and out["metrics"]["n"] == len(reviews) and out["metrics"]["invalid_rate"] == 0
     assert out["metrics"] == compute_metrics([r.label for r in reviews], [p["likelihood_answer"] for p in preds])
 
-    both = evaluate_reviews(model, tok, reviews, max_len=MAX_LEN, batch_size=4, mode="both", log=False)
+    both = evaluate_rows(model, tok, reviews, max_len=MAX_LEN, batch_size=4, mode="both", log=False)
     assert set(both["metrics"]) == {"generate", "likelihood"}
     assert both["metrics"]["likelihood"] == out["metrics"]
     assert [{k: p[k] for k in preds[0]} for p in both["predictions"]] == preds   # same scores, plus the answers
@@ -139,7 +142,7 @@ def test_batching_and_prefix_reuse_change_nothing(tok, tiny, reviews, monkeypatc
     runs = {}
     for batch_size, reuse, mode in ((8, True, "both"), (1, True, "both"), (8, False, "both"), (8, True, "generate")):
         rec.reset()
-        out = evaluate_reviews(model, tok, reviews, max_len=MAX_LEN, batch_size=batch_size, max_new_tokens=NEW,
+        out = evaluate_rows(model, tok, reviews, max_len=MAX_LEN, batch_size=batch_size, max_new_tokens=NEW,
                                mode=mode, reuse_prefix=reuse, log=False)
         runs[batch_size, reuse, mode] = (out, [up_to_stop(t, stops) for t in rec.tokens],
                                          torch.cat(rec.scores) if rec.scores else None)
@@ -166,7 +169,7 @@ def test_greedy_answers_match_greedy_generate_and_transformers(tok, tiny, review
     lengths = []
     for review, prompt in list(zip(reviews, prompt_ids(tok, reviews)))[:3]:
         rec.reset()
-        pred = evaluate_reviews(model, tok, [review], max_len=MAX_LEN, max_new_tokens=NEW, log=False)["predictions"][0]
+        pred = evaluate_rows(model, tok, [review], max_len=MAX_LEN, max_new_tokens=NEW, log=False)["predictions"][0]
         ids = torch.tensor([prompt])
         ours = greedy_generate(model, ids, NEW, eos_token_id=tok.eos_token_id)[0, len(prompt):].tolist()
         with torch.no_grad():
@@ -180,9 +183,9 @@ def test_greedy_answers_match_greedy_generate_and_transformers(tok, tiny, review
 
 
 def test_untrained_model_answers_invalid(tok, tiny, reviews):
-    out = evaluate_reviews(tiny[1], tok, reviews, max_len=MAX_LEN, max_new_tokens=NEW, log=False)
+    out = evaluate_rows(tiny[1], tok, reviews, max_len=MAX_LEN, max_new_tokens=NEW, log=False)
     m = out["metrics"]
-    assert all(p["answer"] == "invalid" for p in out["predictions"])
+    assert all(p["answer"] is None for p in out["predictions"])
     assert (m["invalid_rate"], m["accuracy"], m["n_valid"], m["n"]) == (1.0, 0.0, 0, len(reviews))
     assert sum(sum(row.values()) for row in m["confusion"].values()) == len(reviews)
 
@@ -211,9 +214,9 @@ def always_answers(model, chain: list[int]):
 def test_model_that_always_answers_a_label(tok, tiny, reviews, label):
     enc = data.PromptEncoder(tok, MAX_LEN)
     model = always_answers(load_model(tiny[0], dtype=torch.float32),
-                           [enc.tail_ids[-1]] + enc.answer_ids[label] + [tok.eos_token_id])
-    out = evaluate_reviews(model, tok, reviews, max_len=MAX_LEN, max_new_tokens=NEW, mode="both", log=False)
-    word = data.LABEL_WORDS[label]
+                           [enc.literal_ids[-1][-1]] + enc.answer_ids[label] + [tok.eos_token_id])
+    out = evaluate_rows(model, tok, reviews, max_len=MAX_LEN, max_new_tokens=NEW, mode="both", log=False)
+    word = MARC_JA.labels[label]
     for p in out["predictions"]:
         assert (p["continuation"], p["answer"], p["likelihood_answer"]) == (word, label, label)
         assert p[f"logprob_{label}"] > -1e-3 > -10 > p[f"logprob_{LABELS[1 - LABELS.index(label)]}"]
@@ -242,14 +245,14 @@ def test_model_mode_and_dropout(tok, tiny, reviews):
     model = nonzero_lora(apply_lora(load_model(tiny[0], dtype=torch.float32), r=4, dropout=0.5), std=0.1)
     kw = dict(max_len=MAX_LEN, max_new_tokens=2, mode="both", log=False)
     model.train()
-    first = evaluate_reviews(model, tok, reviews[:4], **kw)
+    first = evaluate_rows(model, tok, reviews[:4], **kw)
     assert model.training and all(m.training for m in model.modules())
-    assert evaluate_reviews(model, tok, reviews[:4], **kw) == first
+    assert evaluate_rows(model, tok, reviews[:4], **kw) == first
     model.eval()
-    evaluate_reviews(model, tok, reviews[:4], **kw)
+    evaluate_rows(model, tok, reviews[:4], **kw)
     assert not any(m.training for m in model.modules())
     with pytest.raises(ValueError, match="mode must be"):
-        evaluate_reviews(model, tok, reviews[:4], mode="greedy")
+        evaluate_rows(model, tok, reviews[:4], mode="greedy")
 
 
 # ----------------------------------------------------------------------------- run_eval and eval.py
@@ -272,14 +275,14 @@ def read_outputs(out):
 def test_run_eval_compare_base_writes_consistent_files(tiny, adapter, tmp_path, monkeypatch):
     folder, limit = tiny[0], 40
     valid = need(REVIEWS / "valid.jsonl")
-    seen = []   # (LoRA layers disabled, model) at each evaluate_reviews call
-    inner = evaluate.evaluate_reviews
+    seen = []   # (LoRA layers disabled, model) at each evaluate_rows call
+    inner = evaluate.evaluate_rows
 
     def spy(model, *args, **kw):
         seen.append(([m.disabled for m in model.modules() if isinstance(m, LoRALinear)], model))
         return inner(model, *args, **kw)
 
-    monkeypatch.setattr(evaluate, "evaluate_reviews", spy)
+    monkeypatch.setattr(evaluate, "evaluate_rows", spy)
     cfg = EvalConfig(model=str(folder), adapter=str(adapter), data=str(valid), limit=limit, mode="both",
                      compare_base=True, max_len=MAX_LEN, out=str(tmp_path / "out"), device="cpu", log=False)
     result = run_eval(cfg)
@@ -290,12 +293,12 @@ def test_run_eval_compare_base_writes_consistent_files(tiny, adapter, tmp_path, 
     assert not any(m.disabled for m in model.modules() if isinstance(m, LoRALinear))
 
     metrics, preds, report = read_outputs(tmp_path / "out")
-    ids = [r.review_id for r in data.read_jsonl(valid, limit=limit)]
-    assert metrics["n_reviews"] == limit and metrics["config"]["limit"] == limit
+    ids = [r.id for r in data.read_jsonl(valid, limit=limit)]
+    assert metrics["n_rows"] == limit and metrics["config"]["limit"] == limit
     assert len(preds) == 2 * limit
     for name in ("base", "adapter"):
         rows = [p for p in preds if p["model"] == name]
-        assert [p["review_id"] for p in rows] == ids
+        assert [p["id"] for p in rows] == ids
         for mode in ("generate", "likelihood"):
             m = metrics[name][mode]
             assert m["n"] == limit and sum(sum(row.values()) for row in m["confusion"].values()) == limit
@@ -314,7 +317,7 @@ def test_run_eval_compare_base_writes_consistent_files(tiny, adapter, tmp_path, 
     for name, acc, invalid in POST_ROWS:   # the post's rows, as the report prints them
         assert f"| {name} | {100 * acc:.1f}% | {'-' if invalid is None else f'{100 * invalid:.1f}%'} |" in report
     assert f"| hf before fine-tuning | {100 * metrics['base']['generate']['accuracy']:.1f}% |" in report
-    assert f"| hf + LoRA ({adapter}) |" in report and "Label likelihood" in report and f"({limit} reviews)" in report
+    assert f"| hf + LoRA ({adapter}) |" in report and "Label likelihood" in report and f"({limit} rows, task marc-ja)" in report
 
 
 def test_run_eval_likelihood_only(tiny, tmp_path):
@@ -340,7 +343,7 @@ def test_eval_py_help_and_run(tiny, tmp_path):
                      "--max-len", MAX_LEN, "--device", "cpu")
     assert run.returncode == 0, run.stderr
     metrics, preds, report = read_outputs(out)
-    assert metrics["n_reviews"] == 5 and metrics["base"]["n"] == 5 and len(preds) == 5
+    assert metrics["n_rows"] == 5 and metrics["base"]["n"] == 5 and len(preds) == 5
     assert "| hf before fine-tuning |" in run.stdout and report.strip() in run.stdout
     bad = run_script("--model", tiny[0], "--data", need(REVIEWS / "valid.jsonl"), "--limit", 0, "--out", out)
     assert bad.returncode == 1 and "eval.py: error: --limit must be a positive" in bad.stderr

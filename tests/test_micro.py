@@ -2,8 +2,10 @@
 code, on the real review files. The full-length run and its table are in the README."""
 import json
 
+import pytest
 from conftest import REVIEWS, need
 
+from minicalm import micro
 from minicalm.micro import run
 from minicalm.weights import load_model
 
@@ -24,3 +26,34 @@ def test_micro_pipeline_lora_teaches_the_answer_format(tmp_path):
     assert after["invalid_rate"] < before["invalid_rate"]
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "before LoRA" in report and "OpenCALM-7B + LoRA, 3 epochs (post)" in report
+
+
+def test_micro_with_a_task_file(tmp_path, monkeypatch):
+    """--task FILE with its own rows: the README's three-class files through the same pipeline (shortened)."""
+    from test_task import three_class_files
+    (tmp_path / "files").mkdir()
+    task, train, valid = three_class_files(tmp_path / "files", monkeypatch)
+    res = run(str(tmp_path / "run"), train, valid, task=task, pretrain_steps=60, lora_steps=30, eval_limit=30,
+              vocab_size=1000, log=False)
+    assert res["task"] == "amazon-ja-3" and res["before"]["generate"]["n"] == 30
+    assert set(res["after"]["generate"]["confusion"]) == {"positive", "neutral", "negative"}
+    report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert "task amazon-ja-3" in report and "(post)" not in report
+
+
+def test_micro_without_data_says_what_to_pass(tmp_path, monkeypatch, capsys):
+    """Outside this workplace there is no ../shared: the default is the task's own data from the hub, and when that
+    cannot be had either, one line says what to pass."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*a, **kw):
+        raise LocalEntryNotFoundError("cannot reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setenv("HOME", str(tmp_path))   # an empty ~/.cache/minicalm
+    with pytest.raises(SystemExit) as e:
+        micro.main(["--out", str(tmp_path / "run")])
+    msg = str(e.value.code)
+    assert msg.startswith("python -m minicalm.micro: error: the miniature needs task marc-ja's data") and "\n" not in msg
+    assert "pass --train-file and --valid-file" in msg and not (tmp_path / "run").exists()

@@ -15,7 +15,8 @@ from minicalm.weights import save_checkpoint
 
 def test_readme_lora_recipe_runs(tmp_path, monkeypatch):
     reviews = data.read_jsonl(need(REVIEWS / "train.jsonl"), limit=16)
-    tok = train_tokenizer([r.sentence for r in reviews] + [data.format_prompt("")] * 50, tmp_path / "tok" / "tokenizer.json", 400)
+    tok = train_tokenizer([r.text for r in reviews] + [minicalm.task.MARC_JA.format({"sentence": ""})] * 50,
+                          tmp_path / "tok" / "tokenizer.json", 400)
     cfg = CalmConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=512)
     base = save_checkpoint(CalmForCausalLM(cfg).init_weights(seed=0), tmp_path / "base", tokenizer_dir=tok.path.parent)
@@ -24,7 +25,7 @@ def test_readme_lora_recipe_runs(tmp_path, monkeypatch):
     assert setting in code
     code = code.replace(setting, f'MODEL, DATA, DEVICE = {str(base)!r}, {str(REVIEWS / "train.jsonl")!r}, "cpu"')
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "read_jsonl", lambda path, limit=None: reviews)   # 16 reviews keep it seconds long
+    monkeypatch.setattr(data, "read_jsonl", lambda path, task=None, limit=None: reviews)   # 16 reviews keep it seconds long
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
 

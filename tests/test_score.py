@@ -16,12 +16,12 @@ from minicalm.score import compute_metrics, label_logprobs, parse_answer, wilson
     ("ポジティブ", "positive"),
     ("ネガティブ", "negative"),
     ("ネガティブ<|endoftext|>", "negative"),
-    ("", "invalid"),                                         # empty output
-    ("   \n  ", "invalid"),
-    ("ポジティブ ネガティブ", "invalid"),                       # both words on the first line
-    ("ポジティブではなくネガティブ", "invalid"),
-    ("Positive", "invalid"),                                 # English words do not count
-    ("positive", "invalid"),
+    ("", None),                                         # empty output
+    ("   \n  ", None),
+    ("ポジティブ ネガティブ", None),                       # both words on the first line
+    ("ポジティブではなくネガティブ", None),
+    ("Positive", None),                                 # English words do not count
+    ("positive", None),
     ("ポジティブです。", "positive"),                          # extra text after the word is fine
     ("ネガティブな内容です", "negative"),
     ("ポジティブ\n### Instruction:\nネガティブ", "positive"),   # later lines are ignored
@@ -31,9 +31,9 @@ from minicalm.score import compute_metrics, label_logprobs, parse_answer, wilson
     ("「ポジティブ」", "positive"),                            # quotes
     ("『ネガティブ』です", "negative"),
     ('"ポジティブ"', "positive"),
-    ("この文章は「ポジティブ」です。", "invalid"),              # the word must begin the answer
-    ("ポジ", "invalid"),
-    ("\nこの文章は\nポジティブ", "invalid"),                    # first non-blank line decides
+    ("この文章は「ポジティブ」です。", None),              # the word must begin the answer
+    ("ポジ", None),
+    ("\nこの文章は\nポジティブ", None),                    # first non-blank line decides
 ])
 def test_parse_answer(text, expected):
     assert parse_answer(text) == expected
@@ -42,7 +42,7 @@ def test_parse_answer(text, expected):
 def test_metrics_against_hand_counts():
     # gold positive: 4 -> pos, 1 -> neg, 1 -> invalid; gold negative: 1 -> pos, 2 -> neg, 1 -> invalid (n = 10)
     golds = ["positive"] * 6 + ["negative"] * 4
-    preds = ["positive"] * 4 + ["negative", "invalid"] + ["positive", "negative", "negative", "invalid"]
+    preds = ["positive"] * 4 + ["negative", None] + ["positive", "negative", "negative", None]
     m = compute_metrics(golds, preds)
     assert m["confusion"] == {"positive": {"positive": 4, "negative": 1, "invalid": 1},
                               "negative": {"positive": 1, "negative": 2, "invalid": 1}}
@@ -63,7 +63,7 @@ def test_metrics_against_hand_counts():
 
 
 def test_metrics_edges():
-    m = compute_metrics(["negative", "negative", "positive"], ["invalid"] * 3)
+    m = compute_metrics(["negative", "negative", "positive"], [None] * 3)
     assert m["accuracy"] == 0 and m["invalid_rate"] == 1 and m["valid_accuracy"] == 0.0    # no valid answers
     assert m["per_class"]["positive"]["precision"] == 0.0 and m["macro_f1"] == 0.0         # 0/0 counts as 0
     assert m["majority_label"] == "negative" and m["majority_baseline"] == pytest.approx(2 / 3)

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import minicalm.train as T
-from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale, need
-from minicalm import CalmConfig, CalmForCausalLM, apply_lora, load_adapter, load_model, save_checkpoint
-from minicalm.data import IGNORE_INDEX, Example, PromptEncoder, collate, encode_reviews, format_prompt, read_jsonl
+from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale
+from minicalm import apply_lora, load_adapter, load_model
+from minicalm.data import IGNORE_INDEX, Example, PromptEncoder, Row, collate, encode_rows, read_jsonl
 from minicalm.lora import LORA_KEYS, VALID_TARGETS
 from minicalm.loss import answer_loss, shared_prefix_len
-from minicalm.tokenizer import train_tokenizer
+from minicalm.task import MARC_JA
 from minicalm.train import TrainConfig, lr_at, train
 
 MAX_LEN = 128   # the prompt's head is ~60 tokens with this tokenizer; reviews are cut to fit
@@ -39,19 +39,6 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # summation order into a visible difference in its update (measured 6e-5 of the tensor's max |value| under AVX2).
 # Allow 1e-3 of the scale: a wrong split or a lost micro-batch changes the weights by the order of their values.
 ADAM_REL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A 500-token byte-level BPE trained on review text (+ the prompt, so its head is short) and a random tiny
-    GPT-NeoX checkpoint folder (config.json, model.safetensors, tokenizer.json), built once for the module."""
-    root = tmp_path_factory.mktemp("train")
-    texts = [r.sentence for r in read_jsonl(need(REVIEWS / "train.jsonl"), limit=1000)]
-    tok = train_tokenizer(texts + [format_prompt("")] * 500, root / "tok" / "tokenizer.json", vocab_size=500)
-    cfg = CalmConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=256)
-    folder = save_checkpoint(CalmForCausalLM(cfg).init_weights(seed=0), root / "base", tokenizer_dir=tok.path.parent)
-    return folder, tok
 
 
 def config(folder: Path, out: Path, **kw) -> TrainConfig:
@@ -148,15 +135,16 @@ def test_labels_score_only_the_answer_and_eos(base):
     _, tok = base
     enc = PromptEncoder(tok, MAX_LEN)
     for label in ("positive", "negative"):
-        ids, labels, truncated = enc.encode_example("とても良い商品でした。", label)
+        row = Row({"sentence": "とても良い商品でした。"}, label, "r")
+        ids, labels, truncated = enc.encode_example(row)
         answer = enc.answer_ids[label] + [tok.eos_token_id]
         assert not truncated and len(ids) == len(labels)
-        assert ids == enc.encode_prompt("とても良い商品でした。")[0] + answer
+        assert ids == enc.encode_prompt(row)[0] + answer
         scored = [t for t in labels[1:] if t != IGNORE_INDEX]   # the targets the shifted loss sees
         assert scored == answer
         assert labels[: -len(answer)] == [IGNORE_INDEX] * (len(ids) - len(answer)) and labels[-len(answer):] == answer
         # train_on_inputs: every real token after the first is a target
-        ids2, labels2, _ = enc.encode_example("とても良い商品でした。", label, train_on_inputs=True)
+        ids2, labels2, _ = enc.encode_example(row, train_on_inputs=True)
         assert ids2 == ids and labels2 == ids
         assert [t for t in labels2[1:] if t != IGNORE_INDEX] == ids[1:]
 
@@ -167,7 +155,7 @@ def test_answer_loss_is_plain_cross_entropy_and_ignores_padding(base, train_on_i
     model = load_model(folder)
     enc = PromptEncoder(tok, MAX_LEN)
     reviews = ["とても良い商品でした。", "届いた商品は壊れていて、使えませんでした。返品します。", "普通"]
-    examples = [Example(*enc.encode_example(r, lab, train_on_inputs)[:2])
+    examples = [Example(*enc.encode_example(Row({"sentence": r}, lab, "r"), train_on_inputs)[:2])
                 for r, lab in zip(reviews, ["positive", "negative", "positive"])]
     assert len({len(e.input_ids) for e in examples}) == 3   # different lengths: the shorter ones get padding
     x, y = collate(examples, tok.pad_token_id)
@@ -201,7 +189,7 @@ def test_first_step_loss_is_the_mean_over_scored_tokens(base, tmp_path, train_on
     enc, model = PromptEncoder(tok, MAX_LEN), load_model(folder)   # B = 0: the first forward is the base model's
     total, count = 0.0, 0
     for r in read_jsonl(REVIEWS / "train.jsonl", limit=16):
-        ids, labels, _ = enc.encode_example(r.sentence, r.label, train_on_inputs)
+        ids, labels, _ = enc.encode_example(r, train_on_inputs)
         with torch.no_grad():
             logits = model(torch.tensor([ids]))[0, :-1]
         total += F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100, reduction="sum").item()
@@ -393,7 +381,7 @@ def test_bad_input_fails_before_training(base, tmp_path, monkeypatch, case):
         err, match = ValueError, re.escape(f"{f}:3: unknown label 'neutral'")
     elif case == "empty_file":
         kw["train_file"] = f = write(tmp_path / "t.jsonl", ["", "  "])
-        err, match = ValueError, re.escape(f"{f}: no reviews in the file")
+        err, match = ValueError, re.escape(f"{f}: no rows in the file")
     elif case == "limit_zero":
         kw["limit_train"], err, match = 0, ValueError, "the training set is empty"
     elif case == "missing_file":
@@ -467,7 +455,7 @@ def test_full_parameter_text_mode_trains_every_parameter(base, tmp_path):
     assert (out / "model" / "tokenizer.json").is_file() and not (out / "adapter").exists()
 
     # raw-text mode: every token of the packed blocks is a target (the loss is the LM loss of the blocks)
-    blocks = T.load_examples(config(folder, out, text=True, max_len=64, limit_train=64), tok, "train", 64)
+    blocks = T.load_examples(config(folder, out, text=True, max_len=64, limit_train=64), tok, MARC_JA, "train", 64)
     assert all(e.labels == e.input_ids and len(e.input_ids) == 64 for e in blocks)
 
 
@@ -482,7 +470,7 @@ def test_train_lora_help_lists_every_flag(capsys):
     text = capsys.readouterr().out
     names = {f.name for f in fields(TrainConfig)} - {"full", "text", "log"}
     flags_ = {"--no-share-prefix" if n == "share_prefix" else "--" + n.replace("_", "-") for n in names}
-    assert len(flags_) == 33
+    assert len(flags_) == 34
     for flag in flags_:
         assert f"  {flag}" in text, flag
 
@@ -526,10 +514,10 @@ def test_shared_head_gives_the_same_loss_and_gradients(base, kind, train_on_inpu
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     enc = PromptEncoder(tok, MAX_LEN)
-    examples, _ = encode_reviews(enc, read_jsonl(REVIEWS / "train.jsonl", limit=6), train_on_inputs)
+    examples, _ = encode_rows(enc, read_jsonl(REVIEWS / "train.jsonl", limit=6), train_on_inputs)
     x, y = collate(examples, tok.pad_token_id)
     P = shared_prefix_len(x)
-    assert len(enc.prefix_ids) <= P < min(len(e.input_ids) for e in examples)   # the head: most of each prompt
+    assert len(enc.head_ids) <= P < min(len(e.input_ids) for e in examples)   # the head: most of each prompt
     runs = {}
     for shared in (0, P):
         model.zero_grad()
