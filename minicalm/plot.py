@@ -1,4 +1,4 @@
-"""Pictures (PNG): a run's training curves and a confusion matrix.
+"""Pictures (PNG): a run's training curves, a confusion matrix, and what an adapter changed (minicalm.inspect).
 
 `python -m minicalm.plot RUN_DIR` draws RUN_DIR/metrics.jsonl into RUN_DIR/plots/: loss.png (training loss, the
 validation loss and accuracy when the run has them), lr.png, grad_norm.png and tokens_per_s.png, all against the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -110,6 +111,62 @@ def plot_confusion(confusion: dict, labels: list[str], path: str | os.PathLike, 
     ax.set_yticks(range(len(labels)), labels)
     ax.set(xlabel="predicted", ylabel="gold", title=title)
     return save(fig, path)
+
+
+# ----------------------------------------------------------------------------- what an adapter changed
+
+def plot_inspection(result: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """inspect.json's pictures in out_dir: the update per layer and target (update_per_layer.png), the singular
+    values (singular_values.png) and, with a comparison, the subspace similarity (subspace_similarity.png)."""
+    out, mods = Path(out_dir), result["modules"]
+    targets = list(dict.fromkeys(m["target"] for m in mods))   # inspect lists them in the block's order
+    layers = sorted({m["layer"] for m in mods})
+    relative = all("relative_update" in m for m in mods)
+    key = "relative_update" if relative else "delta_norm"
+    grid = [[math.nan] * len(targets) for _ in layers]         # (layers, targets); a module not adapted stays blank
+    for m in mods:
+        grid[layers.index(m["layer"])][targets.index(m["target"])] = m[key]
+    fig, (ax,) = new_figure(size=(2 + 1.2 * len(targets), 1.5 + 0.25 * len(layers)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    fig.colorbar(im, ax=ax)
+    ax.set_xticks(range(len(targets)), targets, rotation=20)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set(xlabel="target", ylabel="layer", title="relative update ||ΔW||_F / ||W||_F" if relative else
+           "delta_norm ||ΔW||_F (no base model: not relative to W)")
+    written = [save(fig, out / "update_per_layer.png")]
+
+    fig, (ax,) = new_figure()
+    colors = {t: f"C{k}" for k, t in enumerate(targets)}
+    for m in mods:   # one line a module, coloured by target; each divided by its largest value
+        s = m["singular_values"]
+        if s[0] > 0:
+            ax.semilogy(range(1, len(s) + 1), [v / s[0] for v in s], ".-", color=colors[m["target"]], alpha=0.5,
+                        label=m["target"])
+    handles, labels = ax.get_legend_handles_labels()
+    first = {lab: h for h, lab in zip(handles, labels)}   # one legend entry per target
+    ax.legend(first.values(), first.keys())
+    ax.set(xlabel="index", ylabel="singular value / largest", title="singular values of each module's ΔW")
+    written.append(save(fig, out / "singular_values.png"))
+
+    if result.get("compare"):
+        phis = result["compare"]["modules"]
+        middle = layers[len(layers) // 2]   # the mean over all modules, and each target's in the middle layer
+        picks = [("mean over modules", result["compare"]["mean"])]
+        picks += [(f"layer {middle} {m['target']}", phis[m["name"]]) for m in mods
+                  if m["layer"] == middle and m["name"] in phis]
+        fig, axes = new_figure(len(picks), size=(3.6, 3.4))
+        for ax, (title, phi) in zip(axes, picks):
+            r1, r2 = len(phi), len(phi[0])
+            im = ax.imshow(phi, vmin=0, vmax=1, cmap="magma", extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5), aspect="auto")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.yaxis.get_major_locator().set_params(integer=True)
+            ax.set(title=title, xlabel="j (compared adapter)", ylabel="i (this adapter)")
+        fig.colorbar(im, ax=axes, label="phi(i, j)")
+        short = lambda path: "/".join(Path(path).parts[-2:])   # e.g. run-seed0/adapter
+        fig.suptitle(f"subspace similarity of A's top directions: {short(result['adapter'])} vs "
+                     f"{short(result['compare']['adapter'])}")
+        written.append(save(fig, out / "subspace_similarity.png"))
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,10 +83,10 @@ def test_plot_confusion_draws_gold_rows_against_predicted_and_invalid(tmp_path):
 
 
 def test_without_matplotlib_the_cli_says_so_in_one_line(tmp_path):
-    """A fresh interpreter where `import matplotlib` fails: importing minicalm.plot still works,
+    """A fresh interpreter where `import matplotlib` fails: importing minicalm.plot and minicalm.inspect still works,
     and the CLI exits 1 with one line naming the extra to install."""
     run = write_run(tmp_path / "run", records())
-    code = ("import sys; sys.modules['matplotlib'] = None; import minicalm.plot; "
+    code = ("import sys; sys.modules['matplotlib'] = None; import minicalm.inspect, minicalm.plot; "
             f"minicalm.plot.main([{str(run)!r}])")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=120)
