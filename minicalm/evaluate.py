@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -189,11 +190,31 @@ def run_eval(cfg: EvalConfig) -> dict:
     atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2, ensure_ascii=False)))
     lines = [json.dumps({"model": name, **p}, ensure_ascii=False) for name, r in runs.items() for p in r["predictions"]]
     atomic_write(out / "predictions.jsonl", lambda p: p.write_text("\n".join(lines) + "\n", encoding="utf-8"))
-    report = format_report(cfg, task, metrics, runs)
+    pictures = confusion_pictures(runs, list(task.labels), out, cfg.log)
+    report = format_report(cfg, task, metrics, runs) + "".join(f"![{name}]({path.name})\n\n"
+                                                               for name, path in pictures.items())
     atomic_write(out / "report.md", lambda p: p.write_text(report, encoding="utf-8"))
     if cfg.log:
         print(report)
     return {"metrics": metrics, "runs": runs, "report": report}
+
+
+def confusion_pictures(runs: dict, labels: list[str], out: Path, log: bool) -> dict[str, Path]:
+    """confusion_<run>.png beside report.md for each run's confusion matrix (greedy answers when there are any);
+    {title: file}. Without matplotlib (an optional extra) there are no pictures, and one line says so."""
+    from .plot import MISSING, plot_confusion
+    pictures = {}
+    try:
+        for name, r in runs.items():
+            m = r["metrics"].get("generate", r["metrics"].get("likelihood", r["metrics"]))
+            title = f"confusion matrix, {name}"
+            pictures[title] = plot_confusion(m["confusion"], labels, out / f"confusion_{name}.png", title)
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        if log:
+            print(f"eval: no confusion-matrix picture: {MISSING}", file=sys.stderr)
+    return pictures
 
 
 def pct(x: float | None) -> str:

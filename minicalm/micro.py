@@ -21,11 +21,12 @@ from pathlib import Path
 from . import data
 from .config import CalmConfig
 from .evaluate import evaluate_rows, table
-from .lora import load_adapter
+from .lora import VALID_TARGETS, load_adapter, trainable_parameters
 from .model import CalmForCausalLM
+from .plot import MISSING, plot_sweep
 from .progress import fmt_time
 from .task import MARC_JA, load_task
-from .tokenizer import train_tokenizer
+from .tokenizer import load_tokenizer, train_tokenizer
 from .train import TrainConfig, train
 from .weights import load_model, save_checkpoint
 
@@ -50,50 +51,68 @@ def task_files(task, train_file: str | None, valid_file: str | None) -> tuple[st
                                 f"../shared/data/amazon-ja-reviews/train.jsonl and valid.jsonl)") from None
 
 
-def run(out: str, train_file: str | None = None, valid_file: str | None = None, task: str = "marc-ja",
-        pretrain_steps: int = 3000, pretrain_minutes: float | None = None, lora_epochs: float = 3.0,
-        lora_steps: int | None = None, eval_limit: int | None = None, vocab_size: int = 4000, seed: int = 1337,
-        log: bool = True) -> dict:
-    t0 = time.time()
-    spec = task
-    task = load_task(spec)
+ALL_FOUR = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def start(out: str, spec, train_file: str | None, valid_file: str | None, log: bool):
+    """What run and sweep begin with: the task, its files, the output folder and a stage printer."""
+    t0, task = time.time(), load_task(spec)
     train_file, valid_file = task_files(task, train_file, valid_file)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = lambda msg: log and print(f"\n[{fmt_time(time.time() - t0)}] {msg}", file=sys.stderr, flush=True)
+    return t0, str(spec), task, train_file, valid_file, out_dir, stage
 
+
+def pretrain(out_dir: Path, spec: str, train_file: str, valid_file: str, steps: int, minutes: float | None,
+             vocab_size: int, seed: int, log: bool, stage) -> tuple[Path, dict]:
+    """Steps 1-3: a BPE on the training text, a tiny GPT-NeoX pretrained on it, saved as a checkpoint folder."""
+    task = load_task(spec)
     stage(f"1/6 tokenizer: byte-level BPE, {vocab_size} tokens, on {train_file}")
     texts = [r.text for r in data.read_jsonl(train_file, task)]
     # The prompt's English header is ordinary text for OpenCALM's tokenizer; let ours know it too.
     empty = task.format({f: "" for f in task.fields})
     tok = train_tokenizer(texts + [empty] * 100, out_dir / "tokenizer" / "tokenizer.json", vocab_size)
 
-    stage("2/6 pretraining a tiny GPT-NeoX from random weights on the raw reviews")
+    stage("2/6 pretraining a tiny GPT-NeoX from random weights on the raw text")
     init = out_dir / "init"
     save_checkpoint(CalmForCausalLM(micro_config(tok.vocab_size)).init_weights(seed=seed), init,
                     tokenizer_dir=tok.path.parent)
     pre = train(TrainConfig(
-        model=str(init), task=str(spec), train_file=train_file, valid_file=valid_file, out=str(out_dir / "pretrain"), full=True,
-        text=True, max_len=128, batch_size=16, micro_batch_size=16, lr=2e-3, weight_decay=0.1,
-        warmup_steps=min(100, max(1, pretrain_steps // 10)), max_steps=pretrain_steps,
-        max_time=pretrain_minutes and pretrain_minutes * 60,
+        model=str(init), task=spec, train_file=train_file, valid_file=valid_file, out=str(out_dir / "pretrain"),
+        full=True, text=True, max_len=128, batch_size=16, micro_batch_size=16, lr=2e-3, weight_decay=0.1,
+        warmup_steps=min(100, max(1, steps // 10)), max_steps=steps, max_time=minutes and minutes * 60,
         eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=seed, log=log, resume=False))
-    base = out_dir / "pretrain" / "model"   # 3. an ordinary checkpoint folder, written by train()
+    return out_dir / "pretrain" / "model", pre   # 3. an ordinary checkpoint folder, written by train()
+
+
+def lora(base: Path, out: Path, spec: str, train_file: str, valid_file: str, r: int, targets, epochs: float,
+         steps: int | None, seed: int, log: bool) -> dict:
+    """Step 5: LoRA on the base through train_lora.py's code path (alpha = 2 r, lr 5e-4, batch 16)."""
+    return train(TrainConfig(
+        model=str(base), task=spec, train_file=train_file, valid_file=valid_file, out=str(out), epochs=epochs,
+        max_steps=steps, lr=5e-4, batch_size=16, micro_batch_size=16, max_len=256,
+        warmup_steps=50 if steps is None else max(1, steps // 10), lora_r=r, lora_alpha=2 * r, lora_dropout=0.05,
+        lora_targets=tuple(targets), eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=seed, log=log))
+
+
+def run(out: str, train_file: str | None = None, valid_file: str | None = None, task: str = "marc-ja",
+        pretrain_steps: int = 3000, pretrain_minutes: float | None = None, lora_epochs: float = 3.0,
+        lora_steps: int | None = None, eval_limit: int | None = None, vocab_size: int = 4000, seed: int = 1337,
+        log: bool = True) -> dict:
+    t0, spec, task, train_file, valid_file, out_dir, stage = start(out, task, train_file, valid_file, log)
+    base, pre = pretrain(out_dir, spec, train_file, valid_file, pretrain_steps, pretrain_minutes, vocab_size, seed,
+                         log, stage)
 
     valid = data.read_jsonl(valid_file, task, limit=eval_limit)
-    kw = dict(max_len=256, batch_size=32, mode="both", log=log)
+    tok, kw = load_tokenizer(base), dict(max_len=256, batch_size=32, mode="both", log=log)
     stage(f"4/6 evaluating the pretrained model on {len(valid)} rows with the task's prompt")
     model = load_model(base)
     before = evaluate_rows(model, tok, valid, task, **kw)
 
     stage("5/6 LoRA fine-tuning (r 16, alpha 32, all four linear layers) with the train_lora.py code path")
-    lora = train(TrainConfig(
-        model=str(base), task=str(spec), train_file=train_file, valid_file=valid_file, out=str(out_dir / "lora"), epochs=lora_epochs,
-        max_steps=lora_steps, lr=5e-4, batch_size=16, micro_batch_size=16, max_len=256,
-        warmup_steps=50 if lora_steps is None else max(1, lora_steps // 10),
-        lora_r=16, lora_alpha=32, lora_dropout=0.05,
-        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-        eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=seed, log=log))
+    tuned = lora(base, out_dir / "lora", spec, train_file, valid_file, 16, ALL_FOUR, lora_epochs, lora_steps, seed,
+                 log)
 
     stage("6/6 evaluating base + adapter")
     load_adapter(model, out_dir / "lora" / "adapter")   # onto the same base model evaluated before
@@ -101,7 +120,7 @@ def run(out: str, train_file: str | None = None, valid_file: str | None = None, 
 
     seconds = time.time() - t0
     res = {"seconds": round(seconds, 1), "pretrain": {k: pre[k] for k in ("step", "loss", "val_loss", "seconds")},
-           "lora": {k: lora[k] for k in ("step", "loss", "val_loss", "seconds")},
+           "lora": {k: tuned[k] for k in ("step", "loss", "val_loss", "seconds")},
            "before": before["metrics"], "after": after["metrics"], "n_valid": len(valid), "task": task.name}
     (out_dir / "results.json").write_text(json.dumps(res, indent=2))
     report = format_report(res)
@@ -109,6 +128,44 @@ def run(out: str, train_file: str | None = None, valid_file: str | None = None, 
     if log:
         print("\n" + report)
     return res
+
+
+def sweep(out: str, ranks: list[int], targets=ALL_FOUR, base: str | None = None, train_file: str | None = None,
+          valid_file: str | None = None, task: str = "marc-ja", pretrain_steps: int = 3000,
+          lora_epochs: float = 3.0, lora_steps: int | None = None, eval_limit: int | None = None,
+          vocab_size: int = 4000, seed: int = 1337, log: bool = True) -> list[dict]:
+    """LoRA at each rank on one pretrained base (pretrained here, or --base): accuracy, invalid rate, trainable
+    parameters and time per rank; writes sweep.json, sweep.md and sweep.png (when matplotlib is there)."""
+    t0, spec, task, train_file, valid_file, out_dir, stage = start(out, task, train_file, valid_file, log)
+    if base is None:
+        base = pretrain(out_dir, spec, train_file, valid_file, pretrain_steps, None, vocab_size, seed, log, stage)[0]
+    tok, valid, rows = load_tokenizer(base), data.read_jsonl(valid_file, task, limit=eval_limit), []
+    for r in ranks:
+        stage(f"LoRA r {r} (alpha {2 * r}) on {', '.join(targets)}")
+        t = time.time()
+        res = lora(Path(base), out_dir / f"r{r}", spec, train_file, valid_file, r, targets, lora_epochs, lora_steps,
+                   seed, log)
+        m = evaluate_rows(res["model"], tok, valid, task, max_len=256, batch_size=32, log=log)["metrics"]
+        rows.append({"r": r, "alpha": 2 * r, "trainable": trainable_parameters(res["model"])[0],
+                     "accuracy": m["accuracy"], "invalid_rate": m["invalid_rate"], "macro_f1": m["macro_f1"],
+                     "steps": res["step"], "seconds": round(time.time() - t, 1)})
+    table = "\n".join(["| r | alpha | trainable parameters | accuracy | no valid answer | macro-F1 | time |",
+                       "|---|---|---|---|---|---|---|"] +
+                      [f"| {x['r']} | {x['alpha']} | {x['trainable']:,} | {100 * x['accuracy']:.1f}% | "
+                       f"{100 * x['invalid_rate']:.1f}% | {x['macro_f1']:.3f} | {fmt_time(x['seconds'])} |" for x in rows])
+    (out_dir / "sweep.json").write_text(json.dumps({"base": str(base), "targets": list(targets), "task": task.name,
+                                                    "n_valid": len(valid), "ranks": rows}, indent=2))
+    (out_dir / "sweep.md").write_text(table + "\n", encoding="utf-8")
+    try:
+        plot_sweep(rows, out_dir / "sweep.png", f"LoRA rank sweep, {task.name}, {len(valid)} held-out rows\n"
+                                                f"targets: {', '.join(targets)}")
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        stage(f"no sweep.png: {MISSING}")
+    if log:
+        print("\n" + table)
+    return rows
 
 
 def format_report(res: dict) -> str:
@@ -137,10 +194,20 @@ def main(argv=None):
     p.add_argument("--pretrain-minutes", type=float, default=None, help="also stop pretraining after this long")
     p.add_argument("--lora-epochs", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--sweep-ranks", default=None, help="comma-separated LoRA ranks (e.g. 1,2,4,8,16,64): train and "
+                   "evaluate one adapter per rank on one pretrained base instead of the before/after story")
+    p.add_argument("--lora-targets", default=",".join(ALL_FOUR), help=f"the sweep's targets, of {VALID_TARGETS}")
+    p.add_argument("--base", default=None, help="the sweep's pretrained base (e.g. runs/micro/pretrain/model); "
+                   "default: pretrain one first")
     a = p.parse_args(argv)
     try:
-        run(a.out, a.train_file, a.valid_file, a.task, a.pretrain_steps, a.pretrain_minutes, a.lora_epochs,
-            seed=a.seed)
+        if a.sweep_ranks:
+            ranks = [int(r) for r in a.sweep_ranks.split(",")]
+            sweep(a.out, ranks, tuple(t.strip() for t in a.lora_targets.split(",")), a.base, a.train_file,
+                  a.valid_file, a.task, a.pretrain_steps, a.lora_epochs, seed=a.seed)
+        else:
+            run(a.out, a.train_file, a.valid_file, a.task, a.pretrain_steps, a.pretrain_minutes, a.lora_epochs,
+                seed=a.seed)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"python -m minicalm.micro: error: {e}")
 

@@ -113,6 +113,25 @@ def plot_confusion(confusion: dict, labels: list[str], path: str | os.PathLike, 
     return save(fig, path)
 
 
+def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str) -> Path:
+    """A LoRA rank sweep (minicalm.micro --sweep-ranks): accuracy, invalid rate and macro-F1 against the rank
+    (log scale), each rank's trainable parameters written under its point."""
+    fig, (ax,) = new_figure(size=(7.0, 4.2))
+    ranks = [x["r"] for x in rows]
+    for key, label, style in (("accuracy", "accuracy", "o-"), ("macro_f1", "macro-F1", "s--"),
+                              ("invalid_rate", "no valid answer", "x:")):
+        ax.plot(ranks, [x[key] for x in rows], style, label=label)
+    for x in rows:
+        ax.annotate(f"{x['trainable']:,}", (x["r"], x["accuracy"]), textcoords="offset points", xytext=(0, -14),
+                    ha="center", fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set(xlabel="LoRA rank r (alpha = 2r); trainable parameters under each point", ylabel="share of rows",
+           ylim=(0, 1.02), title=title)
+    ax.legend()
+    return save(fig, path)
+
+
 # ----------------------------------------------------------------------------- what an adapter changed
 
 def plot_inspection(result: dict, out_dir: str | os.PathLike) -> list[Path]:

@@ -314,17 +314,25 @@ def test_run_eval_compare_base_writes_consistent_files(tiny, adapter, tmp_path, 
     assert [p["logprob_positive"] for p in plain["predictions"]] == pytest.approx(base, rel=FP32_REL)
 
     assert report == result["report"]
+    for name in ("base", "adapter"):   # the confusion matrices as pictures beside the report, linked from it
+        png = tmp_path / "out" / f"confusion_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(confusion_{name}.png)" in report
     for name, acc, invalid in POST_ROWS:   # the post's rows, as the report prints them
         assert f"| {name} | {100 * acc:.1f}% | {'-' if invalid is None else f'{100 * invalid:.1f}%'} |" in report
     assert f"| hf before fine-tuning | {100 * metrics['base']['generate']['accuracy']:.1f}% |" in report
     assert f"| hf + LoRA ({adapter}) |" in report and "Label likelihood" in report and f"({limit} rows, task marc-ja)" in report
 
 
-def test_run_eval_likelihood_only(tiny, tmp_path):
+def test_run_eval_likelihood_only_and_without_matplotlib(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # matplotlib is an optional extra
     run_eval(EvalConfig(model=str(tiny[0]), data=str(need(REVIEWS / "valid.jsonl")), limit=6, mode="likelihood",
-                        max_len=MAX_LEN, out=str(out), device="cpu", log=False))
+                        max_len=MAX_LEN, out=str(out), device="cpu"))
+    assert 'eval: no confusion-matrix picture: drawing needs matplotlib: pip install "minicalm[plot]"' in \
+        capsys.readouterr().err
+    assert not list(out.glob("*.png"))
     metrics, preds, report = read_outputs(out)
+    assert ".png" not in report
     assert metrics["base"]["n"] == 6 and len(preds) == 6 and all(p["model"] == "base" for p in preds)
     assert "answer" not in preds[0] and "likelihood_answer" in preds[0]
     assert "Greedy answers" not in report and "Label likelihood" in report

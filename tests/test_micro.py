@@ -57,3 +57,19 @@ def test_micro_without_data_says_what_to_pass(tmp_path, monkeypatch, capsys):
     msg = str(e.value.code)
     assert msg.startswith("python -m minicalm.micro: error: the miniature needs task marc-ja's data") and "\n" not in msg
     assert "pass --train-file and --valid-file" in msg and not (tmp_path / "run").exists()
+
+
+def test_rank_sweep_on_one_base(base, tmp_path):
+    """--sweep-ranks: one adapter per rank on the same base; trainable parameters grow as r (in + out) per layer."""
+    folder, _ = base
+    micro.main(["--out", str(tmp_path / "sweep"), "--sweep-ranks", "1,4", "--base", str(folder),
+                "--train-file", str(REVIEWS / "train.jsonl"), "--valid-file", str(REVIEWS / "valid.jsonl"),
+                "--lora-epochs", "0.004", "--lora-targets", "query_key_value,dense_4h_to_h"])
+    res = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    per_rank = 2 * ((64 + 3 * 64) + (128 + 64))   # two layers: query_key_value 64 -> 192, dense_4h_to_h 128 -> 64
+    assert [(x["r"], x["alpha"], x["trainable"]) for x in res["ranks"]] == [(1, 2, per_rank), (4, 8, 4 * per_rank)]
+    assert res["base"] == str(folder) and res["targets"] == ["query_key_value", "dense_4h_to_h"]
+    assert all(0 <= x["accuracy"] <= 1 and x["steps"] == 3 and x["seconds"] > 0 for x in res["ranks"])
+    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 4 and (tmp_path / "sweep" / "r4" / "adapter").is_dir()
+    assert not (tmp_path / "sweep" / "pretrain").exists()   # the given base was reused, nothing pretrained
