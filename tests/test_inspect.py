@@ -16,11 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REVIEWS, ROOT, assert_close_to_scale, need
-from minicalm import CalmConfig, CalmForCausalLM, save_checkpoint
-from minicalm.data import format_prompt, read_jsonl
 from minicalm.inspect import amplification, delta_svd, inspect_adapter, main, subspace_similarity
 from minicalm.lora import PEFT_PREFIX, VALID_TARGETS
-from minicalm.tokenizer import train_tokenizer
 from minicalm.train import TrainConfig, train
 
 F64 = dict(dtype=torch.float64)
@@ -225,15 +222,11 @@ def test_without_matplotlib_the_json_is_written_and_one_line_says_what_to_instal
 # ----------------------------------------------------------------------------- real short LoRA runs
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tiny random GPT-NeoX + 500-token BPE (as tests/test_train.py builds them) and two 10-step LoRA runs on all
-    four targets: r 4 seed 0 with validation loss and accuracy, r 2 seed 1 without."""
+def runs(base, tmp_path_factory):
+    """conftest's tiny random GPT-NeoX + 500-token BPE and two 10-step LoRA runs on all four targets: r 4 seed 0
+    with validation loss and accuracy, r 2 seed 1 without."""
     root = tmp_path_factory.mktemp("inspect")
-    texts = [r.sentence for r in read_jsonl(need(REVIEWS / "train.jsonl"), limit=1000)]
-    tok = train_tokenizer(texts + [format_prompt("")] * 500, root / "tok" / "tokenizer.json", vocab_size=500)
-    cfg = CalmConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=256)
-    folder = save_checkpoint(CalmForCausalLM(cfg).init_weights(seed=0), root / "base", tokenizer_dir=tok.path.parent)
+    folder, _ = base
     common = dict(model=str(folder), train_file=str(REVIEWS / "train.jsonl"), limit_train=32, batch_size=8,
                   micro_batch_size=8, max_len=128, lr=1e-2, warmup_steps=2, max_steps=10, save_every=0,
                   lora_targets=VALID_TARGETS, lora_dropout=0.0, device="cpu", dtype="float32", log=False)
