@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import PRESETS, CalmConfig, get_preset
 from .lora import apply_lora
-from .loss import micro_step
+from .loss import IGNORE_INDEX, micro_step
 from .model import CalmForCausalLM
 
 A100_BF16_FLOPS = 312e12
@@ -130,7 +130,7 @@ def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256,
         x = torch.zeros(B, T, dtype=torch.long)
         y = x.clone()
         if not train_on_inputs:
-            y[:, : T - answer_tokens] = -100
+            y[:, : T - answer_tokens] = IGNORE_INDEX
         return x, y, B * (T - 1 if train_on_inputs else answer_tokens)   # and the positions the loss scores
 
     with FakeTensorMode():
