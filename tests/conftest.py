@@ -82,3 +82,25 @@ def base(tmp_path_factory):
                      intermediate_size=128, max_position_embeddings=256)
     folder = save_checkpoint(CalmForCausalLM(cfg).init_weights(seed=0), root / "base", tokenizer_dir=tok.path.parent)
     return folder, tok
+
+
+@pytest.fixture(scope="session")
+def standin_hub(tmp_path_factory):
+    """The local stand-in for the hub (tests/hub.py) serving OpenCALM- and JGLUE-shaped repos, built once."""
+    from hub import serve
+
+    for path in (NEOX_TOKENIZER, REVIEWS / "train.jsonl", REVIEWS / "valid.jsonl"):
+        need(path)
+    hub = serve(tmp_path_factory.mktemp("standin_hub"))
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub_env(standin_hub, tmp_path, monkeypatch):
+    """huggingface_hub in this process pointed at the stand-in with an empty cache (HF_HOME under tmp_path), and
+    the stand-in's log emptied, so a test sees its own requests; returns the environment for subprocesses."""
+    from hub import use_hub
+
+    standin_hub.log.clear()
+    return use_hub(monkeypatch, standin_hub, tmp_path / "hf_home")
