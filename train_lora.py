@@ -10,7 +10,8 @@ from minicalm.train import TrainConfig, train
 D = TrainConfig()
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--model", default=D.model, help="hub id (cyberagent/open-calm-small ... -7b) or local folder")
-p.add_argument("--revision", default=D.revision, help="hub branch, tag or commit (e.g. refs/pr/5 for 7b safetensors)")
+p.add_argument("--revision", default=D.revision, help="hub branch, tag or commit (e.g. refs/pr/5 for 7b safetensors); "
+               "recorded in the adapter, so evaluation loads the same one")
 p.add_argument("--task", default=D.task, help="built-in task (marc-ja, jnli) or a task JSON file: prompt, label words")
 p.add_argument("--train-file", default=D.train_file, help="JSON lines of the task's rows; default: its train split "
                "from the hub")
@@ -32,12 +33,12 @@ p.add_argument("--schedule", choices=["cosine", "linear"], default=D.schedule, h
 p.add_argument("--weight-decay", type=float, default=D.weight_decay)
 p.add_argument("--grad-clip", type=float, default=D.grad_clip, help="max gradient norm (0: off)")
 p.add_argument("--eval-every", type=int, default=D.eval_every, help="steps between validation losses")
-p.add_argument("--eval-limit", type=int, default=D.eval_limit, help="validation reviews for the loss")
-p.add_argument("--eval-accuracy", type=int, default=D.eval_accuracy, help="validation reviews for greedy accuracy")
+p.add_argument("--eval-limit", type=int, default=D.eval_limit, help="validation rows for the loss")
+p.add_argument("--eval-accuracy", type=int, default=D.eval_accuracy, help="validation rows for greedy accuracy")
 p.add_argument("--save-every", type=int, default=D.save_every, help="steps between checkpoints")
 p.add_argument("--max-steps", type=int, default=D.max_steps, help="stop after N steps (overrides --epochs)")
 p.add_argument("--max-time", type=float, default=D.max_time, help="stop and save after this many seconds")
-p.add_argument("--limit-train", type=int, default=D.limit_train, help="use only the first N training reviews")
+p.add_argument("--limit-train", type=int, default=D.limit_train, help="use only the first N training rows")
 p.add_argument("--seed", type=int, default=D.seed)
 p.add_argument("--device", default=D.device)
 p.add_argument("--dtype", default=D.dtype, choices=["auto", "bfloat16", "float16", "float32"])
@@ -52,5 +53,5 @@ a = p.parse_args()
 a.lora_targets = tuple(t.strip() for t in a.lora_targets.split(",") if t.strip())
 try:
     train(TrainConfig(**vars(a)))
-except (ValueError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError) as e:
+except (ValueError, FileNotFoundError, FileExistsError, ImportError, MemoryError, FloatingPointError) as e:
     sys.exit(f"train_lora.py: error: {e}")   # bad input or a stopped run: the message, not a traceback

@@ -15,23 +15,25 @@ step, evaluation, decoding).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import minicalm
 from minicalm import data
+from minicalm.data import IGNORE_INDEX
 from minicalm.evaluate import evaluate_rows
+from minicalm.files import write_json
 from minicalm.loss import answer_loss, micro_step, shared_prefix_len
 from minicalm.task import MARC_JA
 from minicalm.tokenizer import train_tokenizer
@@ -90,8 +92,6 @@ def paired(name: str, ours, theirs, work: float, unit: str, reps: int, device,
 def build_models(shape: dict, device, dtype, folder: Path, vocab_size: int = 50304, tokenizer: Path = TOKENIZER):
     """The same random weights on both sides, with LoRA; returns (minicalm model, peft model). The checkpoint folder
     (with tokenizer.json) stays for train_lora.py's step."""
-    import shutil
-
     from peft import LoraConfig, get_peft_model
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -116,7 +116,7 @@ def build_models(shape: dict, device, dtype, folder: Path, vocab_size: int = 503
 
 def train_lora_run(folder: Path, out: Path, device, batch_size: int, micro_batch_size: int, share: bool):
     """train_lora.py's set-up (minicalm.train.setup) on the bench checkpoint and the real reviews; its
-    train_step(run) is the whole step the script times (micro-batches, clipping, AdamW)."""
+    train_step(run, batch) is the whole step the script times (micro-batches, clipping, AdamW)."""
     cfg = TrainConfig(model=str(folder), train_file=str(REVIEWS / "train.jsonl"), valid_file="none", out=str(out),
                       limit_train=512, batch_size=batch_size, micro_batch_size=micro_batch_size, max_steps=10_000,
                       lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -125,63 +125,77 @@ def train_lora_run(folder: Path, out: Path, device, batch_size: int, micro_batch
     return setup(cfg)
 
 
-def median_step(run) -> int:
-    """The step of the first epoch whose global batch has the median padded length: a typical step, not the
-    shortest or longest reviews."""
-    lengths = []
-    for i in range(run.steps_per_epoch):
-        run.step = i
-        lengths.append((max(len(run.train_set[j].input_ids) for j in step_batch(run)), i))
-    return sorted(lengths)[len(lengths) // 2][1]
+def median_batch(run) -> list[int]:
+    """The global batch of the first epoch with the median padded length: a typical step, not the shortest or
+    longest reviews."""
+    batches = [step_batch(run, i) for i in range(run.steps_per_epoch)]
+    return sorted(batches, key=lambda b: max(len(run.train_set[j].input_ids) for j in b))[len(batches) // 2]
 
 
-def same_step(run, step: int):
+def same_step(run, batch: list[int]):
     """train_step on the same global batch each time (the work of one step, repeatable)."""
-    def fn():
-        run.step = step
-        train_step(run)
-    return fn
+    return lambda: train_step(run, batch)
+
+
+def scored(y: torch.Tensor) -> int:
+    """Tokens a micro-batch's loss scores (labels after the first that are not IGNORE_INDEX)."""
+    return int((y[:, 1:] != IGNORE_INDEX).sum())
 
 
 def hf_global_step(model, opt, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]):
     """What a transformers + peft user writes for the same global batch: labels=..., the mean loss re-weighted by
     each micro-batch's share of the scored tokens, backward, clipping at 1.0, AdamW."""
-    n = sum(int((y[:, 1:] != -100).sum()) for _, y in micro_batches)
+    n = sum(scored(y) for _, y in micro_batches)
 
     def step():
         for x, y in micro_batches:
             loss = model(input_ids=x, labels=y).loss   # full (B, T, V) logits, mean over labelled tokens
-            (loss * int((y[:, 1:] != -100).sum()) / n).backward()
+            (loss * scored(y) / n).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
 
 
-def training_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
-    """The main job's step where the LM head is a small share of the work (7B-shaped proxy), and the whole
-    train_lora.py step against transformers + peft on a head-heavy shape."""
-    results = []
+def adamw(model) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+@dataclass
+class Bench:
+    """What every measurement needs: the settings, where to run, scratch space, and the facts it records."""
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    tmp: Path
+    info: dict
+
+    def paired(self, name: str, ours, theirs, work: float, unit: str, names=("minicalm", "transformers+peft")):
+        return paired(name, ours, theirs, work, unit, self.args.reps, self.device, names)
+
+
+def proxy_7b(b: Bench) -> list[dict]:
+    """The main job's step where the LM head is a small share of the work (7B-shaped proxy, 4,000-token vocabulary):
+    minicalm's public API against transformers + peft (the same body), and train_lora.py's step with the shared
+    head against --no-share-prefix."""
     # A 4,000-token BPE trained on the reviews, as the miniature trains its own: the prompt's head is 59 of a mean
-    # 121 tokens (FACTS.md section 6), the less flattering of the two tokenizers measured there.
+    # 121 tokens (README: the shared prompt head), the less flattering of the two tokenizers measured.
     texts = [r.text for r in data.read_jsonl(REVIEWS / "train.jsonl")]
-    bpe = train_tokenizer(texts + [MARC_JA.format({"sentence": ""})] * 100, tmp / "bpe" / "tokenizer.json", 4000).path
-    ours, theirs = build_models(PROXY_7B, device, dtype, tmp / "proxy", vocab_size=4000, tokenizer=bpe)
-    runs = {share: train_lora_run(tmp / "proxy", tmp / f"run-{share}", device, 16, 16, share) for share in (True, False)}
-    step = median_step(runs[True])
-    runs[True].step = step
-    x, y = (t.to(device) for t in data.collate([runs[True].train_set[i] for i in step_batch(runs[True])], 1))
-    P, n_tokens = shared_prefix_len(x.cpu()), int((x != 1).sum())
+    bpe = train_tokenizer(texts + [MARC_JA.format({"sentence": ""})] * 100, b.tmp / "bpe" / "tokenizer.json", 4000)
+    ours, theirs = build_models(PROXY_7B, b.device, b.dtype, b.tmp / "proxy", vocab_size=4000, tokenizer=bpe.path)
+    runs = {share: train_lora_run(b.tmp / "proxy", b.tmp / f"run-{share}", b.device, 16, 16, share)
+            for share in (True, False)}
+    batch = median_batch(runs[True])
+    x, y = (t.to(b.device) for t in data.collate([runs[True].train_set[i] for i in batch], bpe.pad_token_id))
+    P, n_tokens = shared_prefix_len(x.cpu()), int((x != bpe.pad_token_id).sum())
     with FlopCounterMode(display=False) as full:
         ours(x)
     with FlopCounterMode(display=False) as head:
-        ours.embed_out(torch.zeros(x.numel(), ours.config.hidden_size, device=device, dtype=dtype))
-    info["proxy_7b"] = {"shape": PROXY_7B, "vocab": 4000, "batch": list(x.shape), "shared_tokens": P,
-                        "real_tokens": n_tokens, "lm_head_share_of_forward": head.get_total_flops() / full.get_total_flops()}
-
-    # the public API without sharing, against transformers + peft: the same body, both with full logits
-    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+        ours.embed_out(torch.zeros(x.numel(), ours.config.hidden_size, device=b.device, dtype=b.dtype))
+    b.info["proxy_7b"] = {"shape": PROXY_7B, "vocab": 4000, "batch": list(x.shape), "shared_tokens": P,
+                          "real_tokens": n_tokens,
+                          "lm_head_share_of_forward": head.get_total_flops() / full.get_total_flops()}
+    opt_ours, opt_theirs = adamw(ours), adamw(theirs)
     ours.train(), theirs.train()
 
     def public_api_step():
@@ -190,29 +204,27 @@ def training_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
-    results.append(paired(f"7B-shaped proxy: LoRA step through the public API (model(x), cross-entropy), no sharing, "
-                          f"{x.shape[0]} prompts", public_api_step, hf_global_step(theirs, opt_theirs, [(x, y)]),
-                          n_tokens, "tokens/s", args.reps, device))
-    # train_lora.py's step with the head shared against --no-share-prefix: both sides are minicalm here
-    results.append(paired(f"7B-shaped proxy: train_lora.py step, batch {x.shape[0]} in one micro-batch, shared "
-                          f"head ({P} of {x.shape[1]} tokens) vs --no-share-prefix", same_step(runs[True], step),
-                          same_step(runs[False], step), n_tokens, "tokens/s", args.reps, device,
-                          names=("shared", "no-share-prefix")))
-    del ours, theirs, runs
+    return [b.paired(f"7B-shaped proxy: LoRA step through the public API (model(x), cross-entropy), no sharing, "
+                     f"{x.shape[0]} prompts", public_api_step, hf_global_step(theirs, opt_theirs, [(x, y)]), n_tokens,
+                     "tokens/s"),
+            b.paired(f"7B-shaped proxy: train_lora.py step, batch {x.shape[0]} in one micro-batch, shared head ({P} of "
+                     f"{x.shape[1]} tokens) vs --no-share-prefix", same_step(runs[True], batch),
+                     same_step(runs[False], batch), n_tokens, "tokens/s", names=("shared", "no-share-prefix"))]
 
-    # the whole train_lora.py step against transformers + peft, head-heavy (vocab 50304, the GPT-NeoX tokenizer)
-    ours, theirs = build_models(PROXY_7B, device, dtype, tmp / "wide")
-    run = train_lora_run(tmp / "wide", tmp / "run-wide", device, 8, 4, True)
-    run.step = step = median_step(run)
-    batch = [run.train_set[i] for i in step_batch(run)]
-    micro = [tuple(t.to(device) for t in data.collate(batch[k:k + 4], 1)) for k in (0, 4)]
-    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+
+def wide_train_step(b: Bench) -> dict:
+    """The whole train_lora.py step against transformers + peft where the head is heavy (vocab 50304, the GPT-NeoX
+    tokenizer): batch 8 as 2 micro-batches of 4."""
+    _, theirs = build_models(PROXY_7B, b.device, b.dtype, b.tmp / "wide")
+    run = train_lora_run(b.tmp / "wide", b.tmp / "run-wide", b.device, 8, 4, True)
+    batch = median_batch(run)
+    examples = [run.train_set[i] for i in batch]
+    micro = [tuple(t.to(b.device) for t in data.collate(examples[k:k + 4], run.tok.pad_token_id)) for k in (0, 4)]
+    opt_theirs = adamw(theirs)
     theirs.train()
-    n_tokens = sum(len(e.input_ids) for e in batch)
-    results.append(paired("train_lora.py step vs transformers + peft, hidden 512, 8 layers, vocab 50304, batch 8 as "
-                          "2 micro-batches of 4", same_step(run, step), hf_global_step(theirs, opt_theirs, micro),
-                          n_tokens, "tokens/s", args.reps, device))
-    return results
+    return b.paired("train_lora.py step vs transformers + peft, hidden 512, 8 layers, vocab 50304, batch 8 as 2 "
+                    "micro-batches of 4", same_step(run, batch), hf_global_step(theirs, opt_theirs, micro),
+                    sum(len(e.input_ids) for e in examples), "tokens/s")
 
 
 def matmul_flops(M: int, K: int, N: int, device, dtype, reps: int) -> float:
@@ -236,80 +248,88 @@ def machine(args) -> dict:
             "loadavg_start": os.getloadavg()}
 
 
-def small_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
-    """open-calm-small's shape (vocab 50304, the GPT-NeoX tokenizer): a training step, evaluation, decoding."""
-    tok = minicalm.load_tokenizer(TOKENIZER)
-    enc = data.PromptEncoder(tok, max_len=256)
-    ours, theirs = build_models(SIZES[args.size], device, dtype, tmp / "small")
-    info["params"], info["attn_implementation"] = ours.num_params(), theirs.config._attn_implementation
-    results = []
+@dataclass
+class Small:
+    """open-calm-small's shape (vocab 50304, the GPT-NeoX-20B tokenizer) on both sides, built once."""
+    ours: torch.nn.Module
+    theirs: torch.nn.Module
+    tok: minicalm.Tokenizer
+    enc: data.PromptEncoder
 
-    # 1. a LoRA training step on a length-grouped batch of real prompts, as train.py batches them
-    train_reviews = data.read_jsonl(REVIEWS / "train.jsonl", limit=256)
-    examples, _ = data.encode_rows(enc, train_reviews)
-    idx = data.length_batches([len(e.input_ids) for e in examples], args.batch_size, seed=0)[0]
-    x, y = (t.to(device) for t in data.collate([examples[i] for i in idx], tok.pad_token_id))
-    n_target, n_tokens = int((y[:, 1:] != -100).sum()), sum(len(examples[i].input_ids) for i in idx)
+
+def small_models(b: Bench) -> Small:
+    tok = minicalm.load_tokenizer(TOKENIZER)
+    ours, theirs = build_models(SIZES[b.args.size], b.device, b.dtype, b.tmp / "small")
+    b.info["params"], b.info["attn_implementation"] = ours.num_params(), theirs.config._attn_implementation
+    return Small(ours, theirs, tok, data.PromptEncoder(tok, max_len=256))
+
+
+def small_train_step(b: Bench, m: Small) -> tuple[dict, dict]:
+    """A LoRA training step on a length-grouped batch of real prompts, as train.py batches them: minicalm's
+    micro_step (the shared head once, the LM head only at the answer) against transformers + peft's labels=...
+    loss; and the FLOP/s minicalm's step achieves against a bare matmul of a representative size."""
+    examples, _ = data.encode_rows(m.enc, data.read_jsonl(REVIEWS / "train.jsonl", limit=256))
+    idx = data.length_batches([len(e.input_ids) for e in examples], b.args.batch_size, seed=0)[0]
+    x, y = (t.to(b.device) for t in data.collate([examples[i] for i in idx], m.tok.pad_token_id))
+    n_target, n_tokens = scored(y), sum(len(examples[i].input_ids) for i in idx)
     shared = shared_prefix_len(x.cpu())   # the prompt head, computed once per micro-batch as train() does
-    info["train_batch"] = {"shape": list(x.shape), "real_tokens": n_tokens, "answer_tokens": n_target,
-                           "shared_tokens": shared}
+    b.info["train_batch"] = {"shape": list(x.shape), "real_tokens": n_tokens, "answer_tokens": n_target,
+                             "shared_tokens": shared}
     with torch.no_grad():   # the same loss on both sides (dropout off), so both do the same work
-        ours.eval(), theirs.eval()
-        info["train_loss"] = {"minicalm": answer_loss(ours, x, y, shared).item() / n_target,
-                              "transformers": theirs(input_ids=x, labels=y).loss.item()}
-    ours.train(), theirs.train()
-    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+        m.ours.eval(), m.theirs.eval()
+        b.info["train_loss"] = {"minicalm": answer_loss(m.ours, x, y, shared).item() / n_target,
+                                "transformers": m.theirs(input_ids=x, labels=y).loss.item()}
+    m.ours.train(), m.theirs.train()
+    opt_ours, opt_theirs = adamw(m.ours), adamw(m.theirs)
 
     def step_ours():
         opt_ours.zero_grad(set_to_none=True)
-        micro_step(ours, x, y, n_target, shared)
+        micro_step(m.ours, x, y, n_target, shared)
         opt_ours.step()
 
     def step_theirs():
         opt_theirs.zero_grad(set_to_none=True)
-        theirs(input_ids=x, labels=y).loss.backward()   # full (B, T, V) logits, mean over labelled tokens
+        m.theirs(input_ids=x, labels=y).loss.backward()   # full (B, T, V) logits, mean over labelled tokens
         opt_theirs.step()
 
-    results.append(paired(f"LoRA training step, {x.shape[0]} prompts, shared head", step_ours, step_theirs, n_tokens,
-                          "tokens/s", args.reps, device))
-
-    # 4. achieved FLOP/s of our training step against a bare matmul of a representative size
+    row = b.paired(f"LoRA training step, {x.shape[0]} prompts, shared head", step_ours, step_theirs, n_tokens,
+                   "tokens/s")
     with FlopCounterMode(display=False) as counter:
-        micro_step(ours, x, y, n_target, shared)
+        micro_step(m.ours, x, y, n_target, shared)
     opt_ours.zero_grad(set_to_none=True)
-    step_flops = counter.get_total_flops()
-    B, T = x.shape
-    C = ours.config.hidden_size
-    mm_rep = matmul_flops(B * T, C, 3 * C, device, dtype, args.reps)
-    mm_2048 = matmul_flops(2048, 2048, 2048, device, dtype, args.reps)
-    achieved = step_flops / min(results[-1]["minicalm_s"])   # best against best, as for the matmul
-    info["flops"] = {"step_flops": step_flops, "achieved_flops_per_s": achieved,
-                     "matmul_shape": f"{B * T}x{C}x{3 * C}", "matmul_flops_per_s": mm_rep,
-                     "matmul_2048_flops_per_s": mm_2048, "fraction_of_matmul": achieved / mm_rep,
-                     "fraction_of_matmul_2048": achieved / mm_2048}
-    ours.eval(), theirs.eval()
+    m.ours.eval(), m.theirs.eval()
+    (B, T), C = x.shape, m.ours.config.hidden_size
+    mm_rep = matmul_flops(B * T, C, 3 * C, b.device, b.dtype, b.args.reps)
+    achieved = counter.get_total_flops() / min(row["minicalm_s"])   # best against best, as for the matmul
+    b.info["flops"] = {"step_flops": counter.get_total_flops(), "achieved_flops_per_s": achieved,
+                       "matmul_shape": f"{B * T}x{C}x{3 * C}", "matmul_flops_per_s": mm_rep,
+                       "fraction_of_matmul": achieved / mm_rep}
+    return row, {"work": f"training step FLOP/s vs bare {B * T}x{C}x{3 * C} matmul (best runs)",
+                 "text": f"{achieved / 1e9:.1f} GFLOP/s = {100 * achieved / mm_rep:.0f}% of {mm_rep / 1e9:.1f}"}
 
-    # 2. evaluation of the post's prompt: ours with its own batching (length-sorted, shared head computed once);
-    # transformers generate on batches of 16, left padded, (a) given our length-sorted batches, (b) in file order,
-    # as a plain evaluation loop (and the post's) batches them.
-    reviews = data.read_jsonl(REVIEWS / "valid.jsonl", limit=args.eval_reviews)
-    in_order = [ids for ids, _ in enc.encode_prompts(reviews)]
 
-    def batches_of(prompts):
-        out = []
-        for b0 in range(0, len(prompts), 16):
-            rows = prompts[b0:b0 + 16]
-            L = max(map(len, rows))
-            ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in rows], device=device)
-            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in rows], device=device)
-            out.append((ids, mask))
-        return out
+def left_padded_batches(prompts: list[list[int]], pad_id: int, device, size: int = 16):
+    """(input_ids, attention_mask) batches of `size` prompts, left padded, as generate() takes them."""
+    out = []
+    for b0 in range(0, len(prompts), size):
+        rows = prompts[b0:b0 + size]
+        L = max(map(len, rows))
+        ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in rows], device=device)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in rows], device=device)
+        out.append((ids, mask))
+    return out
 
+
+def small_evaluation(b: Bench, m: Small) -> list[dict]:
+    """Evaluation of the post's prompt: minicalm's evaluate_rows with its own batching (length-sorted, the shared
+    head computed once) against transformers' generate on batches of 16, left padded, (a) on the same
+    length-sorted batches, (b) in file order, as a plain evaluation loop (and the post's) batches them."""
+    reviews = data.read_jsonl(REVIEWS / "valid.jsonl", limit=b.args.eval_reviews)
+    in_order = [ids for ids, _ in m.enc.encode_prompts(reviews)]
     new_tokens = {}
 
     def eval_ours():
-        out = evaluate_rows(ours, tok, reviews, mode="generate", batch_size=16, max_new_tokens=8, log=False)
+        out = evaluate_rows(m.ours, m.tok, reviews, mode="generate", batch_size=16, max_new_tokens=8, log=False)
         new_tokens["minicalm_rows_stopped_at_newline"] = sum("\n" in p["continuation"] for p in out["predictions"])
 
     def eval_theirs_on(batches, key):
@@ -317,45 +337,58 @@ def small_part(args, device, dtype, tmp: Path, info: dict) -> list[dict]:
         def run():
             new_tokens[key] = 0
             for ids, mask in batches:
-                out = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                new_tokens[key] += int((out[:, ids.shape[1]:] != tok.pad_token_id).sum())
+                out = m.theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                        pad_token_id=m.tok.pad_token_id, eos_token_id=m.tok.eos_token_id)
+                new_tokens[key] += int((out[:, ids.shape[1]:] != m.tok.pad_token_id).sum())
         return run
 
-    sorted_batches, file_batches = batches_of(sorted(in_order, key=len)), batches_of(in_order)
-    info["eval_padding"] = {name: round(1 - sum(int(m.sum()) for _, m in bs) / sum(m.numel() for _, m in bs), 3)
-                            for name, bs in (("sorted", sorted_batches), ("file_order", file_batches))}
-    results.append(paired(f"evaluation, {len(reviews)} reviews, vs generate on the same length-sorted batches",
-                          eval_ours, eval_theirs_on(sorted_batches, "transformers_new_tokens_sorted"),
-                          len(reviews), "reviews/s", args.reps, device))
-    results.append(paired(f"evaluation, {len(reviews)} reviews, vs generate on file-order batches",
-                          eval_ours, eval_theirs_on(file_batches, "transformers_new_tokens_file_order"),
-                          len(reviews), "reviews/s", args.reps, device))
-    info["eval_new_tokens"] = new_tokens   # ours stops a row at EOS or a newline token; generate at EOS only
+    sorted_batches = left_padded_batches(sorted(in_order, key=len), m.tok.pad_token_id, b.device)
+    file_batches = left_padded_batches(in_order, m.tok.pad_token_id, b.device)
+    b.info["eval_padding"] = {name: round(1 - sum(int(k.sum()) for _, k in bs) / sum(k.numel() for _, k in bs), 3)
+                              for name, bs in (("sorted", sorted_batches), ("file_order", file_batches))}
+    rows = [b.paired(f"evaluation, {len(reviews)} reviews, vs generate on the same length-sorted batches", eval_ours,
+                     eval_theirs_on(sorted_batches, "transformers_new_tokens_sorted"), len(reviews), "reviews/s"),
+            b.paired(f"evaluation, {len(reviews)} reviews, vs generate on file-order batches", eval_ours,
+                     eval_theirs_on(file_batches, "transformers_new_tokens_file_order"), len(reviews), "reviews/s")]
+    b.info["eval_new_tokens"] = new_tokens   # ours stops a row at EOS or a newline token; generate at EOS only
+    return rows
 
-    # 3. greedy decoding at batch 1: one real prompt, 64 new tokens, no early stop on either side
-    prompt = torch.tensor([enc.encode_prompt(reviews[0])[0]], device=device)
+
+def small_decoding(b: Bench, m: Small) -> dict:
+    """Greedy decoding at batch 1: one real prompt, 64 new tokens, no early stop on either side."""
+    review = data.read_jsonl(REVIEWS / "valid.jsonl", limit=1)[0]
+    prompt = torch.tensor([m.enc.encode_prompt(review)[0]], device=b.device)
     outs = {}
 
     def decode_ours():
-        outs["minicalm"] = minicalm.greedy_generate(ours, prompt, 64, eos_token_id=None)
+        outs["minicalm"] = minicalm.greedy_generate(m.ours, prompt, 64, eos_token_id=None)
 
     @torch.inference_mode()
     def decode_theirs():
-        outs["transformers"] = theirs.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                               do_sample=False, max_new_tokens=64, min_new_tokens=64,
-                                               pad_token_id=tok.pad_token_id)
+        outs["transformers"] = m.theirs.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                                 do_sample=False, max_new_tokens=64, min_new_tokens=64,
+                                                 pad_token_id=m.tok.pad_token_id)
 
-    results.append(paired(f"greedy decoding, batch 1, prompt {prompt.shape[1]} + 64 tokens", decode_ours,
-                          decode_theirs, 64, "tokens/s", args.reps, device))
-    a, b = outs["minicalm"][0, prompt.shape[1]:], outs["transformers"][0, prompt.shape[1]:]
-    info["decode"] = {"new_tokens": [len(a), len(b)], "same_tokens": int((a == b[:len(a)]).sum())}
+    row = b.paired(f"greedy decoding, batch 1, prompt {prompt.shape[1]} + 64 tokens", decode_ours, decode_theirs, 64,
+                   "tokens/s")
+    a, t = outs["minicalm"][0, prompt.shape[1]:], outs["transformers"][0, prompt.shape[1]:]
+    b.info["decode"] = {"new_tokens": [len(a), len(t)], "same_tokens": int((a == t[:len(a)]).sum())}
+    return row
 
-    fl = info["flops"]
-    results.append({"work": f"training step FLOP/s vs bare {fl['matmul_shape']} matmul (best runs)",
-                    "text": f"{fl['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * fl['fraction_of_matmul']:.0f}% "
-                            f"of {fl['matmul_flops_per_s'] / 1e9:.1f}"})
-    return results
+
+def format_table(b: Bench, results: list[dict]) -> str:
+    lines = [f"{b.dtype}, {b.args.device}, {b.args.threads} thread(s), {b.args.reps} reps", "",
+             "| work | minicalm | the other side | ratio | ratio (CPU time) |", "|---|---|---|---|---|"]
+    for r in results:
+        if "text" in r:
+            lines.append(f"| {r['work']} | {r['text']} | | | |")
+        else:
+            lines.append(f"| {r['work']} ({r['unit']}) | {r['minicalm']:.1f} | {r['transformers']:.1f} | "
+                         f"{r['ratio']:.2f}x | {r['ratio_cpu_time']:.2f}x |")
+    load = " -> ".join(f"{b.info['machine'][k][0]:.1f}" for k in ("loadavg_start", "loadavg_end"))
+    return "\n".join(lines + ["", "rates: work / median wall time; ratios: median over repetitions of the other "
+                              "side's time / minicalm's (above 1: minicalm faster). Load average " + load +
+                              f" on {b.info['machine']['cpus']} CPUs."])
 
 
 def main():
@@ -367,7 +400,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8, help="the `small` part's training micro-batch")
     ap.add_argument("--eval-reviews", type=int, default=64)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--out", default="bench/results.json", help="relative paths are to the repository")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -375,29 +408,20 @@ def main():
     info = {"args": vars(args), "machine": machine(args), "dtype": str(dtype), "lora": LORA}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        b = Bench(args, device, dtype, Path(tmp), info)
         if args.part in ("all", "training"):
-            results += training_part(args, device, dtype, Path(tmp), info)
+            results += proxy_7b(b) + [wide_train_step(b)]
         if args.part in ("all", "small"):
-            results += small_part(args, device, dtype, Path(tmp), info)
+            m = small_models(b)
+            train_row, flops_row = small_train_step(b, m)
+            results += [train_row, *small_evaluation(b, m), small_decoding(b, m), flops_row]
     info["machine"]["loadavg_end"] = os.getloadavg()
-
-    lines = [f"{dtype}, {args.device}, {args.threads} thread(s), {args.reps} reps", "",
-             "| work | minicalm | the other side | ratio | ratio (CPU time) |", "|---|---|---|---|---|"]
-    for r in results:
-        if "text" in r:
-            lines.append(f"| {r['work']} | {r['text']} | | | |")
-        else:
-            lines.append(f"| {r['work']} ({r['unit']}) | {r['minicalm']:.1f} | {r['transformers']:.1f} | "
-                         f"{r['ratio']:.2f}x | {r['ratio_cpu_time']:.2f}x |")
-    lines += ["", "rates: work / median wall time; ratios: median over repetitions of the other side's time / "
-              "minicalm's (above 1: minicalm faster). Load average " + " -> ".join(
-                  f"{info['machine'][k][0]:.1f}" for k in ("loadavg_start", "loadavg_end")) +
-              f" on {info['machine']['cpus']} CPUs."]
-    table = "\n".join(lines)
+    table = format_table(b, results)
     print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({**info, "results": results, "table": table}, indent=2))
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, {**info, "results": results, "table": table})
+    print(f"\nwrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

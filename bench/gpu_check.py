@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from minicalm import greedy_generate, load_model  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]   # minicalm, and the tests' reference decoder
+from minicalm import data, greedy_generate, load_model  # noqa: E402
 from minicalm.config import CalmConfig  # noqa: E402
 from minicalm.model import CalmForCausalLM  # noqa: E402
 from minicalm.plan import GiB, plan  # noqa: E402
+from minicalm.tokenizer import load_tokenizer  # noqa: E402
 from minicalm.train import TrainConfig, common_prefix, setup, step_batch, train, train_step  # noqa: E402
 from minicalm.weights import save_checkpoint  # noqa: E402
+from reference import greedy_no_cache  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -65,7 +67,7 @@ def main():
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
     same = torch.equal(greedy_generate(model, ids, 24, attention_mask=mask),
-                       greedy_generate(model, ids, 24, attention_mask=mask, use_cache=False))
+                       greedy_no_cache(model, ids, 24, attention_mask=mask))
     print(f"2. greedy decoding in {next(model.parameters()).dtype}: KV cache equals no cache: {same}")
 
     print("3. train_lora.py's step, batch 16 in one micro-batch (tokens/s after 2 warm-up steps):")
@@ -74,7 +76,7 @@ def main():
                             share_prefix=share, compile=compiled, log=False))
         rates = []
         for _ in range(7):
-            tokens = sum(len(run.train_set[j].input_ids) for j in step_batch(run))
+            tokens = sum(len(run.train_set[j].input_ids) for j in step_batch(run, run.step))
             t0 = time.perf_counter()
             train_step(run)   # ends with .item() on the loss and grad norm: the GPU has finished
             rates.append(tokens / (time.perf_counter() - t0))
@@ -85,8 +87,6 @@ def main():
 
 def shared_head(tc: TrainConfig) -> int:
     """The prompt head every training example starts with (what train() shares), for the plan."""
-    from minicalm import data
-    from minicalm.tokenizer import load_tokenizer
     enc = data.PromptEncoder(load_tokenizer(tc.model), tc.max_len)
     return common_prefix(data.encode_rows(enc, data.read_jsonl(tc.train_file, limit=tc.limit_train))[0])
 

@@ -1,9 +1,12 @@
 """CalmConfig: every GPT-NeoX setting that changes the math, read from a checkpoint's config.json."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .files import read_json
+
+POST_MODEL = "cyberagent/open-calm-7b"   # the blog post's model, the scripts' default
 
 # hidden_act spellings we accept, mapped to torch's GELU `approximate` argument.
 GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_tanh": "tanh"}
@@ -72,14 +75,7 @@ class CalmConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CalmConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no config.json here; a checkpoint folder needs config.json and weights")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path, "a checkpoint's config.json"), source=str(path))
 
     def to_dict(self) -> dict:
         """config.json contents in the 2023 OpenCALM spelling plus transformers 5.x's rope_parameters."""
@@ -95,7 +91,7 @@ def _calm(hidden: int, layers: int, heads: int, vocab: int) -> CalmConfig:
                       intermediate_size=4 * hidden)
 
 
-# The six OpenCALM sizes (FACTS.md section 2) and a tiny one for tests.
+# The six OpenCALM sizes (their config.json files on the hub, cyberagent/open-calm-*) and a tiny one for tests.
 PRESETS: dict[str, CalmConfig] = {
     "open-calm-small": _calm(768, 12, 12, 52096),
     "open-calm-medium": _calm(1024, 24, 16, 52096),

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .loss import IGNORE_INDEX
+from . import hub
+from .files import write_text
 from .task import MARC_JA, Task
-from .weights import atomic_write
+
+IGNORE_INDEX = -100   # a label the loss skips (F.cross_entropy's default ignore_index): the prompt, the padding
 
 
 @dataclass
@@ -93,33 +95,27 @@ def parquet_to_jsonl(parquet_path: str | Path, out_path: str | Path, task: Task 
         lines.append(json.dumps(out, ensure_ascii=False))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda p: p.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    write_text(out, "\n".join(lines) + "\n")
     return counts
 
 
 def task_data(task: Task, split: str, cache_dir: str | Path | None = None, subset: int | None = None,
-              seed: int = 0) -> Path:
-    """A built-in task's train or validation split as JSON lines, downloaded from the hub and converted on first use
-    (cached in ~/.cache/minicalm/<task>/); `subset` keeps a fixed-seed random sample of that many rows."""
+              seed: int = 0, instead: str = "--train-file and --valid-file") -> Path:
+    """A task's train or validation split as JSON lines, downloaded from the hub (task.hub) and converted on first
+    use (cached in ~/.cache/minicalm/<task>/); `subset` keeps a fixed-seed random sample of that many rows.
+    `instead` names what the user can pass rather than the hub's data (the flags of the script that asks)."""
     split = {"valid": "validation"}.get(split, split)
     if split not in ("train", "validation"):
         raise ValueError(f"{task.name} split {split!r}: expected 'train' or 'validation' (test labels are not "
                          f"public)")
-    if task.hub is None:
-        raise FileNotFoundError(f"task {task.name} has no built-in data: pass --train-file and --valid-file "
-                                f"(JSON lines with {', '.join(task.fields + [task.label_field])})")
+    rows = f"JSON lines with {', '.join(task.fields + [task.label_field])}"
+    if task.hub is None or split not in task.hub["files"]:
+        raise FileNotFoundError(f"task {task.name} names no {split} data on the hub: pass {instead} ({rows})")
     folder = Path(cache_dir or Path("~/.cache/minicalm") / task.name).expanduser()
     full = folder / f"{split}.jsonl"
     if not full.is_file():
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-        repo, revision = task.hub["repo"], task.hub["revision"]
-        try:
-            parquet = hf_hub_download(repo, task.hub["files"][split], repo_type="dataset", revision=revision)
-        except (OSError, HfHubHTTPError, EntryNotFoundError) as e:
-            raise FileNotFoundError(
-                f"could not download {task.name} {split} (dataset {repo}, revision {revision}): {type(e).__name__}: "
-                f"{e}. Without the hub, pass JSON-lines files with --train-file/--valid-file.") from e
+        parquet = hub.download(task.hub["repo"], task.hub["files"][split], task.hub.get("revision"), "dataset",
+                               offline_hint=f"pass {instead} ({rows})")
         counts = parquet_to_jsonl(parquet, full, task)
         want = task.hub.get(f"{split}_counts")
         if want and {k: counts[k] for k in want} != want:
@@ -131,7 +127,7 @@ def task_data(task: Task, split: str, cache_dir: str | Path | None = None, subse
     if not out.is_file():
         lines = [ln for ln in full.read_text(encoding="utf-8").splitlines() if ln.strip()]
         picked = sorted(random.Random(seed).sample(range(len(lines)), min(subset, len(lines))))
-        atomic_write(out, lambda p: p.write_text("".join(lines[i] + "\n" for i in picked), encoding="utf-8"))
+        write_text(out, "".join(lines[i] + "\n" for i in picked))
     return out
 
 
@@ -205,7 +201,12 @@ class PromptEncoder:
 @dataclass
 class Example:
     input_ids: list[int]
-    labels: list[int]
+    labels: list[int]      # aligned with input_ids; IGNORE_INDEX where nothing is scored
+
+    @property
+    def n_scored(self) -> int:
+        """Tokens the loss scores: the labels after the first (each is predicted from the ones before it)."""
+        return sum(t != IGNORE_INDEX for t in self.labels[1:])
 
 
 def encode_rows(encoder: PromptEncoder, rows: list[Row],

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100   # labels the loss skips (F.cross_entropy's default ignore_index)
+from .data import IGNORE_INDEX
 
 
 def shared_prefix_len(input_ids: torch.Tensor) -> int:

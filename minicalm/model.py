@@ -1,10 +1,12 @@
 """GPT-NeoX as OpenCALM uses it, in plain PyTorch: config -> RoPE -> KV cache -> attention -> MLP -> block -> model.
 
-Module names mirror the checkpoints (`gpt_neox.layers.N.attention.query_key_value`, ..., `embed_out`), so a
-checkpoint loads with `load_state_dict(strict=True)` once the legacy buffers are dropped (see weights.py).
+Module names mirror the checkpoints (`gpt_neox.layers.N.attention.query_key_value`, ..., `embed_out`): a checkpoint's
+tensors load by their own names once the legacy buffers are dropped; weights.py checks every name and shape.
 Notation in shape comments: B batch, T new tokens, S keys (cache length), C hidden, nh heads, hs head size.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -254,3 +256,14 @@ class CalmForCausalLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block in eval mode (no dropout); the model's own mode comes back after, also on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -24,8 +24,9 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import PRESETS, CalmConfig, get_preset
+from .data import IGNORE_INDEX
 from .lora import apply_lora
-from .loss import IGNORE_INDEX, micro_step
+from .loss import micro_step
 from .model import CalmForCausalLM
 
 A100_BF16_FLOPS = 312e12
@@ -175,6 +176,29 @@ def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256,
                 peak_flops=peak_flops)
 
 
+def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.device, dtype: torch.dtype,
+              shared: int = 0, log: bool = True, memory: int | None = None) -> Plan:
+    """train()'s check before loading the model: print the plan; refuse settings that would not fit in the GPU's
+    memory (or in `memory` bytes when given), naming the first smaller setting that fits."""
+    kw = dict(lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, full=cfg.full, train_on_inputs=cfg.train_on_inputs,
+              dtype=dtype, examples=len(lengths), avg_tokens=sum(lengths) / len(lengths), name=cfg.model)
+    T = min(cfg.max_len, max(lengths))
+    shared = min(shared, T - 1)
+    pl = plan(model_cfg, cfg.micro_batch_size, T, shared_tokens=shared, grad_checkpoint=cfg.grad_checkpoint, **kw)
+    if memory is None and device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    if log:
+        print(pl.summary(cfg.epochs, memory), file=sys.stderr, flush=True)
+    if memory and pl.peak_bytes > 0.9 * memory:
+        options = [(mb, gc) for gc in (False, True) for mb in (16, 8, 4, 2, 1) if mb < cfg.micro_batch_size or gc]
+        fits = next((f"--micro-batch-size {mb}" + (" --grad-checkpoint" if gc else "") for mb, gc in options
+                     if plan(model_cfg, mb, T, shared_tokens=shared, grad_checkpoint=gc, **kw).peak_bytes
+                     < 0.9 * memory), None)
+        raise MemoryError(f"the plan's peak {pl.peak_bytes / GiB:.1f} GiB exceeds 90% of this GPU's "
+                          f"{memory / GiB:.1f} GiB; " + (f"try {fits}" if fits else "no micro-batch size fits"))
+    return pl
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minicalm.plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,7 +207,7 @@ def main(argv=None):
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--shared-tokens", type=int, default=75,
                    help="the prompt head every row shares, computed once per micro-batch (0: no sharing); default: "
-                        "half of --avg-tokens, as measured on the reviews with two tokenizers (FACTS.md section 6)")
+                        "half of --avg-tokens, as the post's prompt is on Japanese reviews (README, the shared head)")
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="query_key_value")
@@ -218,26 +242,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-
-
-def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.device, dtype: torch.dtype,
-              shared: int = 0, log: bool = True, memory: int | None = None) -> Plan:
-    """train()'s check before loading the model: print the plan; refuse settings that would not fit in the GPU's
-    memory (or in `memory` bytes when given), naming the first smaller setting that fits."""
-    kw = dict(lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, full=cfg.full, train_on_inputs=cfg.train_on_inputs,
-              dtype=dtype, examples=len(lengths), avg_tokens=sum(lengths) / len(lengths), name=cfg.model)
-    T = min(cfg.max_len, max(lengths))
-    shared = min(shared, T - 1)
-    pl = plan(model_cfg, cfg.micro_batch_size, T, shared_tokens=shared, grad_checkpoint=cfg.grad_checkpoint, **kw)
-    if memory is None and device.type == "cuda":
-        memory = torch.cuda.get_device_properties(device).total_memory
-    if log:
-        print(pl.summary(cfg.epochs, memory), file=sys.stderr, flush=True)
-    if memory and pl.peak_bytes > 0.9 * memory:
-        options = [(mb, gc) for gc in (False, True) for mb in (16, 8, 4, 2, 1) if mb < cfg.micro_batch_size or gc]
-        fits = next((f"--micro-batch-size {mb}" + (" --grad-checkpoint" if gc else "") for mb, gc in options
-                     if plan(model_cfg, mb, T, shared_tokens=shared, grad_checkpoint=gc, **kw).peak_bytes
-                     < 0.9 * memory), None)
-        raise MemoryError(f"the plan's peak {pl.peak_bytes / GiB:.1f} GiB exceeds 90% of this GPU's "
-                          f"{memory / GiB:.1f} GiB; " + (f"try {fits}" if fits else "no micro-batch size fits"))
-    return pl

@@ -1,24 +1,36 @@
-"""Pictures (PNG): a run's training curves, a confusion matrix, and what an adapter changed (minicalm.inspect).
+"""Pictures (PNG): a run's training curves, a confusion matrix, a sweep, and what an adapter changed (adapter_stats).
 
 `python -m minicalm.plot RUN_DIR` draws RUN_DIR/metrics.jsonl into RUN_DIR/plots/: loss.png (training loss, the
 validation loss and accuracy when the run has them), lr.png, grad_norm.png and tokens_per_s.png, all against the
 step. It works on a run still in progress: a last line torn mid-write is skipped.
 
-matplotlib is optional (`pip install "minicalm[plot]"`) and imported only when something is drawn. Figures are
+matplotlib is optional (`pip install "minicalm[plot]"`) and imported only when something is drawn; without it the
+commands write their numbers and say in one line that there are no pictures (`draw_if_possible`). Figures are
 drawn by the Agg backend straight to files, without pyplot: no window, and a notebook's backend is left alone.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from pathlib import Path
 
-from .weights import atomic_write
+from .files import atomic_write, read_records
 
 MISSING = 'drawing needs matplotlib: pip install "minicalm[plot]"'
+
+
+def draw_if_possible(draw, *args, prog: str) -> list[Path]:
+    """draw(*args)'s files (one path or a list); without matplotlib, one line on stderr saying so and no files."""
+    try:
+        out = draw(*args)
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        print(f"{prog}: no pictures: {MISSING}", file=sys.stderr)
+        return []
+    return out if isinstance(out, list) else [out]
 
 
 def new_figure(ncols: int = 1, size: tuple[float, float] = (6.4, 4.0)):
@@ -44,19 +56,6 @@ def save(fig, path: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------- a run's curves
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """metrics.jsonl's records. A line that is not valid JSON (the last one, torn while being written) is skipped."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            records.append(rec)
-    return records
-
-
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of the records that hold `key`."""
     points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
@@ -66,7 +65,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     """Draw RUN_DIR/metrics.jsonl into RUN_DIR/plots/*.png; returns the files written."""
     run = Path(run_dir)
-    records = read_metrics(run / "metrics.jsonl")
+    records = [r for r in read_records(run / "metrics.jsonl") if "step" in r]
     if not records:
         raise ValueError(f"{run / 'metrics.jsonl'}: no complete step yet")
     fig, (ax,) = new_figure()   # before any folder is made: without matplotlib nothing is left behind
@@ -114,7 +113,7 @@ def plot_confusion(confusion: dict, labels: list[str], path: str | os.PathLike, 
 
 
 def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str) -> Path:
-    """A LoRA rank sweep (minicalm.micro --sweep-ranks): accuracy, invalid rate and macro-F1 against the rank
+    """A LoRA rank sweep (experiments/miniature.py --sweep-ranks): accuracy, invalid rate and macro-F1 against the rank
     (log scale), each rank's trainable parameters written under its point."""
     fig, (ax,) = new_figure(size=(7.0, 4.2))
     ranks = [x["r"] for x in rows]
@@ -134,11 +133,11 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str) -> Path:
 
 # ----------------------------------------------------------------------------- what an adapter changed
 
-def plot_inspection(result: dict, out_dir: str | os.PathLike) -> list[Path]:
-    """inspect.json's pictures in out_dir: the update per layer and target (update_per_layer.png), the singular
+def plot_adapter_stats(result: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """adapter_stats.json's pictures in out_dir: the update per layer and target (update_per_layer.png), the singular
     values (singular_values.png) and, with a comparison, the subspace similarity (subspace_similarity.png)."""
     out, mods = Path(out_dir), result["modules"]
-    targets = list(dict.fromkeys(m["target"] for m in mods))   # inspect lists them in the block's order
+    targets = list(dict.fromkeys(m["target"] for m in mods))   # listed in the block's order
     layers = sorted({m["layer"] for m in mods})
     relative = all("relative_update" in m for m in mods)
     key = "relative_update" if relative else "delta_norm"
@@ -195,14 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run_dir", help="a training run's --out folder")
     a = p.parse_args(argv)
     try:
-        written = plot_run(a.run_dir)
+        written = draw_if_possible(plot_run, a.run_dir, prog=p.prog)
     except (OSError, ValueError) as e:
-        sys.exit(f"python -m minicalm.plot: {e}")
-    except ModuleNotFoundError as e:
-        if e.name != "matplotlib":
-            raise
-        sys.exit(f"python -m minicalm.plot: {e}")
-    print(f"wrote {', '.join(str(w) for w in written)}", file=sys.stderr)
+        p.exit(1, f"{p.prog}: error: {e}\n")
+    if not written:
+        p.exit(1)
+    print(f"wrote {', '.join(str(w) for w in written)}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,7 @@
-"""Scoring: parse a generated answer, compute metrics, and score the label words by log-likelihood."""
+"""Scoring: parse a generated answer and compute the metrics (label likelihoods come from generate.py)."""
 from __future__ import annotations
 
 import math
-
-import torch
 
 from .task import MARC_JA
 
@@ -78,39 +76,3 @@ def compute_metrics(golds: list[str], preds: list[str | None], labels=tuple(MARC
         "balanced_accuracy": sum(per_class[c]["recall"] for c in labels) / len(labels),
         "majority_label": majority, "majority_baseline": per_class[majority]["support"] / n,
     }
-
-
-@torch.inference_mode()
-def label_logprobs(model, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 16) -> torch.Tensor:
-    """(N, len(answers)) fp32: the summed log-probability of each answer's tokens after each prompt.
-
-    Choices are scored as the JP LM evaluation harness does. Each (prompt, answer) pair is one right-padded row
-    (right padding cannot reach real tokens under causal attention); rows are sorted by length to pad little,
-    and the vocabulary-wide head runs only at the positions that predict answer tokens (logits_at).
-    Call model.eval() first: LoRA dropout would otherwise be active.
-    """
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token to condition the answer on")
-    device = next(model.parameters()).device
-    pairs = sorted(((i, j) for i in range(len(prompts)) for j in range(len(answers))),
-                   key=lambda ij: len(prompts[ij[0]]) + len(answers[ij[1]]))
-    out = torch.zeros(len(prompts), len(answers))
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        seqs = [prompts[i] + answers[j] for i, j in chunk]
-        ids = torch.zeros(len(chunk), max(map(len, seqs)), dtype=torch.long)   # pad id is irrelevant on the right
-        at = torch.zeros_like(ids, dtype=torch.bool)
-        targets, rows = [], []
-        for r, ((i, j), seq) in enumerate(zip(chunk, seqs)):
-            ids[r, : len(seq)] = torch.tensor(seq)
-            p, a = len(prompts[i]), len(answers[j])
-            at[r, p - 1: p - 1 + a] = True   # position t predicts token t + 1
-            targets += answers[j]
-            rows += [r] * a
-        logits = model(ids.to(device), logits_at=at.to(device))                # (N_at, V), row-major order of `at`
-        logp = logits.float().log_softmax(-1)                                   # fp32 even for a bf16 model
-        picked = logp.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1).cpu()
-        sums = torch.zeros(len(chunk)).index_add_(0, torch.tensor(rows, dtype=torch.long), picked)
-        for r, (i, j) in enumerate(chunk):
-            out[i, j] = sums[r]
-    return out

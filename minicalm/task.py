@@ -6,24 +6,29 @@ As a JSON file (`--task FILE`), or built in by name (`--task marc-ja`, the defau
      "prompt": "...### Input:\\n{text}\\n\\n### Response:\\n",
      "labels": {"positive": "ポジティブ", "neutral": "ニュートラル", "negative": "ネガティブ"},
      "label_field": "label",
-     "id_field": "id"}
+     "id_field": "id",
+     "hub": {"repo": "owner/name", "revision": "main", "files": {"train": "train.parquet", "validation": ...}}}
 
 Fields in braces name the keys of the data's JSON rows (`{sentence1}`, `{sentence2}` for pairs; `{{` and `}}` are
 literal braces). The prompt ends where the answer begins: a training example is the prompt, the label's word,
 then EOS. `labels` maps each label name to its answer word, in the order that integer labels in the data index.
-`label_field` defaults to "label"; `id_field` is optional (a row without an id gets its line number). The text
+`label_field` defaults to "label"; `id_field` is optional (a row without an id gets its line number); `hub`, also
+optional, names a hub dataset's Parquet files holding the task's rows (the built-in tasks have one). The text
 before the first field is the same in every prompt, the head: evaluation computes it once per run, training once
 per micro-batch.
 """
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
-KEYS = ("name", "prompt", "labels", "label_field", "id_field")
-JGLUE = {"repo": "shunk031/JGLUE", "revision": "refs/convert/parquet"}   # JGLUE's Parquet files (FACTS.md 4)
+from .files import read_json
+
+KEYS = ("name", "prompt", "labels", "label_field", "id_field", "hub")
+# JGLUE (github.com/yahoojapan/JGLUE) no longer ships MARC-ja's reviews; the hub holds JGLUE's tasks as Parquet on
+# this ref of the dataset shunk031/JGLUE, the files its loading script (JGLUE.py) falls back to.
+JGLUE = {"repo": "shunk031/JGLUE", "revision": "refs/convert/parquet"}
 
 
 @dataclass
@@ -33,7 +38,7 @@ class Task:
     labels: dict[str, str]         # label name -> answer word, in the data's integer order
     label_field: str = "label"
     id_field: str | None = None
-    hub: dict | None = None        # built-in tasks: where their data lives (data.task_data)
+    hub: dict | None = None        # where the rows live on the hub: repo, revision, files[split] (data.task_data)
     source: str = "built-in"       # the file it came from, for error messages
 
     def __post_init__(self):
@@ -58,6 +63,11 @@ class Task:
             if word in seen:
                 raise ValueError(f"{where}: labels {seen[word]!r} and {label!r} have the same answer word {word!r}")
             seen[word] = label
+        hub = self.hub
+        if hub is not None and not (isinstance(hub, dict) and isinstance(hub.get("repo"), str)
+                                    and isinstance(hub.get("files"), dict)):
+            raise ValueError(f"{where}: hub must be {{\"repo\": \"owner/name\", \"revision\": ..., \"files\": "
+                             f"{{\"train\": PATH, \"validation\": PATH}}}}, got {hub!r}")
 
     @property
     def head(self) -> str:
@@ -79,7 +89,8 @@ class Task:
                          f"or 0..{len(names) - 1})")
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in KEYS}
+        """The task as a task file holds it: a run writes it beside its adapter (task.json), data source included."""
+        return {k: getattr(self, k) for k in KEYS if k != "hub" or self.hub is not None}
 
 
 def task_from_dict(d: dict, source: str) -> Task:
@@ -94,14 +105,15 @@ def task_from_dict(d: dict, source: str) -> Task:
 POST_HEAD = ("Below is an instruction that describes a task, paired with an input that provides further context. "
              "Write a response that appropriately completes the request.\n\n### Instruction:\n")
 
-# The blog post's task (FACTS.md section 1): its Alpaca template, English header, Japanese instruction.
+# The blog post's task (BrainPad, 2023: "OpenCALM-7Bにファインチューニングを実施してポジネガ分析に関して賢くなるかを確認
+# してみた"): its Alpaca template, English header, Japanese instruction.
 MARC_JA = Task(
     name="marc-ja",
     prompt=POST_HEAD + "この文章は、「ポジティブ」ですか?「ネガティブ」ですか?「ポジティブ」か「ネガティブ」のどちらかを"
                        "書いて。\n\n### Input:\n{sentence}\n\n### Response:\n",
     labels={"positive": "ポジティブ", "negative": "ネガティブ"}, id_field="review_id",
     hub=JGLUE | {"files": {"train": "MARC-ja/jglue-train.parquet", "validation": "MARC-ja/jglue-validation.parquet"},
-                 "validation_counts": {"rows": 5654, "positive": 4832}})   # the official split
+                 "validation_counts": {"rows": 5654, "positive": 4832}})   # JGLUE v1.1's validation split
 
 # JGLUE's JNLI: does the premise entail the hypothesis, contradict it, or neither? Labels in JGLUE's ClassLabel
 # order. The Parquet paths follow MARC-ja's and are not verified from here (no hub access).
@@ -121,11 +133,15 @@ def load_task(task: "str | Path | Task") -> Task:
         return task
     if str(task) in BUILTIN:
         return BUILTIN[str(task)]
-    path = Path(task)
-    if not path.is_file():
+    if not Path(task).is_file():
         raise FileNotFoundError(f"{task}: neither a built-in task ({', '.join(BUILTIN)}) nor a task JSON file")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return task_from_dict(d, str(path))
+    return task_from_dict(read_json(task, "a task file"), str(task))
+
+
+def find_task(task: "str | Path | Task | None", *folders) -> Task:
+    """`task` as given; else the task.json that a training run wrote beside its adapter (or into a merged model's
+    folder), the first of `folders` that has one; else marc-ja."""
+    if task is not None:
+        return load_task(task)
+    saved = next((Path(f) / "task.json" for f in folders if f and (Path(f) / "task.json").is_file()), None)
+    return MARC_JA if saved is None else load_task(saved)

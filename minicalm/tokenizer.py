@@ -1,10 +1,13 @@
 """A thin wrapper over `tokenizers.Tokenizer` loaded from a checkpoint's tokenizer.json. No BOS is added."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+from .weights import resolve
 
 
 class Tokenizer:
@@ -37,14 +40,24 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @functools.cached_property   # one scan of the vocabulary per tokenizer
+    def line_end_ids(self) -> tuple[set[int], set[int]]:
+        """(stop ids, blank ids) for a one-line answer: EOS and every token whose text holds a newline end it;
+        the whitespace-only ones among them (blank lines) end it only once it has started."""
+        texts = {i: self.decode([i], False) for i in range(self.vocab_size)}
+        newline = {i for i, t in texts.items() if "\n" in t}
+        return {self.eos_token_id} | newline, {i for i in newline if not texts[i].strip()}
+
 
 def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Tokenizer:
     """From a folder holding tokenizer.json, a tokenizer.json path, or a hub id."""
     path = Path(name_or_path)
     if path.is_file():
         return Tokenizer(path)
-    from .weights import resolve
-    return Tokenizer(resolve(name_or_path, revision, weights=False) / "tokenizer.json")
+    folder = resolve(name_or_path, revision, weights=False)
+    if not (folder / "tokenizer.json").is_file() and not path.is_dir():
+        raise FileNotFoundError(f"{name_or_path} (revision {revision or 'main'}) has no tokenizer.json on the hub")
+    return Tokenizer(folder / "tokenizer.json")
 
 
 def train_tokenizer(texts, path: str | os.PathLike, vocab_size: int = 4000) -> Tokenizer:

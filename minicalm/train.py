@@ -1,9 +1,10 @@
 """The training loop: one explicit function, `train(TrainConfig)`, used by train_lora.py and the miniature.
 
 Dtype policy (the one place it is stated): the frozen base model runs in bf16 on GPUs that support it and in
-fp32 on CPU (or as --dtype says); LoRA parameters, their gradients and AdamW's state are always fp32, and
-LoRALinear casts A and B to the activations' dtype in forward. Logits are cast to fp32 for the loss.
-Full-parameter training (pretraining the miniature) keeps the whole model in fp32.
+fp32 on CPU (or as --dtype says; weights.resolve_dtype); LoRA parameters, their gradients and AdamW's state are
+always fp32, and LoRALinear casts A and B to the activations' dtype in forward (lora.py); merging computes B A in
+fp32 and rounds once. Logits are cast to fp32 for the loss. Full-parameter training (pretraining the miniature)
+keeps the whole model in fp32.
 
 A step: the global batch (--batch-size examples) is split into micro-batches of --micro-batch-size, spread
 over the ranks (torchrun) and accumulated. The loss is summed over answer tokens and divided by the answer
@@ -29,20 +30,24 @@ import torch
 import torch.distributed as dist
 
 from . import data
-from .config import CalmConfig
-from .lora import apply_lora, save_adapter, trainable_parameters
-from .loss import IGNORE_INDEX, answer_loss, micro_step, shared_prefix_len
+from .adapter import save_adapter
+from .config import POST_MODEL, CalmConfig
+from .evaluate import evaluate_rows
+from .files import atomic_write, read_records, write_json, write_text
+from .lora import apply_lora, trainable_parameters
+from .loss import answer_loss, micro_step, shared_prefix_len
+from .model import eval_mode
 from .plan import preflight
 from .progress import Progress, fmt_time
 from .task import Task, load_task
 from .tokenizer import load_tokenizer
-from .weights import atomic_write, default_dtype, load_model, resolve, save_checkpoint
+from .weights import load_model, resolve, resolve_dtype, save_checkpoint
 
 
 @dataclass
 class TrainConfig:
-    model: str = "cyberagent/open-calm-7b"   # hub id or local checkpoint folder
-    revision: str | None = None
+    model: str = POST_MODEL                  # hub id or local checkpoint folder
+    revision: str | None = None              # hub branch, tag or commit; recorded in the adapter
     task: str = "marc-ja"                    # built-in task name or a task JSON file (minicalm.task)
     train_file: str | None = None            # the task's JSON lines; None: its train split from the hub
     valid_file: str | None = None            # None: the task's validation split from the hub ("none" to skip)
@@ -51,7 +56,7 @@ class TrainConfig:
     lr: float = 3e-4
     batch_size: int = 64                     # examples per optimizer step, all ranks together
     micro_batch_size: int = 16               # examples per forward/backward on one rank
-    max_len: int = 256                       # tokens per example; the review is truncated to fit
+    max_len: int = 256                       # tokens per example; a row's text is truncated to fit
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -61,8 +66,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 500                    # steps between validation losses (0: only at the end)
-    eval_limit: int = 500                    # validation reviews for the loss
-    eval_accuracy: int = 0                   # validation reviews for greedy-answer accuracy (0: off)
+    eval_limit: int = 500                    # validation rows for the loss
+    eval_accuracy: int = 0                   # validation rows for greedy-answer accuracy (0: off)
     save_every: int = 500
     max_steps: int | None = None             # stop after this many steps (overrides epochs)
     limit_train: int | None = None           # use only the first N training examples
@@ -103,7 +108,8 @@ def peak_memory(device: torch.device) -> int:
     """Peak bytes: accelerator memory allocated on GPU, the process's max RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024   # bytes on macOS, KiB on Linux
 
 
 def say(cfg: TrainConfig, rank: int, *msg) -> None:
@@ -113,7 +119,8 @@ def say(cfg: TrainConfig, rank: int, *msg) -> None:
 
 def split_path(cfg: TrainConfig, task: Task, split: str):
     """--train-file / --valid-file, or the task's own split from the hub."""
-    return (cfg.train_file if split == "train" else cfg.valid_file) or data.task_data(task, split)
+    given, flag = (cfg.train_file, "--train-file") if split == "train" else (cfg.valid_file, "--valid-file")
+    return given or data.task_data(task, split, instead=flag)
 
 
 def load_examples(cfg: TrainConfig, tok, task: Task, split: str, limit: int | None) -> list[data.Example]:
@@ -148,20 +155,17 @@ def batch_tensors(examples: list[data.Example], pad_id: int, share: bool, device
 @torch.no_grad()
 def validation_loss(model, examples: list[data.Example], micro_batch_size: int, pad_id: int, device,
                     share: bool = True) -> float:
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for idx in data.length_batches([len(e.input_ids) for e in examples], micro_batch_size, seed=0):
-        x, y, shared = batch_tensors([examples[i] for i in idx], pad_id, share, device)
-        total += answer_loss(model, x, y, shared).item()
-        count += int((y[:, 1:] != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1)
+    """The loss per scored token over the examples, in eval mode (no dropout)."""
+    total = 0.0
+    with eval_mode(model):
+        for idx in data.length_batches([len(e.input_ids) for e in examples], micro_batch_size, seed=0):
+            x, y, shared = batch_tensors([examples[i] for i in idx], pad_id, share, device)
+            total += answer_loss(model, x, y, shared).item()
+    return total / max(sum(e.n_scored for e in examples), 1)
 
 
 def validation_accuracy(model, tok, rows: list[data.Row], task: Task, cfg: TrainConfig) -> float:
     """Greedy-answer accuracy on a slice of the validation rows (the evaluation code path)."""
-    from .evaluate import evaluate_rows
     return evaluate_rows(model, tok, rows, task, max_len=cfg.max_len, batch_size=cfg.micro_batch_size,
                          log=False)["metrics"]["accuracy"]
 
@@ -201,23 +205,14 @@ def setup(cfg: TrainConfig) -> Run:
     """Check the settings, read the data (bad files fail before a 7B model is loaded), print the plan, load the
     model with LoRA (or every parameter trainable), make the optimizer, and restore a checkpoint on --resume."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by --micro-batch-size "
-                         f"{cfg.micro_batch_size} x {world} processes")
-    out = Path(cfg.out)
-    state_file = out / "state.pt"
-    if state_file.exists() and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a run's checkpoint ({state_file}); pass --resume to continue "
-                              f"it or choose another --out")
-    if cfg.resume and not state_file.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {state_file})")
+    check_settings(cfg, world)
     device = torch.device(cfg.device)
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = torch.float32 if cfg.full else default_dtype(device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    dtype = torch.float32 if cfg.full else resolve_dtype(cfg.dtype, device)
 
     task = load_task(cfg.task)
     tok = load_tokenizer(cfg.model, revision=cfg.revision)
@@ -238,9 +233,42 @@ def setup(cfg: TrainConfig) -> Run:
         shared = common_prefix(train_set) if cfg.share_prefix else 0
         preflight(cfg, CalmConfig.from_json(folder / "config.json"), [len(e.input_ids) for e in train_set], device,
                   dtype, shared=shared, log=cfg.log)
-    torch.manual_seed(cfg.seed)
+    model = trainable_model(cfg, folder, dtype, device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    trainable, total = trainable_parameters(model)
+    say(cfg, rank, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; {len(train_set):,} examples, "
+                   f"{total_steps:,} steps of {cfg.batch_size}, {world} process(es), {dtype}")
+    run = Run(cfg, rank, world, device, Path(cfg.out), tok, task, train_set, valid_set, accuracy_set,
+              steps_per_epoch, total_steps, model, opt)
+    if cfg.resume:
+        resume(run)
+    if rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        write_json(run.out / "train_config.json", asdict(cfg))
+        write_json(run.out / "task.json", task.to_dict())
+        keep_metrics_until(run.out / "metrics.jsonl", run.step)
+    return run
+
+
+def check_settings(cfg: TrainConfig, world: int) -> None:
+    """Refuse, before anything is read or loaded, settings that cannot run: a batch that does not split into the
+    micro-batches of every process, a run folder that holds another run (without --resume), --resume without one."""
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by --micro-batch-size "
+                         f"{cfg.micro_batch_size} x {world} processes")
+    state_file = Path(cfg.out) / "state.pt"
+    if state_file.exists() and not cfg.resume:
+        raise FileExistsError(f"{cfg.out} already holds a run's checkpoint ({state_file}); pass --resume to continue "
+                              f"it or choose another --out")
+    if cfg.resume and not state_file.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out} (expected {state_file})")
+
+
+def trainable_model(cfg: TrainConfig, folder: Path, dtype: torch.dtype, device: torch.device):
+    """The base model with LoRA (or, with --full, every parameter trainable), in train mode."""
+    torch.manual_seed(cfg.seed)   # LoRA's A is drawn here
     model = load_model(folder, dtype=dtype, device=device)
-    model.name_or_path = cfg.model   # the id the user gave, not the hub cache's snapshot folder
     if cfg.full:
         model.requires_grad_(True)
     else:
@@ -249,22 +277,7 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.compile:   # each block on its own: shapes change with every micro-batch, so compile them dynamic
         for block in model.gpt_neox.layers:
             block.compile(dynamic=True)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    trainable, total = trainable_parameters(model)
-    say(cfg, rank, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; {len(train_set):,} examples, "
-                   f"{total_steps:,} steps of {cfg.batch_size}, {world} process(es), {dtype}")
-    run = Run(cfg, rank, world, device, out, tok, task, train_set, valid_set, accuracy_set, steps_per_epoch,
-              total_steps, model, opt)
-    if cfg.resume:
-        resume(run)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
-        write_task(task, out)
-        keep_metrics_until(out / "metrics.jsonl", run.step)
-    return run
+    return model.train()
 
 
 def resume(run: Run) -> None:
@@ -284,24 +297,25 @@ def resume(run: Run) -> None:
 
 # ----------------------------------------------------------------------------- one step, a checkpoint
 
-def step_batch(run: Run) -> list[int]:
-    """The example indices of the global batch of step `run.step`: a function of (seed, epoch) and the step only.
+def step_batch(run: Run, step: int) -> list[int]:
+    """The example indices of the global batch of `step`: a function of (seed, epoch) and the step only.
     Drawn whole, then cut: --micro-batch-size and the process count change how a step is computed, never which
     examples it sees (length_batches sorts a batch by length: little padding)."""
-    epoch, i = divmod(run.step, run.steps_per_epoch)
+    epoch, i = divmod(step, run.steps_per_epoch)
     if run.epoch_batches[0] != epoch:
         run.epoch_batches = (epoch, data.length_batches([len(e.input_ids) for e in run.train_set], run.cfg.batch_size,
                                                         seed=run.cfg.seed + epoch))
     return run.epoch_batches[1][i]
 
 
-def train_step(run: Run) -> dict:
-    """One optimizer step: this rank's micro-batches (forward, backward, accumulate), the all-reduce across
-    ranks, gradient clipping and AdamW. Returns the step's metrics."""
+def train_step(run: Run, batch: list[int] | None = None) -> dict:
+    """One optimizer step on the global batch (example indices; default: this step's, step_batch): this rank's
+    micro-batches (forward, backward, accumulate), the all-reduce across ranks, gradient clipping and AdamW.
+    Returns the step's metrics."""
     cfg, model, opt, device = run.cfg, run.model, run.opt, run.device
-    batch = step_batch(run)
+    batch = step_batch(run, run.step) if batch is None else batch
     mine = [batch[k:k + cfg.micro_batch_size] for k in range(0, len(batch), cfg.micro_batch_size)][run.rank::run.world]
-    n_target = sum(sum(t != IGNORE_INDEX for t in run.train_set[j].labels[1:]) for j in batch)
+    n_target = sum(run.train_set[j].n_scored for j in batch)
     lr = lr_at(run.step, run.total_steps, cfg)
     for g in opt.param_groups:
         g["lr"] = lr
@@ -346,10 +360,10 @@ def save(run: Run, final: bool = False) -> None:
     state = {"step": run.step, "trainable": {k: v for k, v in model.state_dict().items() if k in trainable},
              "optimizer": run.opt.state_dict(), "config": asdict(cfg)}
     atomic_write(run.state_file, lambda p: torch.save(state, p))
-    if cfg.full:
-        save_checkpoint(model, run.out / "model", tokenizer_dir=run.tok.path.parent)
-    else:   # the task beside the adapter: eval.py --adapter then asks the same question by default
-        write_task(run.task, save_adapter(model, run.out / "adapter", base_model_name_or_path=cfg.model))
+    folder = (save_checkpoint(model, run.out / "model", tokenizer_dir=run.tok.path.parent) if cfg.full
+              else save_adapter(model, run.out / "adapter", cfg.model, cfg.revision))
+    # the task beside the weights: eval.py --adapter (or --model RUN/model) then asks the same question by default
+    write_json(folder / "task.json", run.task.to_dict())
     say(cfg, run.rank, f"\nsaved step {run.step} to {run.out}" + (" (final)" if final else ""))
 
 
@@ -410,12 +424,6 @@ def train(cfg: TrainConfig) -> dict:
             "out": str(run.out), "model": run.model, "seconds": time.time() - t_start}
 
 
-def write_task(task: Task, folder: Path) -> None:
-    """task.json: the run's task as a task file (the prompt, the label words), whatever --task named."""
-    atomic_write(folder / "task.json", lambda p: p.write_text(json.dumps(task.to_dict(), indent=2, ensure_ascii=False),
-                                                             encoding="utf-8"))
-
-
 def leave_process_group(timeout: float = 10.0) -> None:
     """Leave torchrun's process group once every rank is done (rank 0 may still be saving).
 
@@ -432,14 +440,7 @@ def leave_process_group(timeout: float = 10.0) -> None:
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
-    """On resume drop metric lines after the checkpoint's step: those steps run again."""
-    if not path.exists():
-        return
-    kept = []
-    for ln in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(ln)["step"] <= step:
-                kept.append(ln)
-        except (json.JSONDecodeError, KeyError, TypeError):   # a line torn by a crash mid-write
-            pass
-    atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8"))
+    """On resume drop metric lines after the checkpoint's step (those steps run again) and any torn line."""
+    if path.exists():
+        kept = [r for r in read_records(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -5,9 +5,8 @@ requested dtype and device, so a 7B bf16 load never holds an fp32 copy or the wh
 """
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +14,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import hub
 from .config import CalmConfig
+from .files import atomic_write, read_json, write_json
 from .model import CalmForCausalLM
 
 # Per-layer buffers that old GPT-NeoX checkpoints (OpenCALM's among them) carry and this model recomputes.
@@ -27,33 +28,28 @@ WEIGHT_PATTERNS = (["*.safetensors", "model.safetensors.index.json"],
 
 
 def resolve(name_or_path: str | os.PathLike, revision: str | None = None, weights: bool = True) -> Path:
-    """A local folder as is, or a hub id downloaded (only the files needed) into the hub cache."""
+    """A local folder as is, or a hub id's config, tokenizer and weights downloaded into the hub cache.
+
+    Safetensors are preferred; the pickled .bin files that OpenCALM's `main` branches hold are the fallback."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
     s = str(name_or_path)
     if path.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
         raise FileNotFoundError(f"{s}: no such checkpoint folder (nor a hub id of the form owner/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    try:
-        # Prefer safetensors; fall back to the pickled .bin files that OpenCALM's `main` branches hold.
-        for patterns in (WEIGHT_PATTERNS if weights else ([],)):
-            folder = Path(snapshot_download(s, revision=revision, allow_patterns=CONFIG_FILES + patterns))
-            if not weights or weight_files(folder, missing_ok=True):
-                return folder
-    except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as e:
-        from huggingface_hub import constants   # read as huggingface_hub itself does (env var parsed at import)
-        offline = constants.HF_HUB_OFFLINE
-        why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else f"the hub could not be reached ({type(e).__name__})"
-        local = s.split("/")[-1]
-        rev = f" --revision {revision}" if revision else ""
-        raise FileNotFoundError(
-            f"cannot load {s!r} (revision {revision or 'main'}): {why}. Download it where the hub is reachable "
-            f"(hf download {s}{rev} --local-dir {local}) and pass the local folder instead, "
-            f"e.g. --model /path/to/{local}"
-        ) from e
-    raise FileNotFoundError(f"{s}: the hub repo has no *.safetensors or pytorch_model*.bin weights")
+    rev = f" --revision {revision}" if revision else ""
+    local = (f"hf download {s}{rev} --local-dir {s.split('/')[-1]} where the hub is reachable, then pass that folder "
+             f"instead")
+    for patterns in WEIGHT_PATTERNS if weights else ([],):
+        folder = hub.snapshot(s, revision, CONFIG_FILES + patterns, offline_hint=local)
+        if not weights or weight_files(folder, missing_ok=True):
+            break
+    else:
+        raise FileNotFoundError(f"{s} (revision {revision or 'main'}) has no *.safetensors or pytorch_model*.bin "
+                                f"weights on the hub")
+    if weights and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{s} (revision {revision or 'main'}) has no config.json on the hub")
+    return folder
 
 
 def weight_files(folder: Path, missing_ok: bool = False) -> list[Path]:
@@ -61,10 +57,10 @@ def weight_files(folder: Path, missing_ok: bool = False) -> list[Path]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index).is_file():
-            try:
-                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{folder / index}: not a valid weight index ({e})") from None
+            weight_map = read_json(folder / index, "a weight index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{folder / index}: not a weight index (no weight_map)")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise FileNotFoundError(f"{folder / index} names shards that are not there: {missing}")
@@ -99,23 +95,29 @@ def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         del sd
 
 
-def default_dtype(device) -> torch.dtype:
-    """bf16 on accelerators that support it, fp32 on CPU."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+def resolve_dtype(dtype: str | torch.dtype | None, device) -> torch.dtype:
+    """A dtype, its name ("bfloat16", "float16", "float32"), or "auto"/None: bf16 on a GPU that supports it, else
+    fp32 (CPU matmuls in bf16 are slow, and fp32 is what the tests compare against)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        dev = torch.device(device)
+        cuda_bf16 = dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype {dtype!r}: expected auto, bfloat16, float16 or float32")
+    return getattr(torch, dtype)
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu",
+def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device="cpu",
                revision: str | None = None) -> CalmForCausalLM:
     """Load a GPT-NeoX checkpoint (local folder or hub id) into minicalm's model, in eval mode.
 
-    dtype None means bf16 on a GPU that supports it, else fp32.
+    dtype None or "auto" means bf16 on a GPU that supports it, else fp32 (resolve_dtype).
     """
     folder = resolve(name_or_path, revision)
     cfg = CalmConfig.from_json(folder / "config.json")
-    dtype = dtype or default_dtype(device)
+    dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = CalmForCausalLM(cfg)
     expected = dict(model.state_dict())
@@ -140,10 +142,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = N
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{folder}: checkpoint lacks tensors {missing[:5]}{more}")
-    model.load_state_dict(state, strict=False, assign=True)   # strict on the checked names above
+    model.load_state_dict(state, strict=False, assign=True)   # every name and shape was checked above, by file
     if cfg.tie_word_embeddings:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
-    model.name_or_path = str(name_or_path)   # adapters record it; load_adapter warns on a different base
     return model.eval()
 
 
@@ -172,26 +173,15 @@ def save_checkpoint(model: CalmForCausalLM, out_dir: str | os.PathLike, tokenize
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        atomic_write(out / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
-    cfg = model.config.to_dict() | {"torch_dtype": str(next(iter(sd.values())).dtype).removeprefix("torch.")}
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
+        write_json(out / "model.safetensors.index.json", index)
+    dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    write_json(out / "config.json", model.config.to_dict() | {"torch_dtype": dtype})
     if tokenizer_dir is not None:
         for f in CONFIG_FILES[1:]:
             src = Path(tokenizer_dir) / f
             if src.is_file():
                 atomic_write(out / f, lambda p, src=src: p.write_bytes(src.read_bytes()))
     return out
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path onto path: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def convert_bin_to_safetensors(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -203,7 +193,6 @@ def convert_bin_to_safetensors(src: str | os.PathLike, out_dir: str | os.PathLik
 
 
 def main(argv=None):
-    import argparse
     p = argparse.ArgumentParser(prog="python -m minicalm.weights",
                                 description="Convert a pytorch_model*.bin GPT-NeoX checkpoint to sharded safetensors.")
     p.add_argument("src", help="checkpoint folder or hub id")
@@ -211,8 +200,11 @@ def main(argv=None):
     p.add_argument("--revision", default=None)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     a = p.parse_args(argv)
-    out = convert_bin_to_safetensors(a.src, a.out, getattr(torch, a.dtype), a.revision)
-    print(f"wrote {out}", file=sys.stderr)
+    try:
+        out = convert_bin_to_safetensors(a.src, a.out, resolve_dtype(a.dtype, "cpu"), a.revision)
+    except (ValueError, FileNotFoundError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

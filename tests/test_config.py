@@ -1,4 +1,5 @@
-"""CalmConfig: the OpenCALM presets match FACTS.md's table, both rotary spellings are read, bad configs are refused."""
+"""CalmConfig: the OpenCALM presets match the checkpoints' config.json files on the hub, both rotary spellings are
+read, bad configs are refused."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ import torch
 
 from minicalm import PRESETS, CalmConfig, CalmForCausalLM, get_preset, load_model
 
-# FACTS.md section 2: hidden, layers, heads, head dim, intermediate, vocab rows, params.
+# The hub's config.json of each cyberagent/open-calm-* (and the model cards' sizes): hidden, layers, heads, head dim,
+# intermediate, vocab rows, params.
 OPENCALM = {
     "open-calm-small": (768, 12, 12, 64, 3072, 52096, 165e6),
     "open-calm-medium": (1024, 24, 16, 64, 4096, 52096, 409e6),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from conftest import NEOX_TOKENIZER, REVIEWS, need
 from minicalm import load_tokenizer
 from minicalm.data import (IGNORE_INDEX, Example, PromptEncoder, Row, collate, encode_rows, length_batches,
-                           pack_texts, parquet_to_jsonl, read_jsonl, task_data)
+                           pack_texts, parquet_to_jsonl, read_jsonl)
 from minicalm.task import MARC_JA
 
 HEAD, TAIL = MARC_JA.head, MARC_JA.segments[1][0]   # the post's prompt around the review
@@ -24,7 +23,7 @@ def review(text: str, label: str = "positive", id_: str = "x") -> Row:
 def format_prompt(text: str) -> str:
     return MARC_JA.format({"sentence": text})
 
-# FACTS.md section 1, written out by hand: header, blank line, instruction, blank line, input, blank line, response.
+# The post's prompt, written out by hand: header, blank line, instruction, blank line, input, blank line, response.
 EXPECTED_PROMPT = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
 
 ### Instruction:
@@ -129,46 +128,6 @@ def test_parquet_to_jsonl(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["v.jsonl"]              # no temporary left
     with pytest.raises(ValueError, match="row 1"):
         parquet_to_jsonl(write_parquet(tmp_path / "bad.parquet", [0, 5]), tmp_path / "bad.jsonl")
-
-
-def test_marc_ja_download_convert_cache_and_check(tmp_path, monkeypatch):
-    import huggingface_hub
-    calls = []
-    src = write_parquet(tmp_path / "small.parquet", [0, 1, 1])
-
-    def fake_download(repo_id, filename, **kw):
-        calls.append((repo_id, filename, kw))
-        return str(src)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    with pytest.warns(UserWarning, match=r"'rows': 3, 'positive': 1.*'rows': 5654, 'positive': 4832.*5,734"):
-        path = task_data(MARC_JA, "validation", cache_dir=tmp_path / "cache")
-    assert path == tmp_path / "cache" / "validation.jsonl" and len(read_jsonl(path)) == 3
-    assert calls == [("shunk031/JGLUE", "MARC-ja/jglue-validation.parquet",
-                      {"repo_type": "dataset", "revision": "refs/convert/parquet"})]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")   # the train split is not checked against validation's counts
-        assert task_data(MARC_JA, "train", cache_dir=tmp_path / "cache").name == "train.jsonl"
-    assert task_data(MARC_JA, "valid", cache_dir=tmp_path / "cache") == path and len(calls) == 2   # cached
-    sample = task_data(MARC_JA, "validation", cache_dir=tmp_path / "cache", subset=2, seed=0)   # a fixed sample
-    assert len(read_jsonl(sample)) == 2
-    assert [r for r in read_jsonl(sample) if r not in read_jsonl(path)] == [] and len(calls) == 2
-    assert task_data(MARC_JA, "validation", cache_dir=tmp_path / "cache", subset=2, seed=0) == sample
-    with pytest.raises(ValueError, match="test"):
-        task_data(MARC_JA, "test", cache_dir=tmp_path / "cache")
-
-
-def test_marc_ja_hub_unreachable(tmp_path, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    def offline(*a, **kw):
-        raise LocalEntryNotFoundError("cannot reach the hub")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(FileNotFoundError, match="--train-file/--valid-file"):
-        task_data(MARC_JA, "train", cache_dir=tmp_path)
-    assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------- encoding

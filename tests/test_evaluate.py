@@ -18,12 +18,13 @@ import torch
 from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale, hf_tiny, need
 from minicalm import (LoRALinear, apply_lora, data, evaluate, greedy_generate, load_model, load_tokenizer,
                       save_adapter)
-from minicalm.evaluate import POST_ROWS, EvalConfig, evaluate_rows, run_eval, stop_token_ids
+from minicalm.evaluate import POST_ROWS, EvalConfig, evaluate_rows, run_eval
+from minicalm.score import compute_metrics, parse_answer
 from minicalm.task import MARC_JA
+from minicalm.tokenizer import train_tokenizer
+from reference import label_logprobs
 
 LABELS = tuple(MARC_JA.labels)
-from minicalm.score import compute_metrics, label_logprobs, parse_answer
-from minicalm.tokenizer import train_tokenizer
 
 MAX_LEN = 320     # the head takes ~250 of these tokens with the tiny BPE: reviews over ~65 tokens are cut
 NEW = 8           # max_new_tokens, as eval.py's default
@@ -83,7 +84,8 @@ def up_to_stop(tokens: list[int], stops: tuple[set[int], set[int]]) -> list[int]
 
 
 class Recorder:
-    """Wraps evaluate's greedy_loop and label_scores to keep their raw outputs, batch by batch.
+    """Wraps evaluate's calls of generate.answer to keep their raw outputs (greedy tokens, label scores), batch by
+    batch.
 
     evaluate_rows visits the reviews in one length-sorted order whatever the batch size or prefix reuse, so
     the rows of torch.cat(recorded) line up between two runs on the same reviews."""
@@ -91,20 +93,17 @@ class Recorder:
     def __init__(self, monkeypatch):
         self.tokens: list[list[int]] = []
         self.scores: list[torch.Tensor] = []
-        greedy_loop, label_scores = evaluate.greedy_loop, evaluate.label_scores
+        answer = evaluate.answer
 
-        def record_greedy(*args, **kw):
-            out = greedy_loop(*args, **kw)
-            self.tokens += out.tolist()
-            return out
+        def record(*args, **kw):
+            new, scores = answer(*args, **kw)
+            if new is not None:
+                self.tokens += new.tolist()
+            if scores is not None:
+                self.scores.append(scores.clone())
+            return new, scores
 
-        def record_scores(*args, **kw):
-            out = label_scores(*args, **kw)
-            self.scores.append(out.clone())
-            return out
-
-        monkeypatch.setattr(evaluate, "greedy_loop", record_greedy)
-        monkeypatch.setattr(evaluate, "label_scores", record_scores)
+        monkeypatch.setattr(evaluate, "answer", record)
 
     def reset(self):
         self.tokens, self.scores = [], []
@@ -138,7 +137,7 @@ def test_likelihood_matches_transformers(tok, tiny, reviews):
 
 def test_batching_and_prefix_reuse_change_nothing(tok, tiny, reviews, monkeypatch):
     _, model, _ = tiny
-    rec, stops = Recorder(monkeypatch), stop_token_ids(tok)
+    rec, stops = Recorder(monkeypatch), tok.line_end_ids
     runs = {}
     for batch_size, reuse, mode in ((8, True, "both"), (1, True, "both"), (8, False, "both"), (8, True, "generate")):
         rec.reset()
@@ -164,7 +163,7 @@ def test_batching_and_prefix_reuse_change_nothing(tok, tiny, reviews, monkeypatc
 
 def test_greedy_answers_match_greedy_generate_and_transformers(tok, tiny, reviews, monkeypatch):
     _, model, hf = tiny
-    rec, stops = Recorder(monkeypatch), stop_token_ids(tok)
+    rec, stops = Recorder(monkeypatch), tok.line_end_ids
     assert tok.eos_token_id in stops[0] and tok.encode("\n")[0] in stops[0] and tok.encode("\n")[0] in stops[1]
     lengths = []
     for review, prompt in list(zip(reviews, prompt_ids(tok, reviews)))[:3]:
@@ -263,7 +262,7 @@ def adapter(tiny, tmp_path_factory):
     folder = tiny[0]
     model = apply_lora(load_model(folder, dtype=torch.float32), ("query_key_value", "dense"), r=4, alpha=8)
     nonzero_lora(model)
-    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", base_model_name_or_path=str(folder))
+    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", str(folder))
 
 
 def read_outputs(out):
@@ -328,8 +327,7 @@ def test_run_eval_likelihood_only_and_without_matplotlib(tiny, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # matplotlib is an optional extra
     run_eval(EvalConfig(model=str(tiny[0]), data=str(need(REVIEWS / "valid.jsonl")), limit=6, mode="likelihood",
                         max_len=MAX_LEN, out=str(out), device="cpu"))
-    assert 'eval: no confusion-matrix picture: drawing needs matplotlib: pip install "minicalm[plot]"' in \
-        capsys.readouterr().err
+    assert 'eval: no pictures: drawing needs matplotlib: pip install "minicalm[plot]"' in capsys.readouterr().err
     assert not list(out.glob("*.png"))
     metrics, preds, report = read_outputs(out)
     assert ".png" not in report
@@ -362,12 +360,11 @@ def test_eval_py_help_and_run(tiny, tmp_path):
 
 def test_adapter_for_another_base_model(tok, tiny, tmp_path):
     other, _ = hf_tiny(tmp_path, "other", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64)
-    wrong = save_adapter(apply_lora(load_model(other, dtype=torch.float32), r=4), tmp_path / "wrong")
+    wrong = save_adapter(apply_lora(load_model(other, dtype=torch.float32), r=4), tmp_path / "wrong", str(other))
     cfg = EvalConfig(model=str(tiny[0]), adapter=str(wrong), data=str(need(REVIEWS / "valid.jsonl")), limit=2,
                      max_len=MAX_LEN, out=str(tmp_path / "out"), device="cpu", log=False)
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: tensor 'base_model\.model\.gpt_neox\.layers\.0\."
-                                         r"attention\.query_key_value\.lora_A\.weight' has shape \(4, 32\), "
-                                         r"the model needs \(4, 64\)"):
+    with pytest.raises(ValueError, match=r"wrong: gpt_neox\.layers\.0\.attention\.query_key_value has A \(4, 32\) "
+                                         r"and B \(96, 4\); the model's layer is 192 x 64"):
         run_eval(cfg)
     assert not (tmp_path / "out").exists()
 
@@ -385,6 +382,15 @@ def test_bad_data_line(tiny, tmp_path, line, message):
     with pytest.raises(ValueError, match=rf"{bad.name}:3: {message}"):
         run_eval(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_task_without_data_names_the_flag_to_pass(tiny, tmp_path):
+    task = tmp_path / "t.json"
+    task.write_text(json.dumps({"name": "t", "prompt": "{text}:", "labels": {"a": "A", "b": "B"}}))
+    cfg = EvalConfig(model=str(tiny[0]), task=str(task), out=str(tmp_path / "out"), device="cpu", log=False)
+    with pytest.raises(FileNotFoundError, match=r"task t names no validation data on the hub: pass --data \(JSON "
+                                                r"lines with text, label\)"):
+        run_eval(cfg)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -7,11 +7,20 @@ only where two logits tie to within ~1e-6 of their scale; these seeds have no su
 avx512, avx2 or default, which CI runs."""
 from __future__ import annotations
 
+import io
+import math
+import sys
+
 import pytest
 import torch
 
-from conftest import hf_tiny
+from conftest import assert_close_to_scale, hf_tiny
 from minicalm import greedy_generate, load_model
+from minicalm.data import Row
+from minicalm.evaluate import evaluate_rows
+from minicalm.generate import answer, main
+from minicalm.task import MARC_JA
+from reference import greedy_no_cache
 
 V, PAD, N = 128, 1, 32
 
@@ -104,8 +113,8 @@ def test_kv_cache_equals_recomputing_exactly(models, lengths, eos):
     if eos == "midway":
         free = greedy_generate(model, x, N, attention_mask=mask, pad_token_id=PAD)[:, T:]
         eos = eos_emitted_midway(free)
-    cached = greedy_generate(model, x, N, eos_token_id=eos, attention_mask=mask, pad_token_id=PAD, use_cache=True)
-    full = greedy_generate(model, x, N, eos_token_id=eos, attention_mask=mask, pad_token_id=PAD, use_cache=False)
+    cached = greedy_generate(model, x, N, eos_token_id=eos, attention_mask=mask, pad_token_id=PAD)
+    full = greedy_no_cache(model, x, N, eos_token_id=eos, attention_mask=mask, pad_token_id=PAD)
     assert torch.equal(cached, full)
     assert cached.shape[1] == T + N or eos is not None
 
@@ -113,6 +122,81 @@ def test_kv_cache_equals_recomputing_exactly(models, lengths, eos):
 def test_prompt_is_kept_and_max_new_tokens_respected(models):
     model, _ = models
     x, mask = left_padded([5, 2])
-    for n in (1, 4):
+    for n in (0, 1, 4):
         out = greedy_generate(model, x, n, eos_token_id=0, attention_mask=mask, pad_token_id=PAD)
         assert out.shape == (2, 5 + n) and out.dtype == x.dtype and torch.equal(out[:, :5], x)
+        assert torch.equal(out, greedy_no_cache(model, x, n, eos_token_id=0, attention_mask=mask, pad_token_id=PAD))
+
+
+def hf_logprob(hf, prompt: list[int], continuation: list[int]) -> float:
+    """transformers' summed log-probability (fp64 softmax) of the continuation's tokens after the prompt."""
+    with torch.no_grad():
+        logp = hf(torch.tensor([prompt + continuation])).logits[0].double().log_softmax(-1)
+    return sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(continuation))
+
+
+def test_continuation_scores_match_transformers(models):
+    """score_continuations (through answer, the path evaluation takes): left-padded prompts of very different
+    lengths in one batch, continuations that share their first token and differ in length, as label words may."""
+    model, hf = models
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, V, (n,), generator=g).tolist() for n in (7, 1, 23, 12, 30)]
+    choices = [[5, 9, 17], [5, 11], [40]]
+    new, got = answer(model, prompts, PAD, max_new_tokens=0, choices=choices)
+    assert new is None and got.shape == (5, 3) and got.dtype == torch.float32
+    want = torch.tensor([[hf_logprob(hf, p, c) for c in choices] for p in prompts], dtype=torch.float32)
+    assert_close_to_scale(got, want)
+    new, again = answer(model, prompts, PAD, max_new_tokens=3, choices=choices)   # decoding after scoring
+    assert_close_to_scale(again, got)
+    ids, mask = left_padded_lists(prompts)
+    assert torch.equal(new, greedy_no_cache(model, ids, 3, attention_mask=mask, pad_token_id=PAD)[:, -3:])
+
+
+def left_padded_lists(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (T - len(p)) + p for p in prompts])
+    return ids, torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+
+
+# ----------------------------------------------------------------------------- python -m minicalm.generate
+
+def test_command_answers_each_text_as_evaluation_does(base, capsys, monkeypatch):
+    """One line per text (arguments, or lines of stdin): the answer evaluation would give, what the model wrote,
+    each label word's probability (exp of evaluation's log-likelihood), the text."""
+    folder, tok = base
+    texts = ["良い商品です。", "二度と買いません。"]
+    main(["--model", str(folder), "--device", "cpu", *texts])
+    lines = capsys.readouterr().out.splitlines()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{texts[0]}\n\n{texts[1]}\n"))
+    main(["--model", str(folder), "--device", "cpu"])
+    assert capsys.readouterr().out.splitlines() == lines
+    rows = [Row({"sentence": t}, "positive", str(i)) for i, t in enumerate(texts)]
+    preds = evaluate_rows(load_model(folder), tok, rows, mode="both", log=False)["predictions"]
+    assert len(lines) == 2
+    for line, text, pred in zip(lines, texts, preds):
+        answer, written, probs, echoed = line.split("\t")
+        assert (answer, written, echoed) == (pred["answer"] or "invalid", repr(pred["continuation"]), text)
+        assert probs == " ".join(f"p({k})={math.exp(pred[f'logprob_{k}']):.3f}" for k in MARC_JA.labels)
+
+
+def test_command_raw_continues_the_text_greedily_or_sampled(base, capsys):
+    folder, tok = base
+    text = "この商品は"
+    main(["--model", str(folder), "--device", "cpu", "--raw", "--max-new-tokens", "12", text])
+    ids = torch.tensor([tok.encode(text)])
+    greedy = greedy_generate(load_model(folder), ids, 12, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    cut = greedy.index(tok.eos_token_id) if tok.eos_token_id in greedy else len(greedy)
+    assert capsys.readouterr().out == text + tok.decode(greedy[:cut]) + "\n"
+    sampled = ["--model", str(folder), "--device", "cpu", "--raw", "--temperature", "1.5", "--top-k", "50", text]
+    main(sampled + ["--seed", "1"])
+    first = capsys.readouterr().out
+    main(sampled + ["--seed", "1"])
+    assert capsys.readouterr().out == first and first.startswith(text)   # the seed decides the sample
+
+
+def test_command_refuses_a_text_without_the_task_s_fields_in_one_line(base, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(base[0]), "--device", "cpu", "--task", "jnli", "前提だけ"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err == ("python -m minicalm.generate: error: task jnli needs 2 tab-separated fields "
+                                         "(sentence1, sentence2), got 1 in '前提だけ'\n")

@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FP32_REL, assert_close_to_scale, hf_tiny
 from minicalm import load_model
-from minicalm.lora import (VALID_TARGETS, LoRALinear, apply_lora, load_adapter, lora_disabled, merge_lora,
-                           save_adapter, save_merged, trainable_parameters, trainable_summary, unmerge_lora)
+from minicalm.adapter import load_adapter, save_adapter, save_merged
+from minicalm.lora import (VALID_TARGETS, LoRALinear, apply_lora, lora_disabled, lora_settings, merge_lora,
+                           trainable_parameters, trainable_summary, unmerge_lora)
 
 ALL = VALID_TARGETS
 IDS = torch.tensor([[3, 17, 42, 5, 99, 0, 64, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -80,7 +81,7 @@ def test_fresh_lora_gives_the_base_logits(tiny_checkpoint):
     assert trainable == sum(p.numel() for k, p in model.named_parameters() if "lora_" in k)
     assert trainable_summary(model) == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
                                         f"trainable%: {100 * trainable / total:.4f}")
-    assert model.lora_config == dict(r=4, alpha=8, dropout=0.05, targets=ALL)
+    assert lora_settings(model) == dict(r=4, alpha=8, dropout=0.05, targets=ALL)   # read back from the layers
 
 
 def test_dense_means_attention_dense_only(tiny_checkpoint):
@@ -179,7 +180,7 @@ def test_peft_parity(tmp_path, targets):
     randomize_adapters(ours)
 
     # minicalm -> peft: same logits, and the saved keys are exactly the ones peft expects.
-    save_adapter(ours, tmp_path / "ours", base_model_name_or_path=str(folder))
+    save_adapter(ours, tmp_path / "ours", str(folder))
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "ours", is_trainable=True)
     assert peft_model.peft_config["default"].lora_alpha == 16
     result = set_peft_model_state_dict(peft_model, load_peft_weights(str(tmp_path / "ours")))
@@ -216,7 +217,7 @@ def test_peft_parity(tmp_path, targets):
     randomize_adapters(made, seed=2)
     made.save_pretrained(tmp_path / "peft")
     loaded = load_adapter(load_model(folder), tmp_path / "peft")
-    assert loaded.lora_config == dict(r=2, alpha=8, dropout=0.05, targets=targets)
+    assert lora_settings(loaded) == dict(r=2, alpha=8, dropout=0.05, targets=targets)
     with torch.no_grad():
         assert_close_to_scale(loaded(IDS), made.eval()(input_ids=IDS).logits)
 
@@ -226,7 +227,7 @@ def test_peft_parity(tmp_path, targets):
 def test_load_into_a_model_that_has_matching_lora(tmp_path, tiny_checkpoint):
     src = apply_lora(load_model(tiny_checkpoint[0]), r=4, alpha=16)
     randomize_adapters(src)
-    save_adapter(src, tmp_path / "a")
+    save_adapter(src, tmp_path / "a", None)
     dst = apply_lora(load_model(tiny_checkpoint[0]), r=4, alpha=16)
     load_adapter(dst, tmp_path / "a")
     with torch.no_grad():
@@ -248,18 +249,22 @@ def edit_adapter(src, dst, config=None, tensors=None):
 
 def test_bad_adapters_change_nothing(tmp_path, tiny_checkpoint):
     folder = tiny_checkpoint[0]
-    good = save_adapter(apply_lora(load_model(folder), r=4, alpha=16), tmp_path / "good")
+    good = save_adapter(apply_lora(load_model(folder), r=4, alpha=16), tmp_path / "good", str(folder))
     other_folder, _ = hf_tiny(tmp_path, "other", hidden_size=32)
-    wrong_shape = save_adapter(apply_lora(load_model(other_folder), r=4, alpha=16), tmp_path / "shape")
-    key = "base_model.model.gpt_neox.layers.1.attention.query_key_value.lora_B.weight"
+    wrong_shape = save_adapter(apply_lora(load_model(other_folder), r=4, alpha=16), tmp_path / "shape", None)
+    module = "gpt_neox.layers.1.attention.query_key_value"
+    key = f"base_model.model.{module}.lora_B.weight"
     edit = lambda name, config=None, tensors=None: edit_adapter(good, tmp_path / name, config, tensors)  # noqa: E731
     cases = {   # error message (regex) -> (adapter folder, rank of the LoRA already in the model or None)
         "r=4, alpha=16, targets=.'query_key_value'.; the model's LoRA has r=8": (good, 8),
-        "targets=.'dense'.; the model's LoRA has r=4": (edit("t", {"target_modules": ["dense"]}), 4),
+        r"unexpected tensor .*query_key_value.lora_A.weight' \(targets \['dense'\]\)":
+            (edit("t", {"target_modules": ["dense"]}), 4),
         "unknown LoRA targets .'q_proj'.; valid targets": (edit("q", {"target_modules": ["q_proj"]}), None),
-        r"has shape \(4, 32\), the model needs \(4, 64\)": (wrong_shape, None),
-        f"missing 1 tensors, e.g. '{key}'":
-            (edit("m", tensors=lambda t: {k: v for k, v in t.items() if k != key}), None),
+        r"query_key_value has A \(4, 32\) and B \(96, 4\); the model's layer is 192 x 64": (wrong_shape, None),
+        f"{module} has only one of lora_A and lora_B":
+            (edit("b", tensors=lambda t: {k: v for k, v in t.items() if k != key}), None),
+        f"missing 1 adapted layers, e.g. '{module}'":
+            (edit("m", tensors=lambda t: {k: v for k, v in t.items() if module not in k}), None),
         "unexpected tensor 'base_model.model.x.lora_A.weight'":
             (edit("u", tensors=lambda t: t | {"base_model.model.x.lora_A.weight": torch.zeros(1)}), None),
         "use_rslora": (edit("rs", {"use_rslora": True}), None),
@@ -279,8 +284,8 @@ def test_bad_adapters_change_nothing(tmp_path, tiny_checkpoint):
 
 def test_base_model_name_mismatch_warns(tmp_path, tiny_checkpoint):
     src = apply_lora(load_model(tiny_checkpoint[0]), r=4)
-    save_adapter(src, tmp_path / "a", base_model_name_or_path="cyberagent/open-calm-7b")
+    save_adapter(src, tmp_path / "a", "cyberagent/open-calm-7b")
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         "cyberagent/open-calm-7b"
     with pytest.warns(UserWarning, match="open-calm-7b.*open-calm-small"):
-        load_adapter(load_model(tiny_checkpoint[0]), tmp_path / "a", name_or_path="cyberagent/open-calm-small")
+        load_adapter(load_model(tiny_checkpoint[0]), tmp_path / "a", base="cyberagent/open-calm-small")

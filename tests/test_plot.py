@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from minicalm.plot import main, plot_confusion, plot_run, read_metrics, series
+from minicalm.files import read_records
+from minicalm.plot import main, plot_confusion, plot_run, series
 from minicalm.score import compute_metrics
 
 CURVES = ["grad_norm.png", "loss.png", "lr.png", "tokens_per_s.png"]
@@ -44,9 +45,9 @@ def write_run(folder: Path, recs: list[dict], torn: str = "") -> Path:
     return folder
 
 
-def test_read_metrics_skips_a_line_torn_mid_write(tmp_path):
+def test_read_records_skips_a_line_torn_mid_write(tmp_path):
     run = write_run(tmp_path / "run", records(), torn='{"step": 13, "epoch": 2.1, "lo')
-    recs = read_metrics(run / "metrics.jsonl")
+    recs = read_records(run / "metrics.jsonl")
     assert [r["step"] for r in recs] == list(range(1, 13))
     assert series(recs, "val_loss") == ([6, 12], [5.0 / 6, 5.0 / 12])
 
@@ -61,7 +62,7 @@ def test_plot_run_draws_every_curve(tmp_path, validation, torn):
         assert_png(p)
 
 
-def test_cli_draws_a_run_and_refuses_a_folder_without_metrics_in_one_line(tmp_path):
+def test_cli_draws_a_run_and_refuses_a_folder_without_metrics_in_one_line(tmp_path, capsys):
     run = write_run(tmp_path / "run", records())
     main([str(run)])
     assert sorted(p.name for p in (run / "plots").glob("*.png")) == CURVES
@@ -70,7 +71,8 @@ def test_cli_draws_a_run_and_refuses_a_folder_without_metrics_in_one_line(tmp_pa
         folder.mkdir(exist_ok=True)
         with pytest.raises(SystemExit) as e:
             main([str(folder)])
-        assert why in str(e.value.code) and "\n" not in str(e.value.code)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and why in err and err.count("\n") == 1 and err.startswith("python -m minicalm.plot")
 
 
 def test_plot_confusion_draws_gold_rows_against_predicted_and_invalid(tmp_path):
@@ -83,13 +85,14 @@ def test_plot_confusion_draws_gold_rows_against_predicted_and_invalid(tmp_path):
 
 
 def test_without_matplotlib_the_cli_says_so_in_one_line(tmp_path):
-    """A fresh interpreter where `import matplotlib` fails: importing minicalm.plot and minicalm.inspect still works,
-    and the CLI exits 1 with one line naming the extra to install."""
+    """A fresh interpreter where `import matplotlib` fails: importing every module of minicalm still works, and the
+    CLI exits 1 with one line naming the extra to install."""
     run = write_run(tmp_path / "run", records())
-    code = ("import sys; sys.modules['matplotlib'] = None; import minicalm.inspect, minicalm.plot; "
-            f"minicalm.plot.main([{str(run)!r}])")
+    code = ("import sys; sys.modules['matplotlib'] = None; import minicalm.adapter_stats, minicalm.evaluate, "
+            f"minicalm.train, minicalm.plot; minicalm.plot.main([{str(run)!r}])")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr == 'python -m minicalm.plot: drawing needs matplotlib: pip install "minicalm[plot]"\n'
+    assert done.stderr == ('python -m minicalm.plot: no pictures: drawing needs matplotlib: pip install '
+                           '"minicalm[plot]"\n')
     assert not (run / "plots").exists()

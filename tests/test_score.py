@@ -1,15 +1,12 @@
-"""minicalm.score: the answer rule, the metrics against a hand-counted confusion matrix, and label log-likelihoods
-against transformers on a random tiny checkpoint."""
+"""minicalm.score: the answer rule and the metrics against a hand-counted confusion matrix (label log-likelihoods are
+generate.py's, tested against transformers in test_generate.py)."""
 from __future__ import annotations
 
 import math
 
 import pytest
-import torch
 
-from conftest import assert_close_to_scale, hf_tiny
-from minicalm import load_model
-from minicalm.score import compute_metrics, label_logprobs, parse_answer, wilson_interval
+from minicalm.score import compute_metrics, parse_answer, wilson_interval
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -84,24 +81,3 @@ def test_wilson_interval():
     lo, hi = wilson_interval(20, 20)
     assert lo == pytest.approx(20 / (20 + 1.959963984540054 ** 2))   # closed form at p = 1
     assert not any(math.isnan(x) for x in wilson_interval(0, 0))
-
-
-def hf_logprobs(hf, prompt, answer):
-    with torch.no_grad():
-        logp = hf(torch.tensor([prompt + answer])).logits[0].double().log_softmax(-1)
-    return sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(answer))
-
-
-def test_label_logprobs_match_transformers(tmp_path):
-    folder, hf = hf_tiny(tmp_path)
-    model = load_model(folder, dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (7, 1, 23, 12, 30)]
-    answers = [[5, 9, 17], [5, 11], [40]]   # shared first token, different lengths, as ポジティブ/ネガティブ may be
-    got = label_logprobs(model, prompts, answers, batch_size=4)   # pairs span batches with mixed padding
-    assert got.shape == (5, 3) and got.dtype == torch.float32
-    want = torch.tensor([[hf_logprobs(hf, p, a) for a in answers] for p in prompts], dtype=torch.float32)
-    assert_close_to_scale(got, want)
-    assert_close_to_scale(label_logprobs(model, prompts, answers, batch_size=16), got)   # other batches, other padding
-    with pytest.raises(ValueError, match="at least one token"):
-        label_logprobs(model, [[]], answers)

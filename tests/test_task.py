@@ -63,6 +63,16 @@ def test_builtin_and_file_tasks(tmp_path):
     assert braces.fields == ["text"] and braces.format({"text": "x"}) == "{literal} x:"
 
 
+def test_a_builtin_task_written_as_a_file_keeps_its_data_source(tmp_path):
+    """task.json beside an adapter is the task as a file: for a built-in task, its hub data comes along (the bug of
+    `eval.py --adapter`: the file dropped it, and evaluation found no data to read)."""
+    for builtin in (MARC_JA, JNLI):
+        again = load_task(write_json(tmp_path / f"{builtin.name}.json", builtin.to_dict()))
+        assert again.to_dict() == builtin.to_dict() and again.hub == builtin.hub and again.hub["files"]["validation"]
+    with pytest.raises(ValueError, match="hub must be"):
+        load_task(write_json(tmp_path / "h.json", THREE | {"hub": {"repo": "owner/name"}}))
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     ({"name": "t", "labels": THREE["labels"]}, "at least name, prompt and labels"),
@@ -205,13 +215,17 @@ def test_likelihood_over_three_multi_token_words_matches_transformers(tmp_path):
 # ----------------------------------------------------------------------------- the scripts
 
 def three_class_files(tmp_path, monkeypatch) -> tuple[str, str, str]:
-    """The README's example: run its code block, which writes amazon-ja-3.json, train3.jsonl and valid3.jsonl."""
+    """The README's example: run its code block, which writes amazon-ja-3.json, train3.jsonl and validation3.jsonl,
+    here from the shared reviews (MARC-ja's format) in place of MARC-ja's splits from the hub."""
+    from minicalm import data
+
     code = re.search(r"## Your own task.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[1]
-    src = '"../shared/data/amazon-ja-reviews"'
-    assert src in code
+    assert "data.task_data(MARC_JA, split)" in code
+    files = {"train": need(REVIEWS / "train.jsonl"), "validation": need(REVIEWS / "valid.jsonl")}
+    monkeypatch.setattr(data, "task_data", lambda task, split: files[split])
     monkeypatch.chdir(tmp_path)
-    exec(compile(code.replace(src, repr(str(need(REVIEWS)))), "README.md", "exec"), {})
-    return str(tmp_path / "amazon-ja-3.json"), str(tmp_path / "train3.jsonl"), str(tmp_path / "valid3.jsonl")
+    exec(compile(code, "README.md", "exec"), {})
+    return str(tmp_path / "amazon-ja-3.json"), str(tmp_path / "train3.jsonl"), str(tmp_path / "validation3.jsonl")
 
 
 def test_readme_three_class_files(tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ import minicalm.train as T
 from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale
 from minicalm import apply_lora, load_adapter, load_model
 from minicalm.data import IGNORE_INDEX, Example, PromptEncoder, Row, collate, encode_rows, read_jsonl
-from minicalm.lora import LORA_KEYS, VALID_TARGETS
+from minicalm.adapter import LORA_KEYS
+from minicalm.lora import VALID_TARGETS
 from minicalm.loss import answer_loss, shared_prefix_len
 from minicalm.task import MARC_JA
 from minicalm.train import TrainConfig, lr_at, train
@@ -406,6 +407,25 @@ def test_bad_input_fails_before_training(base, tmp_path, monkeypatch, case):
     assert tree(out) == before   # nothing written (or, for another run's folder, nothing changed)
     if case != "other_run":
         assert not out.exists()
+
+
+def test_a_task_without_data_names_the_flags_to_pass(base, tmp_path):
+    task = tmp_path / "t.json"
+    task.write_text(json.dumps({"name": "t", "prompt": "{text}:", "labels": {"a": "A", "b": "B"}}))
+    with pytest.raises(FileNotFoundError, match=r"task t names no train data on the hub: pass --train-file \(JSON "
+                                                r"lines with text, label\)"):
+        train(config(base[0], tmp_path / "run", task=str(task), train_file=None))
+    rows = write(tmp_path / "t.jsonl", [{"text": "良い", "label": "a"}, {"text": "悪い", "label": "b"}])
+    with pytest.raises(FileNotFoundError, match="task t names no validation data on the hub: pass --valid-file"):
+        train(config(base[0], tmp_path / "run", task=str(task), train_file=rows, valid_file=None))
+
+
+def test_peak_memory_reads_ru_maxrss_in_the_platform_s_unit(monkeypatch):
+    """ru_maxrss is KiB on Linux and bytes on macOS."""
+    monkeypatch.setattr(T.resource, "getrusage", lambda who: type("R", (), {"ru_maxrss": 1000})())
+    for platform, expected in (("linux", 1024_000), ("darwin", 1000)):
+        monkeypatch.setattr(T.sys, "platform", platform)
+        assert T.peak_memory(torch.device("cpu")) == expected
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):

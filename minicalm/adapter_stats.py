@@ -13,54 +13,34 @@ Each adapted layer's update is ΔW = (alpha/r) B A, an (out x in) matrix of rank
   adapters' A (section 7.2): 1 when the smaller subspace lies inside the other, 0 when they are orthogonal.
   Two runs (other seeds or ranks) that agree on their top directions found what the task needs, not noise.
 
-`python -m minicalm.inspect ADAPTER --out DIR [--base MODEL|none] [--compare ADAPTER2]` writes DIR/inspect.json
-and its pictures (drawn by minicalm.plot).
+`python -m minicalm.adapter_stats ADAPTER --out DIR [--base MODEL|none] [--compare ADAPTER2]` writes
+DIR/adapter_stats.json and its pictures (drawn by minicalm.plot).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .lora import LORA_KEYS, PEFT_PREFIX, UNSUPPORTED, VALID_TARGETS
-from .plot import plot_inspection
-from .weights import atomic_write, read_tensors, resolve, weight_files
+from .adapter import adapter_base, read_adapter
+from .files import write_json
+from .lora import VALID_TARGETS
+from .plot import draw_if_possible, plot_adapter_stats
+from .weights import read_tensors, resolve, weight_files
 
 MODULE = re.compile(r"gpt_neox\.layers\.(\d+)\.(?:attention|mlp)\.(\w+)")   # an adapted layer's name
 
 
-def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """adapter_config.json and {module name: (A (r, in), B (out, r))} in fp64, in layer then target order.
-    Names lose PEFT's `base_model.model.` prefix: gpt_neox.layers.0.attention.query_key_value."""
-    folder = Path(adapter_dir)
-    cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    bad = {k: cfg[k] for k in UNSUPPORTED if cfg.get(k) not in (None, False, "none", {}, [])}
-    if cfg.get("peft_type") != "LORA" or bad:   # these settings change ΔW's formula
-        raise ValueError(f"{folder}: not a plain LoRA adapter (peft_type {cfg.get('peft_type')!r}, settings {bad})")
-    parts: dict[str, list] = {}
-    for key, t in read_tensors(folder / "adapter_model.safetensors"):
-        name = key.removeprefix(PEFT_PREFIX)
-        suffix = next((s for s in LORA_KEYS if name.endswith(s)), None)
-        if suffix is None or not MODULE.fullmatch(name.removesuffix(suffix)):
-            raise ValueError(f"{folder}: unexpected tensor {key!r} for a GPT-NeoX LoRA adapter")
-        parts.setdefault(name.removesuffix(suffix), [None, None])[LORA_KEYS.index(suffix)] = t.double()
-    broken = [n for n, ab in parts.items() if None in ab]
-    if broken or not parts:
-        raise ValueError(f"{folder}: needs lora_A and lora_B for every module; incomplete: {broken or 'all'}")
-    order = sorted(parts, key=lambda n: (layer_and_target(n)[0], VALID_TARGETS.index(layer_and_target(n)[1])))
-    return cfg, {n: tuple(parts[n]) for n in order}
-
-
 def layer_and_target(name: str) -> tuple[int, str]:
     """gpt_neox.layers.3.mlp.dense_h_to_4h -> (3, "dense_h_to_4h")."""
-    layer, target = MODULE.fullmatch(name).groups()
-    return int(layer), target
+    match = MODULE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a GPT-NeoX block's linear layer (gpt_neox.layers.N.attention|mlp.NAME)")
+    return int(match[1]), match[2]
 
 
 def delta_svd(A: torch.Tensor, B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,13 +74,14 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
     return overlap.cumsum(0).cumsum(1) / torch.minimum(i, j)       # sum over the top i x top j block
 
 
-def base_weights(base: str | os.PathLike, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def base_weights(base: str | os.PathLike, names: list[str], revision: str | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(module name, W) for the named modules, streamed from the base checkpoint's files one tensor at a time.
 
     Reading the files instead of load_model keeps one weight matrix in memory, not a whole 7B model; the price is
     one pass over the checkpoint (.bin files are memory-mapped, so only the adapted weights are read from them)."""
     wanted = {n + ".weight": n for n in names}   # the model mirrors the checkpoint's names: no renaming
-    for file in weight_files(resolve(base)):
+    for file in weight_files(resolve(base, revision)):
         for key, t in read_tensors(file):
             if wanted.pop(key, None) is not None:
                 yield key.removesuffix(".weight"), t
@@ -121,57 +102,56 @@ def compare_adapters(adapter_dir: str | os.PathLike, other_dir: str | os.PathLik
 
 
 def inspect_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None,
-                    compare: str | os.PathLike | None = None) -> dict:
-    """The contents of inspect.json. base: a checkpoint folder or hub id, for weight_norm, relative_update and
-    amplification (None: the adapter alone). compare: a second adapter folder, for phi."""
+                    compare: str | os.PathLike | None = None, revision: str | None = None) -> dict:
+    """The contents of adapter_stats.json. base: a checkpoint folder or hub id (at `revision`), for weight_norm,
+    relative_update and amplification (None: the adapter alone). compare: a second adapter folder, for phi."""
     cfg, adapters = read_adapter(adapter_dir)
     compared = None if compare is None else compare_adapters(adapter_dir, compare)   # cheap: before the base
-    scaling = cfg.get("lora_alpha", 8) / cfg["r"]   # peft's default alpha
+    scaling = cfg["lora_alpha"] / cfg["r"]
     modules, svds = {}, {}
-    for name, (A, B) in adapters.items():
+    for name in sorted(adapters, key=lambda n: (layer_and_target(n)[0], VALID_TARGETS.index(layer_and_target(n)[1]))):
+        A, B = adapters[name]
         U, S, V = svds[name] = delta_svd(A, B, scaling)
         layer, target = layer_and_target(name)
         modules[name] = {"name": name, "layer": layer, "target": target, "delta_norm": S.norm().item(),
                          "singular_values": S.tolist()}
     if base is not None:
-        for name, W in base_weights(base, list(modules)):
+        for name, W in base_weights(base, list(modules), revision):
             U, S, V = svds[name]
             if W.shape != (len(U), len(V)):
                 raise ValueError(f"{base}: {name} is {tuple(W.shape)}, the adapter's update is {(len(U), len(V))}")
             weight_norm = torch.linalg.matrix_norm(W.double())
             modules[name] |= {"weight_norm": weight_norm.item(), "relative_update": (S.norm() / weight_norm).item(),
                               "amplification": amplification(W, U, S, V)}
-    return {"adapter": str(adapter_dir), "base": None if base is None else str(base), "r": cfg["r"],
-            "lora_alpha": cfg.get("lora_alpha", 8), "modules": list(modules.values()),
-            "compare": compared}
+    return {"adapter": str(adapter_dir), "base": None if base is None else str(base), "revision": revision,
+            "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "modules": list(modules.values()), "compare": compared}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m minicalm.inspect",
+    p = argparse.ArgumentParser(prog="python -m minicalm.adapter_stats",
                                 description="What a LoRA adapter changed: update norms, spectra, amplification, and "
-                                            "subspace similarity with another adapter (inspect.json + PNGs).")
+                                            "subspace similarity with another adapter (adapter_stats.json + PNGs).")
     p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--base", default=None, help="base checkpoint folder or hub id (default: the adapter config's "
-                                                "base_model_name_or_path; 'none': the adapter alone)")
+    p.add_argument("--base", default=None, help="base checkpoint folder or hub id (default: the one the adapter "
+                                                "records, at its revision; 'none': the adapter alone)")
+    p.add_argument("--revision", default=None, help="the --base's hub revision (default: the adapter's, for its base)")
     p.add_argument("--compare", default=None, help="a second adapter folder: subspace similarity phi")
     p.add_argument("--out", required=True, help="output folder")
     a = p.parse_args(argv)
-    out, base = Path(a.out), None
+    base, revision = (a.base, a.revision) if a.base else (None, None)
     try:
-        base = a.base or read_adapter(a.adapter)[0].get("base_model_name_or_path") or "none"
-        result = inspect_adapter(a.adapter, None if base == "none" else base, a.compare)
+        if base is None:
+            base, saved_revision = adapter_base(a.adapter)
+            revision = a.revision or saved_revision
+        result = inspect_adapter(a.adapter, None if base in (None, "none") else base, a.compare, revision)
     except (OSError, ValueError) as e:   # missing files, an unreachable hub id, a base that does not match
         hint = " (--base PATH picks the base model, --base none skips it)" if base not in (None, "none") else ""
-        sys.exit(f"python -m minicalm.inspect: {e}{hint}")
+        p.exit(1, f"{p.prog}: error: {e}{hint}\n")
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "inspect.json", lambda f: f.write_text(json.dumps(result, indent=1), encoding="utf-8"))
-    try:
-        pictures = plot_inspection(result, out)
-    except ModuleNotFoundError as e:   # the numbers are written; only the pictures need matplotlib
-        if e.name != "matplotlib":
-            raise
-        sys.exit(f"python -m minicalm.inspect: wrote {out / 'inspect.json'}, but {e}")
-    print(f"wrote {out / 'inspect.json'} and {', '.join(p.name for p in pictures)}", file=sys.stderr)
+    written = [write_json(out / "adapter_stats.json", result, indent=1)]
+    written += draw_if_possible(plot_adapter_stats, result, out, prog=p.prog)
+    print(f"wrote {', '.join(str(w) for w in written)}")
 
 
 if __name__ == "__main__":

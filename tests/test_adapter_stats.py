@@ -1,4 +1,4 @@
-"""minicalm.inspect: the math on matrices built with known answers (a chosen spectrum, nested and orthogonal
+"""minicalm.adapter_stats: the math on matrices built with known answers (a chosen spectrum, nested and orthogonal
 subspaces, a diagonal W whose strong and weak directions are known), the files and pictures the CLI writes, and on
 two real short LoRA runs the numbers equal a computation straight from the adapter's files."""
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REVIEWS, ROOT, assert_close_to_scale, need
-from minicalm.inspect import amplification, delta_svd, inspect_adapter, main, subspace_similarity
-from minicalm.lora import PEFT_PREFIX, VALID_TARGETS
+from minicalm.adapter import PEFT_PREFIX
+from minicalm.adapter_stats import amplification, delta_svd, inspect_adapter, main, subspace_similarity
+from minicalm.lora import VALID_TARGETS
 from minicalm.train import TrainConfig, train
 
 F64 = dict(dtype=torch.float64)
@@ -47,7 +48,7 @@ def write_adapter(folder: Path, factors: dict, r: int, alpha: float, base: str |
 
 
 def write_base(folder: Path, weights: dict) -> Path:
-    """A checkpoint folder holding only the named weights: all that inspect reads from a base."""
+    """A checkpoint folder holding only the named weights: all that adapter_stats reads from a base."""
     folder.mkdir(parents=True)
     save_file({n + ".weight": W.float().contiguous() for n, W in weights.items()}, str(folder / "model.safetensors"))
     return folder
@@ -174,7 +175,7 @@ def two_adapters(tmp_path):
 def test_cli_writes_json_and_pictures_with_base_compare_and_without_base(two_adapters, tmp_path):
     (a, b), base = two_adapters
     main([str(a), "--compare", str(b), "--out", str(tmp_path / "both")])   # base from the adapter's config
-    result = json.loads((tmp_path / "both" / "inspect.json").read_text())
+    result = json.loads((tmp_path / "both" / "adapter_stats.json").read_text())
     assert result["base"] == str(base) and result["r"] == 3 and result["lora_alpha"] == 6
     names = [m["name"] for m in result["modules"]]
     assert names == [QKV.format(0), DENSE.format(0), QKV.format(1), DENSE.format(1)]   # layer, then block order
@@ -189,7 +190,7 @@ def test_cli_writes_json_and_pictures_with_base_compare_and_without_base(two_ada
         assert_png(tmp_path / "both" / f"{name}.png")
 
     main([str(a), "--base", "none", "--out", str(tmp_path / "alone")])
-    result = json.loads((tmp_path / "alone" / "inspect.json").read_text())
+    result = json.loads((tmp_path / "alone" / "adapter_stats.json").read_text())
     assert result["base"] is None and result["compare"] is None
     assert all("relative_update" not in m and m["delta_norm"] > 0 for m in result["modules"])
     assert sorted(p.name for p in (tmp_path / "alone").glob("*.png")) == ["singular_values.png", "update_per_layer.png"]
@@ -197,25 +198,26 @@ def test_cli_writes_json_and_pictures_with_base_compare_and_without_base(two_ada
         assert_png(p)
 
 
-def test_cli_refuses_a_base_that_does_not_match_in_one_line(two_adapters, tmp_path):
+def test_cli_refuses_a_base_that_does_not_match_in_one_line(two_adapters, tmp_path, capsys):
     (a, _), _ = two_adapters
     wrong = write_base(tmp_path / "wrong", {QKV.format(0): torch.ones(24, 8)})   # lacks the other modules
     with pytest.raises(SystemExit) as e:
         main([str(a), "--base", str(wrong), "--out", str(tmp_path / "x")])
-    msg = str(e.value.code)
-    assert "\n" not in msg and "gpt_neox.layers" in msg and "--base none" in msg
-    assert not (tmp_path / "x" / "inspect.json").exists()
+    msg = capsys.readouterr().err
+    assert e.value.code == 1 and msg.count("\n") == 1 and "gpt_neox.layers" in msg and "--base none" in msg
+    assert msg.startswith("python -m minicalm.adapter_stats: error: ")
+    assert not (tmp_path / "x" / "adapter_stats.json").exists()
 
 
 def test_without_matplotlib_the_json_is_written_and_one_line_says_what_to_install(two_adapters, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, capsys):
     (a, _), _ = two_adapters
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` now fails as if not installed
-    with pytest.raises(SystemExit) as e:
-        main([str(a), "--out", str(tmp_path / "out")])
-    msg = str(e.value.code)
-    assert "\n" not in msg and msg.endswith('needs matplotlib: pip install "minicalm[plot]"'), msg
-    assert json.loads((tmp_path / "out" / "inspect.json").read_text())["modules"]
+    main([str(a), "--out", str(tmp_path / "out")])
+    msg = capsys.readouterr().err
+    assert msg == 'python -m minicalm.adapter_stats: no pictures: drawing needs matplotlib: pip install ' \
+                  '"minicalm[plot]"\n', msg
+    assert json.loads((tmp_path / "out" / "adapter_stats.json").read_text())["modules"]
     assert not list((tmp_path / "out").glob("*.png"))
 
 
@@ -225,7 +227,7 @@ def test_without_matplotlib_the_json_is_written_and_one_line_says_what_to_instal
 def runs(base, tmp_path_factory):
     """conftest's tiny random GPT-NeoX + 500-token BPE and two 10-step LoRA runs on all four targets: r 4 seed 0
     with validation loss and accuracy, r 2 seed 1 without."""
-    root = tmp_path_factory.mktemp("inspect")
+    root = tmp_path_factory.mktemp("adapter_stats")
     folder, _ = base
     common = dict(model=str(folder), train_file=str(REVIEWS / "train.jsonl"), limit_train=32, batch_size=8,
                   micro_batch_size=8, max_len=128, lr=1e-2, warmup_steps=2, max_steps=10, save_every=0,
@@ -266,18 +268,18 @@ def test_real_run_numbers_equal_a_computation_from_the_adapter_files(runs, tmp_p
 
 def test_real_run_clis_write_json_and_pictures(runs, tmp_path):
     root, base = runs
-    done = cli("minicalm.inspect", str(root / "r4" / "adapter"), "--compare", str(root / "r2" / "adapter"),
+    done = cli("minicalm.adapter_stats", str(root / "r4" / "adapter"), "--compare", str(root / "r2" / "adapter"),
                "--out", str(tmp_path / "cmp"))
     assert done.returncode == 0, done.stderr
-    result = json.loads((tmp_path / "cmp" / "inspect.json").read_text())
+    result = json.loads((tmp_path / "cmp" / "adapter_stats.json").read_text())
     assert result["base"] == str(base)   # the default: the adapter config's base_model_name_or_path
     assert torch.tensor(result["compare"]["mean"]).shape == (4, 2)
     for name in ("update_per_layer", "singular_values", "subspace_similarity"):
         assert_png(tmp_path / "cmp" / f"{name}.png")
 
-    done = cli("minicalm.inspect", str(root / "r2" / "adapter"), "--out", str(tmp_path / "one"))
+    done = cli("minicalm.adapter_stats", str(root / "r2" / "adapter"), "--out", str(tmp_path / "one"))
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "one" / "inspect.json").read_text())["compare"] is None
+    assert json.loads((tmp_path / "one" / "adapter_stats.json").read_text())["compare"] is None
     assert sorted(p.name for p in (tmp_path / "one").glob("*.png")) == ["singular_values.png", "update_per_layer.png"]
 
     done = cli("minicalm.plot", str(root / "r4"))

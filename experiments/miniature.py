@@ -1,4 +1,4 @@
-"""The whole experiment in miniature, on a laptop CPU: `python -m minicalm.micro --out runs/micro`.
+"""The whole experiment in miniature, on a laptop CPU: `python experiments/miniature.py --out runs/micro`.
 
 1. train a 4,000-token byte-level BPE (OpenCALM's special ids) on the task's training text;
 2. pretrain a tiny GPT-NeoX from random weights on that raw text (a plain causal LM, every parameter);
@@ -8,50 +8,47 @@
 6. evaluate again and print the before/after table (beside the post's, for marc-ja).
 Everything runs through minicalm's own train() and evaluate_rows(); nothing here re-implements them. Data: the
 task's own (for marc-ja a fixed 10,000 / 1,000-row sample of MARC-ja from the hub, cached), or --train-file and
---valid-file, which is how it runs offline.
+--valid-file, which is how it runs offline. `--sweep-ranks 1,2,4,...` trains one adapter per rank on one base.
+
+An experiment, not a part of the library: it imports minicalm as a user would (pip install -e . first).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from . import data
-from .config import CalmConfig
-from .evaluate import evaluate_rows, table
-from .lora import VALID_TARGETS, load_adapter, trainable_parameters
-from .model import CalmForCausalLM
-from .plot import MISSING, plot_sweep
-from .progress import fmt_time
-from .task import MARC_JA, load_task
-from .tokenizer import load_tokenizer, train_tokenizer
-from .train import TrainConfig, train
-from .weights import load_model, save_checkpoint
+from minicalm import data
+from minicalm.adapter import load_adapter
+from minicalm.config import CalmConfig
+from minicalm.evaluate import evaluate_rows, table
+from minicalm.files import write_json, write_text
+from minicalm.lora import VALID_TARGETS, trainable_parameters
+from minicalm.model import CalmForCausalLM
+from minicalm.plot import draw_if_possible, plot_sweep
+from minicalm.progress import fmt_time
+from minicalm.task import MARC_JA, load_task
+from minicalm.tokenizer import load_tokenizer, train_tokenizer
+from minicalm.train import TrainConfig, train
+from minicalm.weights import load_model, save_checkpoint
 
 SAMPLE = {"train": 10_000, "validation": 1_000}   # rows of the task's own data the miniature uses by default
 
 
 def micro_config(vocab_size: int) -> CalmConfig:
-    """3 layers, hidden 128, 4 heads, OpenCALM's layout (sequential residual, full rotary): ~1.5M parameters."""
+    """3 layers, hidden 128, 4 heads, OpenCALM's layout (sequential residual, full rotary): 1.6M parameters with
+    the 4,000-token BPE (1.0M of them the embedding and the head)."""
     return CalmConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
                       intermediate_size=512, max_position_embeddings=512)
 
 
 def task_files(task, train_file: str | None, valid_file: str | None) -> tuple[str, str]:
-    """The given files, or a fixed sample of the task's own data; one clear line when neither is there."""
+    """The given files, or a fixed sample of the task's own data from the hub."""
     if train_file and valid_file:
         return train_file, valid_file
-    try:
-        return tuple(str(data.task_data(task, split, subset=SAMPLE[split])) for split in ("train", "validation"))
-    except (FileNotFoundError, ImportError) as e:
-        raise FileNotFoundError(f"the miniature needs task {task.name}'s data and could not get it ({e}); pass "
-                                f"--train-file and --valid-file (JSON lines; in this repository's workplace "
-                                f"../shared/data/amazon-ja-reviews/train.jsonl and valid.jsonl)") from None
-
-
-ALL_FOUR = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    return tuple(str(data.task_data(task, split, subset=SAMPLE[split])) for split in ("train", "validation"))
 
 
 def start(out: str, spec, train_file: str | None, valid_file: str | None, log: bool):
@@ -86,8 +83,8 @@ def pretrain(out_dir: Path, spec: str, train_file: str, valid_file: str, steps: 
     return out_dir / "pretrain" / "model", pre   # 3. an ordinary checkpoint folder, written by train()
 
 
-def lora(base: Path, out: Path, spec: str, train_file: str, valid_file: str, r: int, targets, epochs: float,
-         steps: int | None, seed: int, log: bool) -> dict:
+def finetune(base: Path, out: Path, spec: str, train_file: str, valid_file: str, r: int, targets, epochs: float,
+             steps: int | None, seed: int, log: bool) -> dict:
     """Step 5: LoRA on the base through train_lora.py's code path (alpha = 2 r, lr 5e-4, batch 16)."""
     return train(TrainConfig(
         model=str(base), task=spec, train_file=train_file, valid_file=valid_file, out=str(out), epochs=epochs,
@@ -111,7 +108,8 @@ def run(out: str, train_file: str | None = None, valid_file: str | None = None, 
     before = evaluate_rows(model, tok, valid, task, **kw)
 
     stage("5/6 LoRA fine-tuning (r 16, alpha 32, all four linear layers) with the train_lora.py code path")
-    tuned = lora(base, out_dir / "lora", spec, train_file, valid_file, 16, ALL_FOUR, lora_epochs, lora_steps, seed,
+    tuned = finetune(base, out_dir / "lora", spec, train_file, valid_file, 16, VALID_TARGETS, lora_epochs, lora_steps,
+                     seed,
                  log)
 
     stage("6/6 evaluating base + adapter")
@@ -119,18 +117,19 @@ def run(out: str, train_file: str | None = None, valid_file: str | None = None, 
     after = evaluate_rows(model, tok, valid, task, **kw)
 
     seconds = time.time() - t0
-    res = {"seconds": round(seconds, 1), "pretrain": {k: pre[k] for k in ("step", "loss", "val_loss", "seconds")},
+    res = {"seconds": round(seconds, 1), "params": model.num_params(),
+           "pretrain": {k: pre[k] for k in ("step", "loss", "val_loss", "seconds")},
            "lora": {k: tuned[k] for k in ("step", "loss", "val_loss", "seconds")},
            "before": before["metrics"], "after": after["metrics"], "n_valid": len(valid), "task": task.name}
-    (out_dir / "results.json").write_text(json.dumps(res, indent=2))
+    write_json(out_dir / "results.json", res)
     report = format_report(res)
-    (out_dir / "report.md").write_text(report, encoding="utf-8")
+    write_text(out_dir / "report.md", report)
     if log:
         print("\n" + report)
     return res
 
 
-def sweep(out: str, ranks: list[int], targets=ALL_FOUR, base: str | None = None, train_file: str | None = None,
+def sweep(out: str, ranks: list[int], targets=VALID_TARGETS, base: str | None = None, train_file: str | None = None,
           valid_file: str | None = None, task: str = "marc-ja", pretrain_steps: int = 3000,
           lora_epochs: float = 3.0, lora_steps: int | None = None, eval_limit: int | None = None,
           vocab_size: int = 4000, seed: int = 1337, log: bool = True) -> list[dict]:
@@ -143,7 +142,7 @@ def sweep(out: str, ranks: list[int], targets=ALL_FOUR, base: str | None = None,
     for r in ranks:
         stage(f"LoRA r {r} (alpha {2 * r}) on {', '.join(targets)}")
         t = time.time()
-        res = lora(Path(base), out_dir / f"r{r}", spec, train_file, valid_file, r, targets, lora_epochs, lora_steps,
+        res = finetune(Path(base), out_dir / f"r{r}", spec, train_file, valid_file, r, targets, lora_epochs, lora_steps,
                    seed, log)
         m = evaluate_rows(res["model"], tok, valid, task, max_len=256, batch_size=32, log=log)["metrics"]
         rows.append({"r": r, "alpha": 2 * r, "trainable": trainable_parameters(res["model"])[0],
@@ -152,17 +151,13 @@ def sweep(out: str, ranks: list[int], targets=ALL_FOUR, base: str | None = None,
     table = "\n".join(["| r | alpha | trainable parameters | accuracy | no valid answer | macro-F1 | time |",
                        "|---|---|---|---|---|---|---|"] +
                       [f"| {x['r']} | {x['alpha']} | {x['trainable']:,} | {100 * x['accuracy']:.1f}% | "
-                       f"{100 * x['invalid_rate']:.1f}% | {x['macro_f1']:.3f} | {fmt_time(x['seconds'])} |" for x in rows])
-    (out_dir / "sweep.json").write_text(json.dumps({"base": str(base), "targets": list(targets), "task": task.name,
-                                                    "n_valid": len(valid), "ranks": rows}, indent=2))
-    (out_dir / "sweep.md").write_text(table + "\n", encoding="utf-8")
-    try:
-        plot_sweep(rows, out_dir / "sweep.png", f"LoRA rank sweep, {task.name}, {len(valid)} held-out rows\n"
-                                                f"targets: {', '.join(targets)}")
-    except ModuleNotFoundError as e:
-        if e.name != "matplotlib":
-            raise
-        stage(f"no sweep.png: {MISSING}")
+                       f"{100 * x['invalid_rate']:.1f}% | {x['macro_f1']:.3f} | {fmt_time(x['seconds'])} |"
+                       for x in rows])
+    write_json(out_dir / "sweep.json", {"base": os.path.relpath(base, out_dir), "targets": list(targets),
+                                        "task": task.name, "n_valid": len(valid), "ranks": rows})   # no machine paths
+    write_text(out_dir / "sweep.md", table + "\n")
+    draw_if_possible(plot_sweep, rows, out_dir / "sweep.png", f"LoRA rank sweep, {task.name}, {len(valid)} held-out "
+                     f"rows\ntargets: {', '.join(targets)}", prog="miniature")
     if log:
         print("\n" + table)
     return rows
@@ -170,7 +165,7 @@ def sweep(out: str, ranks: list[int], targets=ALL_FOUR, base: str | None = None,
 
 def format_report(res: dict) -> str:
     b, a = res["before"], res["after"]
-    rows = [("micro GPT-NeoX (1.6M params) before LoRA", b), ("micro GPT-NeoX + LoRA", a)]
+    rows = [(f"micro GPT-NeoX ({res['params'] / 1e6:.1f}M params) before LoRA", b), ("micro GPT-NeoX + LoRA", a)]
     lik = lambda m: f"{100 * m['likelihood']['accuracy']:.1f}%"
     g = b["generate"]
     return "\n".join([
@@ -183,7 +178,7 @@ def format_report(res: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minicalm.micro", description=__doc__,
+    p = argparse.ArgumentParser(prog="experiments/miniature.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/micro")
     p.add_argument("--task", default="marc-ja", help="built-in task (marc-ja, jnli) or a task JSON file")
@@ -193,10 +188,11 @@ def main(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=3000, help="steps of 16 x 128 tokens")
     p.add_argument("--pretrain-minutes", type=float, default=None, help="also stop pretraining after this long")
     p.add_argument("--lora-epochs", type=float, default=3.0)
+    p.add_argument("--lora-steps", type=int, default=None, help="stop LoRA after this many steps (a quick run)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--sweep-ranks", default=None, help="comma-separated LoRA ranks (e.g. 1,2,4,8,16,64): train and "
                    "evaluate one adapter per rank on one pretrained base instead of the before/after story")
-    p.add_argument("--lora-targets", default=",".join(ALL_FOUR), help=f"the sweep's targets, of {VALID_TARGETS}")
+    p.add_argument("--lora-targets", default=",".join(VALID_TARGETS), help=f"the sweep's targets, of {VALID_TARGETS}")
     p.add_argument("--base", default=None, help="the sweep's pretrained base (e.g. runs/micro/pretrain/model); "
                    "default: pretrain one first")
     a = p.parse_args(argv)
@@ -204,12 +200,12 @@ def main(argv=None):
         if a.sweep_ranks:
             ranks = [int(r) for r in a.sweep_ranks.split(",")]
             sweep(a.out, ranks, tuple(t.strip() for t in a.lora_targets.split(",")), a.base, a.train_file,
-                  a.valid_file, a.task, a.pretrain_steps, a.lora_epochs, seed=a.seed)
+                  a.valid_file, a.task, a.pretrain_steps, a.lora_epochs, a.lora_steps, seed=a.seed)
         else:
             run(a.out, a.train_file, a.valid_file, a.task, a.pretrain_steps, a.pretrain_minutes, a.lora_epochs,
-                seed=a.seed)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"python -m minicalm.micro: error: {e}")
+                a.lora_steps, seed=a.seed)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"experiments/miniature.py: error: {e}")
 
 
 if __name__ == "__main__":

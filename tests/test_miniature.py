@@ -1,12 +1,13 @@
-"""A shortened run of the offline miniature (python -m minicalm.micro): the whole pipeline through minicalm's own
+"""A shortened run of the offline miniature (experiments/miniature.py): the whole pipeline through minicalm's own
 code, on the real review files. The full-length run and its table are in the README."""
 import json
 
 import pytest
 from conftest import REVIEWS, need
 
-from minicalm import micro
-from minicalm.micro import run
+from experiments import miniature
+from experiments.miniature import run
+from hub import use_hub
 from minicalm.weights import load_model
 
 
@@ -41,34 +42,32 @@ def test_micro_with_a_task_file(tmp_path, monkeypatch):
     assert "task amazon-ja-3" in report and "(post)" not in report
 
 
-def test_micro_without_data_says_what_to_pass(tmp_path, monkeypatch, capsys):
+def test_micro_without_data_says_what_to_pass(standin_hub, tmp_path, monkeypatch):
     """Outside this workplace there is no ../shared: the default is the task's own data from the hub, and when that
-    cannot be had either, one line says what to pass."""
-    import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    def offline(*a, **kw):
-        raise LocalEntryNotFoundError("cannot reach the hub")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    cannot be had (offline, nothing cached), one line says so and what to pass instead."""
+    use_hub(monkeypatch, standin_hub, tmp_path / "hf_home", offline=True)
     monkeypatch.setenv("HOME", str(tmp_path))   # an empty ~/.cache/minicalm
+    standin_hub.log.clear()
     with pytest.raises(SystemExit) as e:
-        micro.main(["--out", str(tmp_path / "run")])
+        miniature.main(["--out", str(tmp_path / "run")])
     msg = str(e.value.code)
-    assert msg.startswith("python -m minicalm.micro: error: the miniature needs task marc-ja's data") and "\n" not in msg
-    assert "pass --train-file and --valid-file" in msg and not (tmp_path / "run").exists()
+    assert msg.startswith("experiments/miniature.py: error: HF_HUB_OFFLINE is set and dataset shunk031/JGLUE "
+                          "(revision refs/convert/parquet) file MARC-ja/jglue-train.parquet is not in the hub cache")
+    assert msg.endswith("or pass --train-file and --valid-file (JSON lines with sentence, label)") and "\n" not in msg
+    assert not (tmp_path / "run").exists() and standin_hub.log == []   # offline: not one request
 
 
 def test_rank_sweep_on_one_base(base, tmp_path):
     """--sweep-ranks: one adapter per rank on the same base; trainable parameters grow as r (in + out) per layer."""
     folder, _ = base
-    micro.main(["--out", str(tmp_path / "sweep"), "--sweep-ranks", "1,4", "--base", str(folder),
+    miniature.main(["--out", str(tmp_path / "sweep"), "--sweep-ranks", "1,4", "--base", str(folder),
                 "--train-file", str(REVIEWS / "train.jsonl"), "--valid-file", str(REVIEWS / "valid.jsonl"),
                 "--lora-epochs", "0.004", "--lora-targets", "query_key_value,dense_4h_to_h"])
     res = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     per_rank = 2 * ((64 + 3 * 64) + (128 + 64))   # two layers: query_key_value 64 -> 192, dense_4h_to_h 128 -> 64
     assert [(x["r"], x["alpha"], x["trainable"]) for x in res["ranks"]] == [(1, 2, per_rank), (4, 8, 4 * per_rank)]
-    assert res["base"] == str(folder) and res["targets"] == ["query_key_value", "dense_4h_to_h"]
+    assert (tmp_path / "sweep" / res["base"]).resolve() == folder.resolve()   # relative: no machine paths
+    assert res["targets"] == ["query_key_value", "dense_4h_to_h"]
     assert all(0 <= x["accuracy"] <= 1 and x["steps"] == 3 and x["seconds"] > 0 for x in res["ranks"])
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 4 and (tmp_path / "sweep" / "r4" / "adapter").is_dir()

@@ -1,0 +1,189 @@
+"""LoRA adapters on disk, in PEFT's format: peft.PeftModel.from_pretrained reads minicalm's, and minicalm reads peft's.
+
+An adapter folder holds two files (peft 0.21 writes them so):
+
+    adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+                                 "target_modules": ["query_key_value"], "base_model_name_or_path": ..., "revision": ...}
+    adapter_model.safetensors   base_model.model.<module>.lora_A.weight (r, in), ...lora_B.weight (out, r)
+
+`<module>` is the adapted layer's name in the model (gpt_neox.layers.0.attention.query_key_value); peft drops its
+adapter name ("default") when saving. `base_model_name_or_path` and `revision` say which checkpoint the adapter was
+trained on: evaluation, merging and the inspector load that base by default.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from .config import POST_MODEL
+from .files import atomic_write, read_json, write_json
+from .lora import apply_lora, check_targets, lora_layers, lora_settings, merge_lora
+from .model import CalmForCausalLM
+from .weights import load_model, read_tensors, resolve, save_checkpoint
+
+PEFT_PREFIX = "base_model.model."   # PeftModel.base_model (LoraModel) .model (the causal LM)
+LORA_KEYS = (".lora_A.weight", ".lora_B.weight")
+PEFT_DEFAULTS = {"lora_alpha": 8, "lora_dropout": 0.0}   # LoraConfig's defaults, for keys a file leaves out
+# PEFT settings that change the math; an adapter using any of them is refused rather than loaded wrongly.
+UNSUPPORTED = ("bias", "fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern",
+               "modules_to_save", "layers_to_transform", "layer_replication", "exclude_modules", "target_parameters",
+               "trainable_token_indices", "alora_invocation_tokens", "use_qalora", "use_bdlora")
+
+
+def read_config(adapter_dir: str | os.PathLike) -> dict:
+    """adapter_config.json, checked (a plain LoRA, a valid r and targets) and completed with PEFT's defaults;
+    cfg["target_modules"] becomes a tuple in the block's order."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    cfg = PEFT_DEFAULTS | read_json(path, "a PEFT adapter's config; an adapter folder holds adapter_config.json "
+                                          "and adapter_model.safetensors")
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}, only 'LORA' is supported")
+    bad = {k: cfg[k] for k in UNSUPPORTED if cfg.get(k) not in (None, False, "none", {}, [])}
+    if bad:
+        raise ValueError(f"{path}: uses PEFT settings minicalm's LoRA does not implement: {bad}")
+    cfg["target_modules"] = check_targets(cfg.get("r"), cfg.get("target_modules"), source=str(path))
+    return cfg
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(read_config's config, {module name: (A (r, in), B (out, r))}) as stored (fp32), in the file's order."""
+    cfg, file = read_config(adapter_dir), Path(adapter_dir) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing; an adapter folder holds adapter_config.json and "
+                                f"adapter_model.safetensors")
+    pairs: dict[str, list] = {}
+    for key, t in read_tensors(file):
+        name = key.removeprefix(PEFT_PREFIX)
+        suffix = next((s for s in LORA_KEYS if name.endswith(s)), None)
+        module = name.removesuffix(suffix or "")
+        if not key.startswith(PEFT_PREFIX) or suffix is None or module.rpartition(".")[2] not in cfg["target_modules"]:
+            raise ValueError(f"{file}: unexpected tensor {key!r} (targets {list(cfg['target_modules'])})")
+        pairs.setdefault(module, [None, None])[LORA_KEYS.index(suffix)] = t
+    r = cfg["r"]
+    for module, (A, B) in pairs.items():
+        if A is None or B is None:
+            raise ValueError(f"{file}: {module} has only one of lora_A and lora_B")
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise ValueError(f"{file}: {module} has A {tuple(A.shape)} and B {tuple(B.shape)}; r={r} needs (r, in) "
+                             f"and (out, r)")
+    if not pairs:
+        raise ValueError(f"{file}: holds no LoRA tensors")
+    return cfg, {m: (A, B) for m, (A, B) in pairs.items()}
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base: str | None, revision: str | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors as peft 0.21 saves them. `base` (a hub id or folder)
+    and `revision` name the checkpoint the adapter belongs to."""
+    settings = lora_settings(model)
+    if settings is None:
+        raise ValueError("save_adapter: the model has no LoRA layers (call apply_lora first)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{PEFT_PREFIX}{name}.{part}.weight": getattr(m, part).weight.detach().float().contiguous().cpu()
+               for name, m in lora_layers(model).items() for part in ("lora_A", "lora_B")}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["r"], "lora_alpha": settings["alpha"],
+              "lora_dropout": settings["dropout"], "target_modules": list(settings["targets"]),
+              "base_model_name_or_path": None if base is None else str(base), "revision": revision, "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+              "use_dora": False, "modules_to_save": None}
+    # weights first, config last: a folder with a config is a complete adapter
+    atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_json(out / "adapter_config.json", config)
+    return out
+
+
+def adapter_base(adapter_dir: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(base_model_name_or_path, revision) recorded in an adapter's config: the checkpoint it was trained on."""
+    cfg = read_config(adapter_dir)
+    return cfg.get("base_model_name_or_path"), cfg.get("revision")
+
+
+def base_for(adapter_dir: str | os.PathLike | None, model: str | None = None,
+             revision: str | None = None) -> tuple[str, str | None]:
+    """The checkpoint (model, revision) to load for an adapter: as given; else the one the adapter records, at its
+    revision (a run trained on refs/pr/5 is evaluated on refs/pr/5, not on main); else the post's model."""
+    saved, saved_revision = adapter_base(adapter_dir) if adapter_dir else (None, None)
+    model = model or saved or POST_MODEL
+    return model, revision if revision is not None or str(model) != str(saved) else saved_revision
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base: str | None = None) -> nn.Module:
+    """Load a PEFT LoRA adapter, applying LoRA first if the model has none (a model that has LoRA keeps its own
+    dropout). Everything is checked before the model is touched: a bad adapter raises ValueError, model unchanged.
+    `base` names the model's checkpoint: a warning says when the adapter was trained on another."""
+    cfg, pairs = read_adapter(adapter_dir)
+    r, alpha, targets, file = cfg["r"], cfg["lora_alpha"], cfg["target_modules"], Path(adapter_dir)
+    have, layers = lora_settings(model), lora_layers(model)
+    if any(m.merged for m in layers.values()):
+        raise ValueError(f"load_adapter({adapter_dir}): the model's LoRA is merged; unmerge_lora(model) first")
+    if have is not None and (have["r"], have["alpha"], have["targets"]) != (r, alpha, targets):
+        raise ValueError(f"{file}: adapter has r={r}, alpha={alpha}, targets={list(targets)}; the model's LoRA has "
+                         f"r={have['r']}, alpha={have['alpha']}, targets={list(have['targets'])}")
+    slots = layers or {n: m for n, m in model.named_modules()
+                       if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets}
+    for name, (A, B) in pairs.items():
+        m = slots.get(name)
+        if m is None:
+            raise ValueError(f"{file}: adapts {name!r}, which the model does not have (or is not a {targets} layer)")
+        if (A.shape[1], B.shape[0]) != (m.in_features, m.out_features):
+            raise ValueError(f"{file}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}; the model's layer is "
+                             f"{m.out_features} x {m.in_features}")
+    missing = sorted(set(slots) - set(pairs))
+    if missing:
+        raise ValueError(f"{file}: missing {len(missing)} adapted layers, e.g. {missing[0]!r}")
+    saved = cfg.get("base_model_name_or_path")
+    if saved and base and str(saved) != str(base):
+        warnings.warn(f"{file}: adapter was trained on {saved!r}, loading it into {base!r}", stacklevel=2)
+    if have is None:
+        apply_lora(model, targets, r, alpha, cfg["lora_dropout"])
+    with torch.no_grad():
+        for name, m in lora_layers(model).items():
+            m.lora_A.weight.copy_(pairs[name][0])   # to the adapter's fp32 and device
+            m.lora_B.weight.copy_(pairs[name][1])
+    return model
+
+
+def save_merged(model: CalmForCausalLM, out_dir: str | os.PathLike,
+                tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Merge every adapter (the model stays merged) and write a plain GPT-NeoX checkpoint via save_checkpoint."""
+    merge_lora(model)
+    with torch.device("meta"):
+        plain = CalmForCausalLM(model.config)
+    # A LoRA-free model sharing the merged tensors under their original names (no copy of the weights).
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(LORA_KEYS)}
+    plain.load_state_dict(state, strict=True, assign=True)
+    return save_checkpoint(plain, out_dir, tokenizer_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m minicalm.adapter",
+                                description="Merge a LoRA adapter into its base model and write a plain GPT-NeoX "
+                                            "checkpoint (safetensors, with the tokenizer and the run's task.json).")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output folder for the merged checkpoint")
+    p.add_argument("--model", default=None, help="base checkpoint; default: the one the adapter records")
+    p.add_argument("--revision", default=None, help="hub revision; default: the one the adapter records")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="the merged weights' dtype (W + B A is computed in fp32 and rounded once)")
+    a = p.parse_args(argv)
+    try:
+        model_id, revision = base_for(a.adapter, a.model, a.revision)
+        model = load_model(model_id, dtype=a.dtype, revision=revision)   # OpenCALM's own files are float16
+        load_adapter(model, a.adapter, base=model_id)
+        out = save_merged(model, a.out, tokenizer_dir=resolve(model_id, revision))
+    except (ValueError, FileNotFoundError) as e:
+        p.exit(1, f"{p.prog}: error: {e}\n")
+    if (Path(a.adapter) / "task.json").is_file():   # the question the adapter was trained to answer
+        shutil.copy(Path(a.adapter) / "task.json", out / "task.json")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
