@@ -28,6 +28,13 @@ p.add_argument("--lora-alpha", type=float, default=D.lora_alpha)
 p.add_argument("--lora-dropout", type=float, default=D.lora_dropout)
 p.add_argument("--lora-targets", default=",".join(D.lora_targets),
                help="comma-separated: query_key_value, dense, dense_h_to_4h, dense_4h_to_h")
+p.add_argument("--use-dora", action="store_true", help="DoRA: a learned magnitude per output row, LoRA for the "
+               "direction (variants.py)")
+p.add_argument("--use-rslora", action="store_true", help="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r")
+p.add_argument("--lora-init", default=D.lora_init, help="A and B from: default (Kaiming A, zero B), gaussian, pissa "
+               "(the weight's top singular directions), pissa_niter_K (randomized SVD), olora (its QR)")
+p.add_argument("--loraplus-lr-ratio", type=float, default=D.loraplus_lr_ratio, help="LoRA+: B (and DoRA's m) "
+               "learn at lr x this ratio, A at lr (e.g. 16)")
 p.add_argument("--warmup-steps", type=int, default=D.warmup_steps)
 p.add_argument("--schedule", choices=["cosine", "linear"], default=D.schedule, help="decay after warmup")
 p.add_argument("--weight-decay", type=float, default=D.weight_decay)

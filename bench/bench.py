@@ -89,9 +89,10 @@ def paired(name: str, ours, theirs, work: float, unit: str, reps: int, device,
             "ratio_cpu_time": statistics.median(b / a for a, b in zip(cpu_o, cpu_t))}
 
 
-def build_models(shape: dict, device, dtype, folder: Path, vocab_size: int = 50304, tokenizer: Path = TOKENIZER):
-    """The same random weights on both sides, with LoRA; returns (minicalm model, peft model). The checkpoint folder
-    (with tokenizer.json) stays for train_lora.py's step."""
+def build_models(shape: dict, device, dtype, folder: Path, vocab_size: int = 50304, tokenizer: Path = TOKENIZER,
+                 dropout: float = LORA["dropout"], use_dora: bool = False):
+    """The same random weights on both sides, with LoRA (DoRA); returns (minicalm model, peft model). The checkpoint
+    folder (with tokenizer.json) stays for train_lora.py's step."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -102,15 +103,17 @@ def build_models(shape: dict, device, dtype, folder: Path, vocab_size: int = 503
     GPTNeoXForCausalLM(cfg).save_pretrained(folder)
     shutil.copy(tokenizer, folder / "tokenizer.json")
     ours = minicalm.load_model(folder, dtype=dtype, device=device)
-    minicalm.apply_lora(ours, LORA["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
+    minicalm.apply_lora(ours, LORA["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=dropout, use_dora=use_dora)
     hf = GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-    theirs = get_peft_model(hf, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                           target_modules=list(LORA["targets"]), task_type="CAUSAL_LM"))
-    with torch.no_grad():   # identical adapters: copy our random A (B is zero on both sides)
+    theirs = get_peft_model(hf, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout,
+                                           target_modules=list(LORA["targets"]), task_type="CAUSAL_LM",
+                                           use_dora=use_dora))
+    with torch.no_grad():   # identical adapters: copy our random A and DoRA's m (B is zero on both sides)
         mine = dict(ours.named_parameters())
         for name, p in theirs.named_parameters():
             if "lora_" in name:
-                p.copy_(mine[name.removeprefix("base_model.model.").replace(".default", "")])
+                p.copy_(mine[name.removeprefix("base_model.model.").replace(".default", "").removesuffix(
+                    "_vector.weight") + ("_vector" if "magnitude" in name else "")])
     return ours, theirs
 
 
@@ -174,14 +177,21 @@ class Bench:
         return paired(name, ours, theirs, work, unit, self.args.reps, self.device, names)
 
 
+def proxy_tokenizer(b: Bench) -> minicalm.Tokenizer:
+    """A 4,000-token BPE trained on the reviews, as the miniature trains its own (made once per run): the prompt's
+    head is 59 of a mean 121 tokens (README: the shared prompt head), the less flattering of the two tokenizers."""
+    path = b.tmp / "bpe" / "tokenizer.json"
+    if path.is_file():
+        return minicalm.load_tokenizer(path)
+    texts = [r.text for r in data.read_jsonl(REVIEWS / "train.jsonl")]
+    return train_tokenizer(texts + [MARC_JA.format({"sentence": ""})] * 100, path, 4000)
+
+
 def proxy_7b(b: Bench) -> list[dict]:
     """The main job's step where the LM head is a small share of the work (7B-shaped proxy, 4,000-token vocabulary):
     minicalm's public API against transformers + peft (the same body), and train_lora.py's step with the shared
     head against --no-share-prefix."""
-    # A 4,000-token BPE trained on the reviews, as the miniature trains its own: the prompt's head is 59 of a mean
-    # 121 tokens (README: the shared prompt head), the less flattering of the two tokenizers measured.
-    texts = [r.text for r in data.read_jsonl(REVIEWS / "train.jsonl")]
-    bpe = train_tokenizer(texts + [MARC_JA.format({"sentence": ""})] * 100, b.tmp / "bpe" / "tokenizer.json", 4000)
+    bpe = proxy_tokenizer(b)
     ours, theirs = build_models(PROXY_7B, b.device, b.dtype, b.tmp / "proxy", vocab_size=4000, tokenizer=bpe.path)
     runs = {share: train_lora_run(b.tmp / "proxy", b.tmp / f"run-{share}", b.device, 16, 16, share)
             for share in (True, False)}
@@ -195,18 +205,9 @@ def proxy_7b(b: Bench) -> list[dict]:
     b.info["proxy_7b"] = {"shape": PROXY_7B, "vocab": 4000, "batch": list(x.shape), "shared_tokens": P,
                           "real_tokens": n_tokens,
                           "lm_head_share_of_forward": head.get_total_flops() / full.get_total_flops()}
-    opt_ours, opt_theirs = adamw(ours), adamw(theirs)
-    ours.train(), theirs.train()
-
-    def public_api_step():
-        logits = ours(x)                                          # (B, T, V), as a user of the model writes it
-        F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten()).backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-
+    theirs_step = hf_global_step(theirs.train(), adamw(theirs), [(x, y)])
     return [b.paired(f"7B-shaped proxy: LoRA step through the public API (model(x), cross-entropy), no sharing, "
-                     f"{x.shape[0]} prompts", public_api_step, hf_global_step(theirs, opt_theirs, [(x, y)]), n_tokens,
-                     "tokens/s"),
+                     f"{x.shape[0]} prompts", public_api_step(ours, x, y), theirs_step, n_tokens, "tokens/s"),
             b.paired(f"7B-shaped proxy: train_lora.py step, batch {x.shape[0]} in one micro-batch, shared head ({P} of "
                      f"{x.shape[1]} tokens) vs --no-share-prefix", same_step(runs[True], batch),
                      same_step(runs[False], batch), n_tokens, "tokens/s", names=("shared", "no-share-prefix"))]
@@ -246,6 +247,55 @@ def machine(args) -> dict:
             "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "loadavg_start": os.getloadavg()}
+
+
+def variants_7b(b: Bench) -> list[dict]:
+    """LoRA's variants on the 7B-shaped proxy: DoRA's step against plain LoRA's (minicalm, the public API), and
+    against peft's DoRA on the same work (dropout 0, where both reuse W x: with dropout peft recomputes W on the
+    dropped input); PiSSA's initialisation of OpenCALM-7B's layers with a full and a randomized SVD."""
+    bpe = proxy_tokenizer(b)
+    models = {dora: build_models(PROXY_7B, b.device, b.dtype, b.tmp / f"dora-{dora}", vocab_size=4000,
+                                 tokenizer=bpe.path, dropout=0.0, use_dora=dora) for dora in (False, True)}
+    run = train_lora_run(b.tmp / "dora-False", b.tmp / "run-variants", b.device, 16, 16, False)
+    x, y = (t.to(b.device) for t in data.collate([run.train_set[i] for i in median_batch(run)], bpe.pad_token_id))
+    n_tokens, rows = int((x != bpe.pad_token_id).sum()), []
+    steps = {"lora": public_api_step(models[False][0], x, y), "dora": public_api_step(models[True][0], x, y),
+             "peft-dora": hf_global_step(models[True][1].train(), adamw(models[True][1]), [(x, y)])}
+    rows.append(b.paired(f"7B-shaped proxy: DoRA step vs LoRA step, both minicalm, {x.shape[0]} prompts",
+                         steps["dora"], steps["lora"], n_tokens, "tokens/s", names=("dora", "lora")))
+    rows.append(b.paired(f"7B-shaped proxy: DoRA step vs transformers + peft's DoRA, {x.shape[0]} prompts, dropout 0",
+                         steps["dora"], steps["peft-dora"], n_tokens, "tokens/s"))
+    for out, name in ((12288, "query_key_value"), (16384, "dense_h_to_4h")):   # OpenCALM-7B: 4096 in
+        rows.append(pissa_init_time(b, out, 4096, name))
+    return rows
+
+
+def public_api_step(model, x, y):
+    """A LoRA step as a user of the model writes it: model(x) (B, T, V), cross-entropy, backward, AdamW."""
+    opt = adamw(model)
+    model.train()
+
+    def step():
+        F.cross_entropy(model(x)[:, :-1].flatten(0, 1), y[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def pissa_init_time(b: Bench, out_features: int, in_features: int, name: str) -> dict:
+    """Seconds to initialise PiSSA (r 8) on one (out, in) layer: the full SVD and the randomized one (4 iterations),
+    fp32, the threads of the run."""
+    from minicalm.lora import LoRALinear
+    from minicalm.variants import init_lora
+
+    linear = torch.nn.Linear(in_features, out_features, bias=False, device=b.device, dtype=b.dtype)
+    times = {}
+    for how, reps in (("pissa", 1), ("pissa_niter_4", b.args.reps)):   # the full SVD takes minutes on one thread
+        times[how] = statistics.median(timed(lambda: init_lora(LoRALinear(linear, 8, 16), how), b.device)[0]
+                                       for _ in range(reps))
+    b.info.setdefault("pissa_init_seconds", {})[name] = times
+    return {"work": f"PiSSA initialisation of OpenCALM-7B's {name} ({out_features} x {in_features}, r 8)",
+            "text": f"full SVD {times['pissa']:.1f} s, randomized SVD (4 iterations) {times['pissa_niter_4']:.2f} s"}
 
 
 @dataclass
@@ -393,7 +443,7 @@ def format_table(b: Bench, results: list[dict]) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("all", "training", "small"), default="all")
+    ap.add_argument("--part", choices=("all", "training", "variants", "small"), default="all")
     ap.add_argument("--size", choices=SIZES, default="small", help="the shape of the `small` part")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -411,6 +461,8 @@ def main():
         b = Bench(args, device, dtype, Path(tmp), info)
         if args.part in ("all", "training"):
             results += proxy_7b(b) + [wide_train_step(b)]
+        if args.part in ("all", "variants"):
+            results += variants_7b(b)
         if args.part in ("all", "small"):
             m = small_models(b)
             train_row, flops_row = small_train_step(b, m)

@@ -20,14 +20,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from minicalm import data
 from minicalm.adapter import load_adapter
 from minicalm.config import CalmConfig
 from minicalm.evaluate import evaluate_rows, table
-from minicalm.files import write_json, write_text
+from minicalm.files import read_records, write_json, write_text
 from minicalm.lora import VALID_TARGETS, trainable_parameters
 from minicalm.model import CalmForCausalLM
-from minicalm.plot import draw_if_possible, plot_sweep
+from minicalm.plot import draw_if_possible, plot_dora_analysis, plot_losses, plot_sweep
 from minicalm.progress import fmt_time
 from minicalm.task import MARC_JA, load_task
 from minicalm.tokenizer import load_tokenizer, train_tokenizer
@@ -84,13 +87,15 @@ def pretrain(out_dir: Path, spec: str, train_file: str, valid_file: str, steps: 
 
 
 def finetune(base: Path, out: Path, spec: str, train_file: str, valid_file: str, r: int, targets, epochs: float,
-             steps: int | None, seed: int, log: bool) -> dict:
-    """Step 5: LoRA on the base through train_lora.py's code path (alpha = 2 r, lr 5e-4, batch 16)."""
+             steps: int | None, seed: int, log: bool, on_step=None, **variant) -> dict:
+    """Step 5: LoRA on the base through train_lora.py's code path (alpha = 2 r, lr 5e-4, batch 16); `variant` sets
+    TrainConfig's use_dora, use_rslora, lora_init, loraplus_lr_ratio."""
     return train(TrainConfig(
         model=str(base), task=spec, train_file=train_file, valid_file=valid_file, out=str(out), epochs=epochs,
         max_steps=steps, lr=5e-4, batch_size=16, micro_batch_size=16, max_len=256,
         warmup_steps=50 if steps is None else max(1, steps // 10), lora_r=r, lora_alpha=2 * r, lora_dropout=0.05,
-        lora_targets=tuple(targets), eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=seed, log=log))
+        lora_targets=tuple(targets), eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=seed, log=log,
+        **variant), on_step=on_step)
 
 
 def run(out: str, train_file: str | None = None, valid_file: str | None = None, task: str = "marc-ja",
@@ -129,38 +134,80 @@ def run(out: str, train_file: str | None = None, valid_file: str | None = None, 
     return res
 
 
-def sweep(out: str, ranks: list[int], targets=VALID_TARGETS, base: str | None = None, train_file: str | None = None,
-          valid_file: str | None = None, task: str = "marc-ja", pretrain_steps: int = 3000,
-          lora_epochs: float = 3.0, lora_steps: int | None = None, eval_limit: int | None = None,
-          vocab_size: int = 4000, seed: int = 1337, log: bool = True) -> list[dict]:
-    """LoRA at each rank on one pretrained base (pretrained here, or --base): accuracy, invalid rate, trainable
-    parameters and time per rank; writes sweep.json, sweep.md and sweep.png (when matplotlib is there)."""
+# LoRA's variants as the sweep names them: TrainConfig settings (variants.py has their formulas and papers).
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "pissa": {"lora_init": "pissa"},
+            "olora": {"lora_init": "olora"}, "loraplus": {"loraplus_lr_ratio": 16.0}}
+
+
+def sweep(out: str, settings: dict[str, dict], targets=VALID_TARGETS, base: str | None = None,
+          train_file: str | None = None, valid_file: str | None = None, task: str = "marc-ja",
+          pretrain_steps: int = 3000, lora_epochs: float = 3.0, lora_steps: int | None = None,
+          eval_limit: int | None = None, vocab_size: int = 4000, seed: int = 1337, log: bool = True) -> list[dict]:
+    """One adapter per setting ({label: {"r": ..., and variant settings}}) on one pretrained base (pretrained here,
+    or --base): accuracy, invalid rate, macro-F1, trainable parameters and time per step of each, and each run's
+    loss curve; for LoRA and DoRA also the magnitude and direction changes of one layer at every step (DoRA's
+    section 3.2). Writes sweep.json, sweep.md and the pictures (when matplotlib is there)."""
     t0, spec, task, train_file, valid_file, out_dir, stage = start(out, task, train_file, valid_file, log)
     if base is None:
         base = pretrain(out_dir, spec, train_file, valid_file, pretrain_steps, None, vocab_size, seed, log, stage)[0]
     tok, valid, rows = load_tokenizer(base), data.read_jsonl(valid_file, task, limit=eval_limit), []
-    for r in ranks:
-        stage(f"LoRA r {r} (alpha {2 * r}) on {', '.join(targets)}")
-        t = time.time()
-        res = finetune(Path(base), out_dir / f"r{r}", spec, train_file, valid_file, r, targets, lora_epochs, lora_steps,
-                   seed, log)
+    for label, setting in settings.items():
+        stage(f"{label}: LoRA r {setting['r']} (alpha {2 * setting['r']}) on {', '.join(targets)}")
+        tracker = DirectionAndMagnitude(TRACKED) if label in ("lora", "dora") else None
+        res = finetune(Path(base), out_dir / label, spec, train_file, valid_file, setting["r"], targets, lora_epochs,
+                       lora_steps, seed, log, on_step=tracker, **{k: v for k, v in setting.items() if k != "r"})
         m = evaluate_rows(res["model"], tok, valid, task, max_len=256, batch_size=32, log=log)["metrics"]
-        rows.append({"r": r, "alpha": 2 * r, "trainable": trainable_parameters(res["model"])[0],
-                     "accuracy": m["accuracy"], "invalid_rate": m["invalid_rate"], "macro_f1": m["macro_f1"],
-                     "steps": res["step"], "seconds": round(time.time() - t, 1)})
-    table = "\n".join(["| r | alpha | trainable parameters | accuracy | no valid answer | macro-F1 | time |",
-                       "|---|---|---|---|---|---|---|"] +
-                      [f"| {x['r']} | {x['alpha']} | {x['trainable']:,} | {100 * x['accuracy']:.1f}% | "
-                       f"{100 * x['invalid_rate']:.1f}% | {x['macro_f1']:.3f} | {fmt_time(x['seconds'])} |"
-                       for x in rows])
-    write_json(out_dir / "sweep.json", {"base": os.path.relpath(base, out_dir), "targets": list(targets),
-                                        "task": task.name, "n_valid": len(valid), "ranks": rows})   # no machine paths
-    write_text(out_dir / "sweep.md", table + "\n")
-    draw_if_possible(plot_sweep, rows, out_dir / "sweep.png", f"LoRA rank sweep, {task.name}, {len(valid)} held-out "
-                     f"rows\ntargets: {', '.join(targets)}", prog="miniature")
-    if log:
-        print("\n" + table)
+        rows.append({"label": label, **setting, "alpha": 2 * setting["r"],
+                     "trainable": trainable_parameters(res["model"])[0], "accuracy": m["accuracy"],
+                     "invalid_rate": m["invalid_rate"], "macro_f1": m["macro_f1"], "steps": res["step"],
+                     "seconds_per_step": round(res["seconds"] / res["step"], 3),
+                     "loss": [x["loss"] for x in read_records(out_dir / label / "metrics.jsonl")],
+                     **({"dora_analysis": tracker.points} if tracker else {})})
+    write_sweep(out_dir, rows, base, targets, task, len(valid))
     return rows
+
+
+TRACKED = "gpt_neox.layers.1.attention.query_key_value"   # the layer whose weight DoRA's analysis follows
+
+
+class DirectionAndMagnitude:
+    """DoRA's analysis (Liu et al. 2024, section 3.2, figure 2): after each step, how far a layer's merged weight
+    W' moved in magnitude, dM = mean_i | ||w'_i|| - ||w_i|| |, and in direction, dD = mean_i (1 - cos(w'_i, w_i)),
+    over its output rows w_i (DoRA's magnitudes). LoRA moves both together; DoRA can move one without the other."""
+
+    def __init__(self, name: str):
+        self.name, self.points = name, []
+
+    @torch.no_grad()
+    def __call__(self, run, record: dict) -> None:
+        layer = run.model.get_submodule(self.name)
+        W = layer.weight.float()
+        merged = W + layer.delta()                            # W + s B A: LoRA's, and DoRA's direction
+        length = merged.norm(dim=1) if layer.lora_magnitude_vector is None else layer.lora_magnitude_vector.float()
+        dM = (length - W.norm(dim=1)).abs().mean().item()
+        dD = (1 - F.cosine_similarity(merged, W, dim=1)).mean().item()
+        self.points.append({"step": record["step"], "dM": dM, "dD": dD})
+
+
+def write_sweep(out_dir: Path, rows: list[dict], base, targets, task, n_valid: int) -> None:
+    """sweep.json, sweep.md and the pictures: accuracy against rank (a rank sweep), every run's loss curve, and
+    DoRA's analysis when LoRA and DoRA both ran."""
+    lines = ["| run | r | alpha | trainable parameters | accuracy | no valid answer | macro-F1 | s / step |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {x['label']} | {x['r']} | {x['alpha']} | {x['trainable']:,} | {100 * x['accuracy']:.1f}% | "
+              f"{100 * x['invalid_rate']:.1f}% | {x['macro_f1']:.3f} | {x['seconds_per_step']:.3f} |" for x in rows]
+    write_json(out_dir / "sweep.json", {"base": os.path.relpath(base, out_dir), "targets": list(targets),
+                                        "task": task.name, "n_valid": n_valid, "runs": rows})   # no machine paths
+    write_text(out_dir / "sweep.md", "\n".join(lines) + "\n")
+    title = f"{task.name}, {n_valid} held-out rows; targets {', '.join(targets)}"
+    if len({x["r"] for x in rows}) == len(rows) > 1:   # one run per rank
+        draw_if_possible(plot_sweep, rows, out_dir / "sweep.png", f"LoRA rank sweep, {title}", prog="miniature")
+    draw_if_possible(plot_losses, {x["label"]: x["loss"] for x in rows}, out_dir / "losses.png",
+                     f"training loss per step, {title}", prog="miniature")
+    analysis = {x["label"]: x["dora_analysis"] for x in rows if "dora_analysis" in x}
+    if len(analysis) == 2:
+        draw_if_possible(plot_dora_analysis, analysis, out_dir / "dora_analysis.png", TRACKED, prog="miniature")
+    print("\n" + "\n".join(lines))
 
 
 def format_report(res: dict) -> str:
@@ -192,20 +239,34 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--sweep-ranks", default=None, help="comma-separated LoRA ranks (e.g. 1,2,4,8,16,64): train and "
                    "evaluate one adapter per rank on one pretrained base instead of the before/after story")
+    p.add_argument("--sweep-variants", default=None, help=f"comma-separated variants of {', '.join(VARIANTS)}: one "
+                   "adapter each, at --lora-r, on one pretrained base")
+    p.add_argument("--lora-r", type=int, default=16, help="the variant sweep's rank (alpha is 2r)")
+    p.add_argument("--use-rslora", action="store_true", help="the rank sweep with rsLoRA's alpha / sqrt(r)")
     p.add_argument("--lora-targets", default=",".join(VALID_TARGETS), help=f"the sweep's targets, of {VALID_TARGETS}")
     p.add_argument("--base", default=None, help="the sweep's pretrained base (e.g. runs/micro/pretrain/model); "
                    "default: pretrain one first")
     a = p.parse_args(argv)
     try:
-        if a.sweep_ranks:
-            ranks = [int(r) for r in a.sweep_ranks.split(",")]
-            sweep(a.out, ranks, tuple(t.strip() for t in a.lora_targets.split(",")), a.base, a.train_file,
-                  a.valid_file, a.task, a.pretrain_steps, a.lora_epochs, a.lora_steps, seed=a.seed)
+        if a.sweep_ranks or a.sweep_variants:
+            sweep(a.out, sweep_settings(a), tuple(t.strip() for t in a.lora_targets.split(",")), a.base,
+                  a.train_file, a.valid_file, a.task, a.pretrain_steps, a.lora_epochs, a.lora_steps, seed=a.seed)
         else:
             run(a.out, a.train_file, a.valid_file, a.task, a.pretrain_steps, a.pretrain_minutes, a.lora_epochs,
                 a.lora_steps, seed=a.seed)
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"experiments/miniature.py: error: {e}")
+
+
+def sweep_settings(a) -> dict[str, dict]:
+    """--sweep-ranks or --sweep-variants as {label: settings}."""
+    if a.sweep_ranks:
+        rs = {"use_rslora": True} if a.use_rslora else {}
+        return {f"r{r}" + "-rslora" * a.use_rslora: {"r": int(r)} | rs for r in a.sweep_ranks.split(",")}
+    unknown = [v for v in a.sweep_variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--sweep-variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    return {v: {"r": a.lora_r} | VARIANTS[v] for v in a.sweep_variants.split(",")}
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@
 An adapter folder holds two files (peft 0.21 writes them so):
 
     adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
-                                 "target_modules": ["query_key_value"], "base_model_name_or_path": ..., "revision": ...}
+                                 "target_modules": ["query_key_value"], "use_dora": false, "use_rslora": false,
+                                 "init_lora_weights": true, "base_model_name_or_path": ..., "revision": ...}
     adapter_model.safetensors   base_model.model.<module>.lora_A.weight (r, in), ...lora_B.weight (out, r)
+                                and with DoRA ...lora_magnitude_vector (out,)
 
 `<module>` is the adapted layer's name in the model (gpt_neox.layers.0.attention.query_key_value); peft drops its
 adapter name ("default") when saving. `base_model_name_or_path` and `revision` say which checkpoint the adapter was
-trained on: evaluation, merging and the inspector load that base by default.
+trained on: evaluation, merging and the inspector load that base by default. An adapter trained on PiSSA's or
+OLoRA's residual base is saved as a plain LoRA of the original base (rank 2r, variants.as_plain_lora), as peft's
+`path_initial_model_for_weight_conversion` saves it, so that it applies to the checkpoint users have.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -26,15 +31,23 @@ from .config import POST_MODEL
 from .files import atomic_write, read_json, write_json
 from .lora import apply_lora, check_targets, lora_layers, lora_settings, merge_lora
 from .model import CalmForCausalLM
+from .variants import as_plain_lora, check_init
 from .weights import load_model, read_tensors, resolve, save_checkpoint
 
 PEFT_PREFIX = "base_model.model."   # PeftModel.base_model (LoraModel) .model (the causal LM)
-LORA_KEYS = (".lora_A.weight", ".lora_B.weight")
+LORA_KEYS = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")   # A, B, and DoRA's m
 PEFT_DEFAULTS = {"lora_alpha": 8, "lora_dropout": 0.0}   # LoraConfig's defaults, for keys a file leaves out
 # PEFT settings that change the math; an adapter using any of them is refused rather than loaded wrongly.
-UNSUPPORTED = ("bias", "fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern",
-               "modules_to_save", "layers_to_transform", "layer_replication", "exclude_modules", "target_parameters",
+UNSUPPORTED = ("bias", "fan_in_fan_out", "lora_bias", "rank_pattern", "alpha_pattern", "modules_to_save",
+               "layers_to_transform", "layer_replication", "exclude_modules", "target_parameters",
                "trainable_token_indices", "alora_invocation_tokens", "use_qalora", "use_bdlora")
+
+
+class Factors(NamedTuple):
+    """One adapted layer's tensors as a file holds them."""
+    A: torch.Tensor                   # (r, in)
+    B: torch.Tensor                   # (out, r)
+    magnitude: torch.Tensor | None    # (out,): DoRA's m; None for LoRA
 
 
 def read_config(adapter_dir: str | os.PathLike) -> dict:
@@ -49,50 +62,76 @@ def read_config(adapter_dir: str | os.PathLike) -> dict:
     if bad:
         raise ValueError(f"{path}: uses PEFT settings minicalm's LoRA does not implement: {bad}")
     cfg["target_modules"] = check_targets(cfg.get("r"), cfg.get("target_modules"), source=str(path))
+    cfg["use_dora"], cfg["use_rslora"] = bool(cfg.get("use_dora")), bool(cfg.get("use_rslora"))
+    try:
+        cfg["init_lora_weights"] = check_init(cfg.get("init_lora_weights", True), cfg["use_dora"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return cfg
 
 
-def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(read_config's config, {module name: (A (r, in), B (out, r))}) as stored (fp32), in the file's order."""
+def scaling_of(cfg: dict) -> float:
+    """s of an adapter config: alpha / r, or rsLoRA's alpha / sqrt(r)."""
+    return cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg["use_rslora"] else cfg["r"])
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, Factors]]:
+    """(read_config's config, {module name: Factors}) as stored (fp32), in the file's order."""
     cfg, file = read_config(adapter_dir), Path(adapter_dir) / "adapter_model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing; an adapter folder holds adapter_config.json and "
                                 f"adapter_model.safetensors")
-    pairs: dict[str, list] = {}
+    parts: dict[str, list] = {}
     for key, t in read_tensors(file):
         name = key.removeprefix(PEFT_PREFIX)
         suffix = next((s for s in LORA_KEYS if name.endswith(s)), None)
         module = name.removesuffix(suffix or "")
         if not key.startswith(PEFT_PREFIX) or suffix is None or module.rpartition(".")[2] not in cfg["target_modules"]:
             raise ValueError(f"{file}: unexpected tensor {key!r} (targets {list(cfg['target_modules'])})")
-        pairs.setdefault(module, [None, None])[LORA_KEYS.index(suffix)] = t
-    r = cfg["r"]
-    for module, (A, B) in pairs.items():
-        if A is None or B is None:
-            raise ValueError(f"{file}: {module} has only one of lora_A and lora_B")
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
-            raise ValueError(f"{file}: {module} has A {tuple(A.shape)} and B {tuple(B.shape)}; r={r} needs (r, in) "
-                             f"and (out, r)")
-    if not pairs:
+        parts.setdefault(module, [None, None, None])[LORA_KEYS.index(suffix)] = t
+    if not parts:
         raise ValueError(f"{file}: holds no LoRA tensors")
-    return cfg, {m: (A, B) for m, (A, B) in pairs.items()}
+    for module, (A, B, m) in parts.items():
+        check_factors(file, module, cfg, A, B, m)
+    return cfg, {module: Factors(*abm) for module, abm in parts.items()}
+
+
+def check_factors(file: Path, module: str, cfg: dict, A, B, m) -> None:
+    r = cfg["r"]
+    if A is None or B is None:
+        raise ValueError(f"{file}: {module} has only one of lora_A and lora_B")
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+        raise ValueError(f"{file}: {module} has A {tuple(A.shape)} and B {tuple(B.shape)}; r={r} needs (r, in) "
+                         f"and (out, r)")
+    if (m is not None) != cfg["use_dora"] or (m is not None and tuple(m.shape) != (B.shape[0],)):
+        have = "no lora_magnitude_vector" if m is None else f"a lora_magnitude_vector of {tuple(m.shape)}"
+        raise ValueError(f"{file}: {module} has {have}, but use_dora is {cfg['use_dora']} and B is {tuple(B.shape)}")
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base: str | None, revision: str | None = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors as peft 0.21 saves them. `base` (a hub id or folder)
-    and `revision` name the checkpoint the adapter belongs to."""
+    and `revision` name the checkpoint the adapter belongs to. An adapter on PiSSA's or OLoRA's residual base is
+    written as a plain LoRA of the original base (rank 2r; variants.as_plain_lora)."""
     settings = lora_settings(model)
     if settings is None:
         raise ValueError("save_adapter: the model has no LoRA layers (call apply_lora first)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{PEFT_PREFIX}{name}.{part}.weight": getattr(m, part).weight.detach().float().contiguous().cpu()
-               for name, m in lora_layers(model).items() for part in ("lora_A", "lora_B")}
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["r"], "lora_alpha": settings["alpha"],
+    r, alpha, init, tensors = settings["r"], settings["alpha"], settings["init_lora_weights"], {}
+    for name, m in lora_layers(model).items():
+        A, B = m.lora_A.weight.detach().float(), m.lora_B.weight.detach().float()
+        if hasattr(m, "lora_A0"):   # trained on a residual base: against the original one instead
+            A, B, alpha = as_plain_lora(A, B, m.lora_A0, m.lora_B0, settings["alpha"], settings["use_rslora"])
+            r, init = 2 * settings["r"], True
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = A, B
+        if m.lora_magnitude_vector is not None:
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().float()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
               "lora_dropout": settings["dropout"], "target_modules": list(settings["targets"]),
               "base_model_name_or_path": None if base is None else str(base), "revision": revision, "bias": "none",
-              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-              "use_dora": False, "modules_to_save": None}
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": init,
+              "use_rslora": settings["use_rslora"], "use_dora": settings["use_dora"], "modules_to_save": None}
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     # weights first, config last: a folder with a config is a complete adapter
     atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_json(out / "adapter_config.json", config)
@@ -115,39 +154,49 @@ def base_for(adapter_dir: str | os.PathLike | None, model: str | None = None,
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base: str | None = None) -> nn.Module:
-    """Load a PEFT LoRA adapter, applying LoRA first if the model has none (a model that has LoRA keeps its own
-    dropout). Everything is checked before the model is touched: a bad adapter raises ValueError, model unchanged.
-    `base` names the model's checkpoint: a warning says when the adapter was trained on another."""
-    cfg, pairs = read_adapter(adapter_dir)
-    r, alpha, targets, file = cfg["r"], cfg["lora_alpha"], cfg["target_modules"], Path(adapter_dir)
+    """Load a PEFT LoRA adapter (DoRA, rsLoRA included), applying LoRA first if the model has none (a model that has
+    LoRA keeps its own dropout). An adapter saved for PiSSA's or OLoRA's residual base (init_lora_weights "pissa"...)
+    is loaded as peft loads it: the residual is derived again from the model's (original) weights. Everything is
+    checked before the model is touched: a bad adapter raises ValueError, model unchanged. `base` names the model's
+    checkpoint: a warning says when the adapter was trained on another."""
+    cfg, factors = read_adapter(adapter_dir)
+    file, targets = Path(adapter_dir), cfg["target_modules"]
+    want = {"r": cfg["r"], "alpha": cfg["lora_alpha"], "targets": targets, "use_dora": cfg["use_dora"],
+            "use_rslora": cfg["use_rslora"]}
     have, layers = lora_settings(model), lora_layers(model)
     if any(m.merged for m in layers.values()):
         raise ValueError(f"load_adapter({adapter_dir}): the model's LoRA is merged; unmerge_lora(model) first")
-    if have is not None and (have["r"], have["alpha"], have["targets"]) != (r, alpha, targets):
-        raise ValueError(f"{file}: adapter has r={r}, alpha={alpha}, targets={list(targets)}; the model's LoRA has "
-                         f"r={have['r']}, alpha={have['alpha']}, targets={list(have['targets'])}")
+    if have is not None and {k: have[k] for k in want} != want:
+        raise ValueError(f"{file}: adapter has {format_settings(want)}; the model's LoRA has {format_settings(have)}")
     slots = layers or {n: m for n, m in model.named_modules()
                        if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets}
-    for name, (A, B) in pairs.items():
+    for name, f in factors.items():
         m = slots.get(name)
         if m is None:
             raise ValueError(f"{file}: adapts {name!r}, which the model does not have (or is not a {targets} layer)")
-        if (A.shape[1], B.shape[0]) != (m.in_features, m.out_features):
-            raise ValueError(f"{file}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}; the model's layer is "
+        if (f.A.shape[1], f.B.shape[0]) != (m.in_features, m.out_features):
+            raise ValueError(f"{file}: {name} has A {tuple(f.A.shape)} and B {tuple(f.B.shape)}; the model's layer is "
                              f"{m.out_features} x {m.in_features}")
-    missing = sorted(set(slots) - set(pairs))
+    missing = sorted(set(slots) - set(factors))
     if missing:
         raise ValueError(f"{file}: missing {len(missing)} adapted layers, e.g. {missing[0]!r}")
     saved = cfg.get("base_model_name_or_path")
     if saved and base and str(saved) != str(base):
         warnings.warn(f"{file}: adapter was trained on {saved!r}, loading it into {base!r}", stacklevel=2)
     if have is None:
-        apply_lora(model, targets, r, alpha, cfg["lora_dropout"])
+        apply_lora(model, targets, cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], use_dora=cfg["use_dora"],
+                   use_rslora=cfg["use_rslora"], init_lora_weights=cfg["init_lora_weights"])
     with torch.no_grad():
-        for name, m in lora_layers(model).items():
-            m.lora_A.weight.copy_(pairs[name][0])   # to the adapter's fp32 and device
-            m.lora_B.weight.copy_(pairs[name][1])
+        for name, m in lora_layers(model).items():   # to the adapter's fp32 and device
+            m.lora_A.weight.copy_(factors[name].A), m.lora_B.weight.copy_(factors[name].B)
+            if m.lora_magnitude_vector is not None:
+                m.lora_magnitude_vector.copy_(factors[name].magnitude)
     return model
+
+
+def format_settings(s: dict) -> str:
+    return (f"r={s['r']}, alpha={s['alpha']}, targets={list(s['targets'])}" + ", DoRA" * s["use_dora"] +
+            ", rsLoRA" * s["use_rslora"])
 
 
 def save_merged(model: CalmForCausalLM, out_dir: str | os.PathLike,

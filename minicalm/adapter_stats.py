@@ -12,6 +12,8 @@ Each adapted layer's update is ΔW = (alpha/r) B A, an (out x in) matrix of rank
 - phi(i, j) = ||U1_i^T U2_j||_F^2 / min(i, j), U1_i and U2_j the top-i and top-j right-singular vectors of two
   adapters' A (section 7.2): 1 when the smaller subspace lies inside the other, 0 when they are orthogonal.
   Two runs (other seeds or ranks) that agree on their top directions found what the task needs, not noise.
+- DoRA (W' = m (W + ΔW) / ||W + ΔW||_row): ΔW above is its direction's update, and magnitude_change =
+  ||m - m0|| / ||m0||, m0 = W's row norms (where m started), says how far the rows' lengths moved.
 
 `python -m minicalm.adapter_stats ADAPTER --out DIR [--base MODEL|none] [--compare ADAPTER2]` writes
 DIR/adapter_stats.json and its pictures (drawn by minicalm.plot).
@@ -26,7 +28,7 @@ from typing import Iterator
 
 import torch
 
-from .adapter import adapter_base, read_adapter
+from .adapter import adapter_base, read_adapter, scaling_of
 from .files import write_json
 from .lora import VALID_TARGETS
 from .plot import draw_if_possible, plot_adapter_stats
@@ -107,11 +109,10 @@ def inspect_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike | No
     relative_update and amplification (None: the adapter alone). compare: a second adapter folder, for phi."""
     cfg, adapters = read_adapter(adapter_dir)
     compared = None if compare is None else compare_adapters(adapter_dir, compare)   # cheap: before the base
-    scaling = cfg["lora_alpha"] / cfg["r"]
     modules, svds = {}, {}
     for name in sorted(adapters, key=lambda n: (layer_and_target(n)[0], VALID_TARGETS.index(layer_and_target(n)[1]))):
-        A, B = adapters[name]
-        U, S, V = svds[name] = delta_svd(A, B, scaling)
+        A, B, _ = adapters[name]
+        U, S, V = svds[name] = delta_svd(A, B, scaling_of(cfg))
         layer, target = layer_and_target(name)
         modules[name] = {"name": name, "layer": layer, "target": target, "delta_norm": S.norm().item(),
                          "singular_values": S.tolist()}
@@ -123,8 +124,12 @@ def inspect_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike | No
             weight_norm = torch.linalg.matrix_norm(W.double())
             modules[name] |= {"weight_norm": weight_norm.item(), "relative_update": (S.norm() / weight_norm).item(),
                               "amplification": amplification(W, U, S, V)}
+            if adapters[name].magnitude is not None:   # DoRA: m started at W's row norms
+                m0 = W.double().norm(dim=1)
+                modules[name]["magnitude_change"] = ((adapters[name].magnitude.double() - m0).norm() / m0.norm()).item()
     return {"adapter": str(adapter_dir), "base": None if base is None else str(base), "revision": revision,
-            "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "modules": list(modules.values()), "compare": compared}
+            "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_dora": cfg["use_dora"], "use_rslora": cfg["use_rslora"],
+            "modules": list(modules.values()), "compare": compared}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,8 @@
 
 `apply_lora` swaps the chosen nn.Linears of an already loaded model for LoRALinear and freezes everything else;
 training then updates only lora_A and lora_B; `merge_lora` folds B A into W for inference. The adapter's files (PEFT's
-format) are in adapter.py. A and B are fp32 parameters whatever the base's dtype (train.py states the dtype policy).
+format) are in adapter.py, LoRA's variants (DoRA, rsLoRA, PiSSA, OLoRA, LoRA+) in variants.py. A and B are fp32
+parameters whatever the base's dtype (train.py states the dtype policy).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .variants import add_dora, check_init, dora_forward, dora_merge, dora_unmerge, init_lora
 
 VALID_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")   # in a block's order
 
@@ -30,20 +33,23 @@ class LoRALinear(nn.Module):
     bf16: one rounding of the merged weight) and A, B must not change while merged. `disabled` runs the base alone.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight.requires_grad_(False)          # the same Parameter: no copy, same key
         self.register_parameter("bias", base.bias)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)   # rsLoRA's, or the paper's alpha / r
         fp32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Linear(self.in_features, r, **fp32)
         self.lora_B = nn.Linear(r, self.out_features, **fp32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # as PEFT does
         nn.init.zeros_(self.lora_B.weight)                             # B A = 0: the model starts unchanged
         self.lora_dropout = nn.Dropout(dropout)
+        self.register_parameter("lora_magnitude_vector", None)   # DoRA's m (variants.add_dora); None: plain LoRA
+        self.init_lora_weights = True                            # how A and B began (variants.init_lora)
         self.merged = self.disabled = False
         self.train(base.training)   # new submodules default to train mode; follow the layer we replace
 
@@ -54,7 +60,8 @@ class LoRALinear(nn.Module):
         if self.merged or self.disabled:   # merged: B A is already inside weight
             return y
         A, B = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)   # a differentiable cast
-        return y + F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling
+        lora = F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling
+        return y + lora if self.lora_magnitude_vector is None else dora_forward(self, y, lora)
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
@@ -64,13 +71,15 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
+            W, dora = self.weight.float(), self.lora_magnitude_vector is not None
+            self.weight.copy_((dora_merge(self, W) if dora else W + self.delta()).to(self.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
+            W, dora = self.weight.float(), self.lora_magnitude_vector is not None
+            self.weight.copy_((dora_unmerge(self, W) if dora else W - self.delta()).to(self.weight.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:
@@ -88,12 +97,13 @@ def check_targets(r, targets, source: str = "apply_lora") -> tuple[str, ...]:
     return tuple(t for t in VALID_TARGETS if t in targets)
 
 
-def apply_lora(model: nn.Module, targets=("query_key_value",), r: int = 8, alpha: float = 16,
-               dropout: float = 0.05) -> nn.Module:
-    """Swap every nn.Linear named `*.<target>` for a LoRALinear and freeze all other parameters.
+def apply_lora(model: nn.Module, targets=("query_key_value",), r: int = 8, alpha: float = 16, dropout: float = 0.05,
+               *, use_dora: bool = False, use_rslora: bool = False, init_lora_weights=True) -> nn.Module:
+    """Swap every nn.Linear named `*.<target>` for a LoRALinear and freeze all other parameters. The variants take
+    PEFT's names (variants.py): use_dora, use_rslora, init_lora_weights True, "gaussian", "pissa", "olora", ...
 
     The last name component must match exactly, as PEFT's suffix match does: `dense` is attention.dense only."""
-    targets = check_targets(r, targets)
+    targets, init = check_targets(r, targets), check_init(init_lora_weights, use_dora)
     if lora_layers(model):
         raise ValueError("apply_lora: the model already has LoRA layers")
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
@@ -101,8 +111,12 @@ def apply_lora(model: nn.Module, targets=("query_key_value",), r: int = 8, alpha
         raise ValueError(f"apply_lora: no nn.Linear in the model is named like {list(targets)}")
     model.requires_grad_(False)
     for name, linear in found:
+        layer = LoRALinear(linear, r, alpha, dropout, use_rslora)
+        init_lora(layer, init)   # PiSSA and OLoRA also turn the base weight into the residual W - s B A
+        if use_dora:
+            add_dora(layer)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear(linear, r, alpha, dropout))
+        setattr(model.get_submodule(parent), child, layer)
     return model
 
 
@@ -112,15 +126,15 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def lora_settings(model: nn.Module) -> dict | None:
-    """r, alpha, dropout and targets, read back from the LoRALinear modules (apply_lora gives them all the same
-    settings); None for a model without LoRA."""
+    """apply_lora's settings, read back from the LoRALinear modules (it gives them all the same); None without LoRA."""
     layers = lora_layers(model)
     if not layers:
         return None
     m = next(iter(layers.values()))
     names = {n.rpartition(".")[2] for n in layers}
     return {"r": m.r, "alpha": m.alpha, "dropout": m.lora_dropout.p,
-            "targets": tuple(t for t in VALID_TARGETS if t in names)}
+            "targets": tuple(t for t in VALID_TARGETS if t in names), "use_dora": m.lora_magnitude_vector is not None,
+            "use_rslora": m.use_rslora, "init_lora_weights": m.init_lora_weights}
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -139,6 +153,9 @@ def trainable_summary(model: nn.Module) -> str:
 def lora_disabled(model: nn.Module):
     """Run the base model alone inside the block (e.g. reference logits); the adapters come back after."""
     layers = list(lora_layers(model).values())
+    if any(hasattr(m, "lora_A0") for m in layers):
+        raise ValueError("the base of a PiSSA/OLoRA model is the residual W - s B A, not the original model: load "
+                         "the saved adapter onto the original base to compare the two")
     before = [m.disabled for m in layers]
     for m in layers:
         m.disabled = True

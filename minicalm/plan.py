@@ -115,7 +115,8 @@ def config_of(model: str) -> CalmConfig:
 
 
 def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256, *, shared_tokens: int = 0,
-         grad_checkpoint: bool = False, lora_r: int = 8, lora_targets=("query_key_value",), full: bool = False,
+         grad_checkpoint: bool = False, lora_r: int = 8, lora_targets=("query_key_value",), use_dora: bool = False,
+         full: bool = False,
          answer_tokens: int = 4, train_on_inputs: bool = False, dtype: torch.dtype = torch.bfloat16,
          examples: int = 187_528, avg_tokens: float = 150.0, utilization: float = 0.5,
          peak_flops: float = A100_BF16_FLOPS, name: str | None = None) -> Plan:
@@ -146,7 +147,7 @@ def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256,
             if full:
                 net.requires_grad_(True)
             else:
-                apply_lora(net, tuple(lora_targets), r=lora_r, alpha=2 * lora_r, dropout=0.05)
+                apply_lora(net, tuple(lora_targets), r=lora_r, alpha=2 * lora_r, dropout=0.05, use_dora=use_dora)
             net.grad_checkpoint = grad_checkpoint
             net.train()
             params = [p for p in net.parameters() if p.requires_grad]
@@ -180,8 +181,9 @@ def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.devi
               shared: int = 0, log: bool = True, memory: int | None = None) -> Plan:
     """train()'s check before loading the model: print the plan; refuse settings that would not fit in the GPU's
     memory (or in `memory` bytes when given), naming the first smaller setting that fits."""
-    kw = dict(lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, full=cfg.full, train_on_inputs=cfg.train_on_inputs,
-              dtype=dtype, examples=len(lengths), avg_tokens=sum(lengths) / len(lengths), name=cfg.model)
+    kw = dict(lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, use_dora=cfg.use_dora, full=cfg.full,
+              train_on_inputs=cfg.train_on_inputs, dtype=dtype, examples=len(lengths),
+              avg_tokens=sum(lengths) / len(lengths), name=cfg.model)
     T = min(cfg.max_len, max(lengths))
     shared = min(shared, T - 1)
     pl = plan(model_cfg, cfg.micro_batch_size, T, shared_tokens=shared, grad_checkpoint=cfg.grad_checkpoint, **kw)
@@ -211,6 +213,7 @@ def main(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="query_key_value")
+    p.add_argument("--use-dora", action="store_true", help="DoRA's magnitudes (and its extra work) on every target")
     p.add_argument("--train-on-inputs", action="store_true", help="logits and loss at every position")
     p.add_argument("--full", action="store_true", help="train every parameter (fp32) instead of LoRA")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -223,7 +226,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     a = p.parse_args(argv)
     kw = dict(grad_checkpoint=a.grad_checkpoint, lora_r=a.lora_r, lora_targets=tuple(a.lora_targets.split(",")),
-              full=a.full, train_on_inputs=a.train_on_inputs, dtype=getattr(torch, a.dtype), examples=a.examples,
+              use_dora=a.use_dora, full=a.full, train_on_inputs=a.train_on_inputs, dtype=getattr(torch, a.dtype), examples=a.examples,
               avg_tokens=a.avg_tokens, utilization=a.utilization, peak_flops=a.peak_tflops * 1e12, name=a.model)
     plans = [plan(a.model, a.micro_batch_size, a.max_len, shared_tokens=s, **kw)
              for s in dict.fromkeys((a.shared_tokens, 0))]   # with sharing, then without for comparison

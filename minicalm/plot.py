@@ -131,6 +131,30 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str) -> Path:
     return save(fig, path)
 
 
+def plot_losses(curves: dict[str, list[float]], path: str | os.PathLike, title: str) -> Path:
+    """Several runs' training loss against the step on one picture (a sweep of ranks or of LoRA's variants)."""
+    fig, (ax,) = new_figure(size=(7.0, 4.2))
+    for label, losses in curves.items():
+        ax.plot(range(1, len(losses) + 1), losses, lw=1, label=label)
+    ax.set(xlabel="step", ylabel="training loss (nats per scored token)", yscale="log", title=title)
+    ax.legend()
+    return save(fig, path)
+
+
+def plot_dora_analysis(runs: dict[str, list[dict]], path: str | os.PathLike, layer: str) -> Path:
+    """DoRA's figure 2 (Liu et al. 2024, section 3.2): each step's change of a layer's weight in direction (dD, x)
+    against its change in magnitude (dM, y), one colour per run, the step darkening along the way."""
+    fig, axes = new_figure(len(runs), size=(4.2, 3.8))
+    for ax, (label, points) in zip(axes, runs.items()):
+        im = ax.scatter([p["dD"] for p in points], [p["dM"] for p in points], c=[p["step"] for p in points],
+                        cmap="viridis", s=8)
+        ax.set(xlabel="direction change dD", ylabel="magnitude change dM", title=label)
+        ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+    fig.colorbar(im, ax=axes, label="step")
+    fig.suptitle(f"magnitude against direction, {layer}")
+    return save(fig, path)
+
+
 # ----------------------------------------------------------------------------- what an adapter changed
 
 def plot_adapter_stats(result: dict, out_dir: str | os.PathLike) -> list[Path]:

@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ from .config import POST_MODEL, CalmConfig
 from .evaluate import evaluate_rows
 from .files import atomic_write, read_records, write_json, write_text
 from .lora import apply_lora, trainable_parameters
+from .variants import check_init, loraplus_groups
 from .loss import answer_loss, micro_step, shared_prefix_len
 from .model import eval_mode
 from .plan import preflight
@@ -61,6 +63,10 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("query_key_value",)
+    use_dora: bool = False                   # LoRA's variants (variants.py): DoRA's learned row magnitudes,
+    use_rslora: bool = False                 # rsLoRA's alpha / sqrt(r),
+    lora_init: str = "default"               # A and B from: default, gaussian, pissa, pissa_niter_K, olora,
+    loraplus_lr_ratio: float | None = None   # LoRA+: B's learning rate is lr x this
     warmup_steps: int = 100
     schedule: str = "cosine"                 # decay after warmup: cosine or linear, to zero
     weight_decay: float = 0.0
@@ -90,7 +96,8 @@ class TrainConfig:
 
 # Settings a resumed run must share with the checkpoint: they decide the data order, the adapter or the schedule's
 # shape. Paths may change (a moved model or data file); so may --epochs / --max-steps, to extend or cut a run.
-RESUME_FIXED = ("task", "lr", "batch_size", "max_len", "lora_r", "lora_alpha", "lora_targets", "warmup_steps",
+RESUME_FIXED = ("task", "lr", "batch_size", "max_len", "lora_r", "lora_alpha", "lora_targets", "use_dora",
+                "use_rslora", "lora_init", "loraplus_lr_ratio", "warmup_steps",
                 "schedule", "limit_train", "seed", "train_on_inputs", "full", "text")
 
 
@@ -234,8 +241,9 @@ def setup(cfg: TrainConfig) -> Run:
         preflight(cfg, CalmConfig.from_json(folder / "config.json"), [len(e.input_ids) for e in train_set], device,
                   dtype, shared=shared, log=cfg.log)
     model = trainable_model(cfg, folder, dtype, device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = loraplus_groups(model, cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay) if cfg.loraplus_lr_ratio else params
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     trainable, total = trainable_parameters(model)
     say(cfg, rank, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; {len(train_set):,} examples, "
                    f"{total_steps:,} steps of {cfg.batch_size}, {world} process(es), {dtype}")
@@ -263,6 +271,11 @@ def check_settings(cfg: TrainConfig, world: int) -> None:
                               f"it or choose another --out")
     if cfg.resume and not state_file.exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out} (expected {state_file})")
+    if not cfg.full:
+        check_init(cfg.lora_init, cfg.use_dora)
+    if cfg.loraplus_lr_ratio is not None and cfg.loraplus_lr_ratio <= 0:
+        raise ValueError(f"--loraplus-lr-ratio must be positive (B's learning rate is lr x it), not "
+                         f"{cfg.loraplus_lr_ratio}")
 
 
 def trainable_model(cfg: TrainConfig, folder: Path, dtype: torch.dtype, device: torch.device):
@@ -272,7 +285,8 @@ def trainable_model(cfg: TrainConfig, folder: Path, dtype: torch.dtype, device: 
     if cfg.full:
         model.requires_grad_(True)
     else:
-        apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                   use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, init_lora_weights=cfg.lora_init)
     model.grad_checkpoint = cfg.grad_checkpoint
     if cfg.compile:   # each block on its own: shapes change with every micro-batch, so compile them dynamic
         for block in model.gpt_neox.layers:
@@ -318,7 +332,7 @@ def train_step(run: Run, batch: list[int] | None = None) -> dict:
     n_target = sum(run.train_set[j].n_scored for j in batch)
     lr = lr_at(run.step, run.total_steps, cfg)
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_ratio", 1.0)   # LoRA+'s B group keeps its ratio to the schedule
     # Data order and dropout RNG are functions of (seed, step, rank): resuming needs only the step.
     torch.manual_seed(cfg.seed * 1_000_003 + run.step * run.world + run.rank)
     t0 = time.time()
@@ -378,8 +392,9 @@ def validate(run: Run, rec: dict) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg: TrainConfig) -> dict:
-    """Fine-tune (LoRA, or every parameter with cfg.full) and write everything under cfg.out. Returns a summary."""
+def train(cfg: TrainConfig, on_step: Callable[[Run, dict], None] | None = None) -> dict:
+    """Fine-tune (LoRA, or every parameter with cfg.full) and write everything under cfg.out. Returns a summary.
+    on_step(run, record), if given, sees the model after every optimizer step (experiments record what moved)."""
     run = setup(cfg)
     stop = {"signal": None}   # set by Ctrl-C, SIGTERM (schedulers, torchrun) or --max-time; acted on between steps
     handlers = {sig: signal.signal(sig, lambda n, _: stop.update(signal=signal.Signals(n).name))
@@ -390,6 +405,8 @@ def train(cfg: TrainConfig) -> dict:
         while run.step < run.total_steps and stop["signal"] is None:
             rec = train_step(run)
             rec["elapsed_s"] = round(time.time() - t_start, 2)
+            if on_step is not None:
+                on_step(run, rec)
             if run.valid_set and (run.step == run.total_steps or (cfg.eval_every and run.step % cfg.eval_every == 0)):
                 validate(run, rec)
                 val = rec["val_loss"]

@@ -81,7 +81,8 @@ def test_fresh_lora_gives_the_base_logits(tiny_checkpoint):
     assert trainable == sum(p.numel() for k, p in model.named_parameters() if "lora_" in k)
     assert trainable_summary(model) == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
                                         f"trainable%: {100 * trainable / total:.4f}")
-    assert lora_settings(model) == dict(r=4, alpha=8, dropout=0.05, targets=ALL)   # read back from the layers
+    assert lora_settings(model) == dict(r=4, alpha=8, dropout=0.05, targets=ALL, use_dora=False, use_rslora=False,
+                                        init_lora_weights=True)   # read back from the layers
 
 
 def test_dense_means_attention_dense_only(tiny_checkpoint):
@@ -217,7 +218,8 @@ def test_peft_parity(tmp_path, targets):
     randomize_adapters(made, seed=2)
     made.save_pretrained(tmp_path / "peft")
     loaded = load_adapter(load_model(folder), tmp_path / "peft")
-    assert lora_settings(loaded) == dict(r=2, alpha=8, dropout=0.05, targets=targets)
+    assert lora_settings(loaded) == dict(r=2, alpha=8, dropout=0.05, targets=targets, use_dora=False, use_rslora=False,
+                                         init_lora_weights=True)
     with torch.no_grad():
         assert_close_to_scale(loaded(IDS), made.eval()(input_ids=IDS).logits)
 
@@ -267,7 +269,8 @@ def test_bad_adapters_change_nothing(tmp_path, tiny_checkpoint):
             (edit("m", tensors=lambda t: {k: v for k, v in t.items() if module not in k}), None),
         "unexpected tensor 'base_model.model.x.lora_A.weight'":
             (edit("u", tensors=lambda t: t | {"base_model.model.x.lora_A.weight": torch.zeros(1)}), None),
-        "use_rslora": (edit("rs", {"use_rslora": True}), None),
+        "lora_bias": (edit("lb", {"lora_bias": True}), None),
+        "query_key_value has no lora_magnitude_vector, but use_dora is True": (edit("d", {"use_dora": True}), None),
         "positive integer": (edit("r0", {"r": 0}), None),
     }
     for message, (adapter, lora_r) in cases.items():

@@ -61,14 +61,37 @@ def test_rank_sweep_on_one_base(base, tmp_path):
     """--sweep-ranks: one adapter per rank on the same base; trainable parameters grow as r (in + out) per layer."""
     folder, _ = base
     miniature.main(["--out", str(tmp_path / "sweep"), "--sweep-ranks", "1,4", "--base", str(folder),
-                "--train-file", str(REVIEWS / "train.jsonl"), "--valid-file", str(REVIEWS / "valid.jsonl"),
-                "--lora-epochs", "0.004", "--lora-targets", "query_key_value,dense_4h_to_h"])
+                    "--train-file", str(REVIEWS / "train.jsonl"), "--valid-file", str(REVIEWS / "valid.jsonl"),
+                    "--lora-epochs", "0.004", "--lora-targets", "query_key_value,dense_4h_to_h"])
     res = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     per_rank = 2 * ((64 + 3 * 64) + (128 + 64))   # two layers: query_key_value 64 -> 192, dense_4h_to_h 128 -> 64
-    assert [(x["r"], x["alpha"], x["trainable"]) for x in res["ranks"]] == [(1, 2, per_rank), (4, 8, 4 * per_rank)]
+    assert [(x["label"], x["r"], x["alpha"], x["trainable"]) for x in res["runs"]] == [
+        ("r1", 1, 2, per_rank), ("r4", 4, 8, 4 * per_rank)]
     assert (tmp_path / "sweep" / res["base"]).resolve() == folder.resolve()   # relative: no machine paths
     assert res["targets"] == ["query_key_value", "dense_4h_to_h"]
-    assert all(0 <= x["accuracy"] <= 1 and x["steps"] == 3 and x["seconds"] > 0 for x in res["ranks"])
-    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(0 <= x["accuracy"] <= 1 and x["steps"] == 3 == len(x["loss"]) and x["seconds_per_step"] > 0
+               for x in res["runs"])
+    for picture in ("sweep.png", "losses.png"):
+        assert (tmp_path / "sweep" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 4 and (tmp_path / "sweep" / "r4" / "adapter").is_dir()
     assert not (tmp_path / "sweep" / "pretrain").exists()   # the given base was reused, nothing pretrained
+
+
+def test_variant_sweep_with_dora_s_analysis(base, tmp_path):
+    """--sweep-variants: every variant at one rank on the same base; LoRA+ and rsLoRA train the same parameters as
+    LoRA, DoRA adds one magnitude per output row; DoRA's analysis follows one layer at every step of LoRA and DoRA."""
+    folder, _ = base
+    miniature.main(["--out", str(tmp_path / "v"), "--sweep-variants", "lora,dora,rslora,pissa,olora,loraplus",
+                    "--lora-r", "2", "--base", str(folder), "--train-file", str(REVIEWS / "train.jsonl"),
+                    "--valid-file", str(REVIEWS / "valid.jsonl"), "--lora-steps", "4"])
+    runs = {x["label"]: x for x in json.loads((tmp_path / "v" / "sweep.json").read_text())["runs"]}
+    assert list(runs) == ["lora", "dora", "rslora", "pissa", "olora", "loraplus"]
+    plain = runs["lora"]["trainable"]
+    assert {k: x["trainable"] for k, x in runs.items()} == {k: plain for k in runs} | {"dora": plain + 2 * (
+        3 * 64 + 64 + 128 + 64)}   # m: one per output row of the four targets in two layers
+    for label in ("lora", "dora"):
+        points = runs[label]["dora_analysis"]
+        assert [p["step"] for p in points] == [1, 2, 3, 4] and all(p["dD"] >= 0 and p["dM"] >= 0 for p in points)
+    for picture in ("losses.png", "dora_analysis.png"):
+        assert (tmp_path / "v" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "v" / "sweep.png").exists()   # one rank: no accuracy-against-rank picture

@@ -201,10 +201,13 @@ def check_merge(r: Ran) -> None:
 
 def check_miniature(r: Ran) -> None:
     out = r.path(r.flag("--out"))
-    if r.flag("--sweep-ranks"):
-        ranks = [int(x) for x in r.flag("--sweep-ranks").split(",")]
-        assert [x["r"] for x in read_json(out / "sweep.json")["ranks"]] == ranks
-        assert (out / "sweep.md").read_text().count("\n") == len(ranks) + 2 and (out / "sweep.png").is_file()
+    if r.flag("--sweep-ranks") or r.flag("--sweep-variants"):
+        runs = read_json(out / "sweep.json")["runs"]
+        if r.flag("--sweep-ranks"):
+            assert [x["r"] for x in runs] == [int(x) for x in r.flag("--sweep-ranks").split(",")]
+        else:
+            assert [x["label"] for x in runs] == r.flag("--sweep-variants").split(",")
+        assert (out / "sweep.md").read_text().count("\n") == len(runs) + 2 and (out / "losses.png").is_file()
         return
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "before LoRA" in report and "+ LoRA" in report and read_json(out / "results.json")["after"]
