@@ -27,6 +27,7 @@ p.add_argument("--mode", choices=["generate", "likelihood", "both"], default=D.m
 p.add_argument("--out", default=D.out, help="folder for metrics.json, predictions.jsonl, report.md")
 p.add_argument("--device", default=D.device)
 p.add_argument("--dtype", default=D.dtype, choices=["auto", "bfloat16", "float16", "float32"])
+p.add_argument("--quantize", choices=["nf4"], default=D.quantize, help="the base's block weights in 4-bit NF4")
 p.add_argument("--compare-base", action="store_true", help="also evaluate the base model without the adapter")
 try:
     run_eval(EvalConfig(**vars(p.parse_args())))

@@ -35,6 +35,8 @@ p.add_argument("--lora-init", default=D.lora_init, help="A and B from: default (
                "(the weight's top singular directions), pissa_niter_K (randomized SVD), olora (its QR)")
 p.add_argument("--loraplus-lr-ratio", type=float, default=D.loraplus_lr_ratio, help="LoRA+: B (and DoRA's m) "
                "learn at lr x this ratio, A at lr (e.g. 16)")
+p.add_argument("--quantize", choices=["nf4"], default=D.quantize, help="QLoRA: the base's block weights in 4-bit "
+               "NormalFloat, dequantized on the fly (about a third of bf16's memory)")
 p.add_argument("--warmup-steps", type=int, default=D.warmup_steps)
 p.add_argument("--schedule", choices=["cosine", "linear"], default=D.schedule, help="decay after warmup")
 p.add_argument("--weight-decay", type=float, default=D.weight_decay)
@@ -48,7 +50,8 @@ p.add_argument("--max-time", type=float, default=D.max_time, help="stop and save
 p.add_argument("--limit-train", type=int, default=D.limit_train, help="use only the first N training rows")
 p.add_argument("--seed", type=int, default=D.seed)
 p.add_argument("--device", default=D.device)
-p.add_argument("--dtype", default=D.dtype, choices=["auto", "bfloat16", "float16", "float32"])
+p.add_argument("--dtype", default=D.dtype, choices=["auto", "bfloat16", "float16", "float32"],
+               help="the base's dtype; float16 (GPUs without bf16: T4, V100) trains with a dynamic loss scale")
 p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
 p.add_argument("--train-on-inputs", action="store_true", help="loss on the whole prompt, not only the answer")
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward to save memory")

@@ -12,9 +12,9 @@ API = {
     "tokenizer": ["Tokenizer", "load_tokenizer"],
     "task": ["Task", "load_task"],
     "generate": ["greedy_generate", "prefill", "decode_one_token", "decode_n_tokens"],
-    "lora": ["LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "lora_disabled", "trainable_parameters",
-             "trainable_summary"],
+    "lora": ["LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "lora_disabled"],
     "adapter": ["load_adapter", "save_adapter", "save_merged"],
+    "nf4": ["trainable_parameters", "trainable_summary"],
 }
 WHERE = {name: module for module, names in API.items() for name in names}
 __all__ = list(WHERE)

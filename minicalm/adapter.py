@@ -29,8 +29,9 @@ from safetensors.torch import save_file
 
 from .config import POST_MODEL
 from .files import atomic_write, read_json, write_json
-from .lora import apply_lora, check_targets, lora_layers, lora_settings, merge_lora
+from .lora import adaptable, apply_lora, check_targets, lora_layers, lora_settings, merge_lora
 from .model import CalmForCausalLM
+from .nf4 import NF4Weight
 from .variants import as_plain_lora, check_init
 from .weights import load_model, read_tensors, resolve, save_checkpoint
 
@@ -168,8 +169,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base: str | N
         raise ValueError(f"load_adapter({adapter_dir}): the model's LoRA is merged; unmerge_lora(model) first")
     if have is not None and {k: have[k] for k in want} != want:
         raise ValueError(f"{file}: adapter has {format_settings(want)}; the model's LoRA has {format_settings(have)}")
-    slots = layers or {n: m for n, m in model.named_modules()
-                       if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets}
+    slots = layers or adaptable(model, targets)
     for name, f in factors.items():
         m = slots.get(name)
         if m is None:
@@ -201,13 +201,17 @@ def format_settings(s: dict) -> str:
 
 def save_merged(model: CalmForCausalLM, out_dir: str | os.PathLike,
                 tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Merge every adapter (the model stays merged) and write a plain GPT-NeoX checkpoint via save_checkpoint."""
+    """Merge every adapter (the model stays merged) and write a plain GPT-NeoX checkpoint via save_checkpoint; an
+    NF4 base is written dense."""
     merge_lora(model)
     with torch.device("meta"):
         plain = CalmForCausalLM(model.config)
-    # A LoRA-free model sharing the merged tensors under their original names (no copy of the weights).
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(LORA_KEYS)}
-    plain.load_state_dict(state, strict=True, assign=True)
+    # A LoRA-free model sharing the merged tensors under their original names (no copy of the weights); the layers
+    # still in NF4 (not adapted) are written dense, in their compute dtype.
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, NF4Weight)}
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.endswith(LORA_KEYS) and k.rpartition(".")[0] not in quantized}
+    plain.load_state_dict(state | {n: m.dequantize() for n, m in quantized.items()}, strict=True, assign=True)
     return save_checkpoint(plain, out_dir, tokenizer_dir)
 
 

@@ -108,6 +108,7 @@ class EvalConfig:
     out: str = "runs/eval"
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "auto"
+    quantize: str | None = None       # "nf4": the base's block weights in 4 bits (nf4.py)
     compare_base: bool = False        # evaluate the base model and base + adapter in one run
     log: bool = True
 
@@ -123,7 +124,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     rows = data.read_jsonl(cfg.data or data.task_data(task, "validation", instead="--data"), task, limit=cfg.limit)
     tok = load_tokenizer(model_id, revision=revision)
     data.PromptEncoder(tok, cfg.max_len, task)   # an ambiguous task or a too short --max-len fails before loading
-    model = load_model(model_id, dtype=cfg.dtype, device=cfg.device, revision=revision)
+    model = load_model(model_id, dtype=cfg.dtype, device=cfg.device, revision=revision, quantize=cfg.quantize)
     if cfg.adapter:
         load_adapter(model, cfg.adapter, base=model_id)
     kw = dict(max_len=cfg.max_len, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode,

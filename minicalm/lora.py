@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .variants import add_dora, check_init, dora_forward, dora_merge, dora_unmerge, init_lora
+from .nf4 import NF4Linear, dense, linear, store
+from .variants import add_dora, check_init, check_original_base, dora_forward, dora_merge, dora_unmerge, init_lora
 
 VALID_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")   # in a block's order
 
@@ -56,7 +57,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged and self.disabled:
             raise RuntimeError("LoRALinear is merged, so it cannot run with the adapter disabled: unmerge() first")
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)   # F.linear, or an NF4 base dequantized on the fly (nf4.py)
         if self.merged or self.disabled:   # merged: B A is already inside weight
             return y
         A, B = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)   # a differentiable cast
@@ -71,15 +72,15 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            W, dora = self.weight.float(), self.lora_magnitude_vector is not None
-            self.weight.copy_((dora_merge(self, W) if dora else W + self.delta()).to(self.weight.dtype))
+            W, dora = dense(self.weight).float(), self.lora_magnitude_vector is not None
+            self.weight = store(self.weight, dora_merge(self, W) if dora else W + self.delta())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             W, dora = self.weight.float(), self.lora_magnitude_vector is not None
-            self.weight.copy_((dora_unmerge(self, W) if dora else W - self.delta()).to(self.weight.dtype))
+            self.weight = store(self.weight, dora_unmerge(self, W) if dora else W - self.delta())
             self.merged = False
 
     def extra_repr(self) -> str:
@@ -103,21 +104,27 @@ def apply_lora(model: nn.Module, targets=("query_key_value",), r: int = 8, alpha
     PEFT's names (variants.py): use_dora, use_rslora, init_lora_weights True, "gaussian", "pissa", "olora", ...
 
     The last name component must match exactly, as PEFT's suffix match does: `dense` is attention.dense only."""
-    targets, init = check_targets(r, targets), check_init(init_lora_weights, use_dora)
+    targets, found = check_targets(r, targets), adaptable(model, targets)
+    init = check_init(init_lora_weights, use_dora, quantized=any(isinstance(m, NF4Linear) for m in found.values()))
     if lora_layers(model):
         raise ValueError("apply_lora: the model already has LoRA layers")
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
     if not found:
         raise ValueError(f"apply_lora: no nn.Linear in the model is named like {list(targets)}")
     model.requires_grad_(False)
-    for name, linear in found:
-        layer = LoRALinear(linear, r, alpha, dropout, use_rslora)
+    for name, base in found.items():
+        layer = LoRALinear(base, r, alpha, dropout, use_rslora)
         init_lora(layer, init)   # PiSSA and OLoRA also turn the base weight into the residual W - s B A
         if use_dora:
             add_dora(layer)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     return model
+
+
+def adaptable(model: nn.Module, targets) -> dict[str, nn.Module]:
+    """The linear layers (dense or NF4) named `*.<target>`, by name."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, NF4Linear)) and n.rpartition(".")[2] in targets}
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -137,25 +144,11 @@ def lora_settings(model: nn.Module) -> dict | None:
             "use_rslora": m.use_rslora, "init_lora_weights": m.init_lora_weights}
 
 
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied parameters counted once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def trainable_summary(model: nn.Module) -> str:
-    """PEFT's print_trainable_parameters line, as a string."""
-    t, n = trainable_parameters(model)
-    return f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}"
-
-
 @contextmanager
 def lora_disabled(model: nn.Module):
     """Run the base model alone inside the block (e.g. reference logits); the adapters come back after."""
     layers = list(lora_layers(model).values())
-    if any(hasattr(m, "lora_A0") for m in layers):
-        raise ValueError("the base of a PiSSA/OLoRA model is the residual W - s B A, not the original model: load "
-                         "the saved adapter onto the original base to compare the two")
+    check_original_base(layers)   # PiSSA's and OLoRA's is a residual (variants.py)
     before = [m.disabled for m in layers]
     for m in layers:
         m.disabled = True

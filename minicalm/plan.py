@@ -11,6 +11,7 @@ the code: change the model or the loop and the plan changes with it. Not counted
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import weakref
@@ -28,9 +29,13 @@ from .data import IGNORE_INDEX
 from .lora import apply_lora
 from .loss import micro_step
 from .model import CalmForCausalLM
+from .nf4 import quantize_blocks, trainable_parameters
 
 A100_BF16_FLOPS = 312e12
 GiB = 2**30
+# Cards by memory, GiB as torch reports them (a "16 GB" T4 shows 15.1), the smallest first.
+CARDS = [(7.6, "8 GB (RTX 3070, 4060)"), (11.7, "12 GB (RTX 3060, 4070)"), (15.1, "16 GB (T4, V100, RTX 4080)"),
+         (23.6, "24 GB (A10, L4, RTX 4090)"), (39.4, "40 GB (A100)"), (79.1, "80 GB (A100, H100)")]
 
 
 class LiveBytes(TorchDispatchMode):
@@ -98,8 +103,12 @@ class Plan:
                  f"peak {gib(self.peak_bytes)}" + (f" of {memory_bytes / GiB:.0f} GiB" if memory_bytes else ""),
                  f"  {self.flops_per_token / 1e9:.3g} GFLOP per token; an epoch of {self.epoch_tokens / 1e6:.3g}M tokens "
                  f"at {self.utilization:.0%} of {self.peak_flops / 1e12:.0f} TFLOP/s (A100 bf16): "
-                 f"{self.epoch_seconds / 3600:.2f} h, {epochs:g} epochs {epochs * self.epoch_seconds / 3600:.2f} h"]
+                 f"{self.epoch_seconds / 3600:.2f} h, {epochs:g} epochs {epochs * self.epoch_seconds / 3600:.2f} h",
+                 f"  the smallest card it fits with a 10% margin: {self.smallest_card() or 'none of ' + CARDS[-1][1]}"]
         return "\n".join(lines)
+
+    def smallest_card(self) -> str | None:
+        return next((card for gib_, card in CARDS if self.peak_bytes < 0.9 * gib_ * GiB), None)
 
 
 def gib(b: float) -> str:
@@ -116,10 +125,9 @@ def config_of(model: str) -> CalmConfig:
 
 def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256, *, shared_tokens: int = 0,
          grad_checkpoint: bool = False, lora_r: int = 8, lora_targets=("query_key_value",), use_dora: bool = False,
-         full: bool = False,
-         answer_tokens: int = 4, train_on_inputs: bool = False, dtype: torch.dtype = torch.bfloat16,
-         examples: int = 187_528, avg_tokens: float = 150.0, utilization: float = 0.5,
-         peak_flops: float = A100_BF16_FLOPS, name: str | None = None) -> Plan:
+         quantize: str | None = None, full: bool = False, answer_tokens: int = 4, train_on_inputs: bool = False,
+         dtype: torch.dtype = torch.bfloat16, examples: int = 187_528, avg_tokens: float = 150.0,
+         utilization: float = 0.5, peak_flops: float = A100_BF16_FLOPS, name: str | None = None) -> Plan:
     """Run the training step on fake tensors: memory at micro_batch_size x max_len (two steps: the second has
     AdamW's state), FLOPs at micro_batch_size x avg_tokens (what an epoch is made of)."""
     cfg = model if isinstance(model, CalmConfig) else config_of(model)
@@ -138,20 +146,14 @@ def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256,
     with FakeTensorMode():
         x, y, scored = batch(max_len)
         with LiveBytes(scored) as mem:
-            default = torch.get_default_dtype()
-            torch.set_default_dtype(torch.float32 if full else dtype)   # build the base directly in its dtype
-            try:
-                net = CalmForCausalLM(cfg)
-            finally:
-                torch.set_default_dtype(default)
+            net = planned_model(cfg, torch.float32 if full else dtype, quantize, mem)
             if full:
                 net.requires_grad_(True)
             else:
                 apply_lora(net, tuple(lora_targets), r=lora_r, alpha=2 * lora_r, dropout=0.05, use_dora=use_dora)
             net.grad_checkpoint = grad_checkpoint
             net.train()
-            params = [p for p in net.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-4)
+            opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
             weights = mem.live
             for _ in range(2):   # the second step has AdamW's state: the steady state
                 micro_step(net, x, y, n_target=1, shared=shared_tokens)
@@ -164,38 +166,63 @@ def plan(model: str | CalmConfig, micro_batch_size: int = 8, max_len: int = 256,
             opt.step()
         opt_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                         if isinstance(v, torch.Tensor) and v.dim() > 0)
-        n_params = sum(p.numel() for p in net.parameters())
+        trainable, n_params = trainable_parameters(net)
     step_flops = float(flops.get_total_flops())
-    per_token = step_flops / (B * avg)
-    epoch_tokens = examples * avg_tokens
+    per_token, epoch_tokens = step_flops / (B * avg), examples * avg_tokens
     return Plan(model=name or (model if isinstance(model, str) else "config"),
                 micro_batch_size=B, max_len=max_len, shared_tokens=shared_tokens, grad_checkpoint=grad_checkpoint,
-                dtype=str(torch.float32 if full else dtype).removeprefix("torch."), params=n_params,
-                trainable_params=sum(p.numel() for p in params), weights_bytes=weights, optimizer_bytes=opt_bytes,
+                dtype=str(torch.float32 if full else dtype).removeprefix("torch.") + (f", {quantize}" if quantize else ""),
+                params=n_params, trainable_params=trainable, weights_bytes=weights, optimizer_bytes=opt_bytes,
                 peak_bytes=mem.peak, step_flops=step_flops, flops_per_token=per_token, epoch_tokens=epoch_tokens,
                 epoch_seconds=per_token * epoch_tokens / (utilization * peak_flops), utilization=utilization,
                 peak_flops=peak_flops)
 
 
+def planned_model(cfg: CalmConfig, dtype: torch.dtype, quantize: str | None, mem: LiveBytes) -> CalmForCausalLM:
+    """The base model as load_model makes it, in its dtype and, with quantize="nf4", its blocks' linear weights in
+    NF4. Those are quantized one at a time as they are read, so the dense model never exists: the peak counts from
+    the quantized model on."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)   # build the base directly in its dtype
+    try:
+        net = CalmForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    if quantize:
+        quantize_blocks(net)
+        gc.collect()   # the dense weights' storages die here
+        mem.peak = mem.live
+    return net
+
+
 def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.device, dtype: torch.dtype,
-              shared: int = 0, log: bool = True, memory: int | None = None) -> Plan:
+              shared: int = 0, log: bool = True, memory: int | None = None, bf16: bool | None = None) -> Plan:
     """train()'s check before loading the model: print the plan; refuse settings that would not fit in the GPU's
-    memory (or in `memory` bytes when given), naming the first smaller setting that fits."""
+    memory (or in `memory` bytes when given), naming the first smaller setting that fits; on a GPU without bf16
+    (`bf16`, default: asked of the GPU), say that --dtype float16 halves the base's memory."""
     kw = dict(lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, use_dora=cfg.use_dora, full=cfg.full,
               train_on_inputs=cfg.train_on_inputs, dtype=dtype, examples=len(lengths),
               avg_tokens=sum(lengths) / len(lengths), name=cfg.model)
     T = min(cfg.max_len, max(lengths))
     shared = min(shared, T - 1)
-    pl = plan(model_cfg, cfg.micro_batch_size, T, shared_tokens=shared, grad_checkpoint=cfg.grad_checkpoint, **kw)
-    if memory is None and device.type == "cuda":
-        memory = torch.cuda.get_device_properties(device).total_memory
+    pl = plan(model_cfg, cfg.micro_batch_size, T, shared_tokens=shared, grad_checkpoint=cfg.grad_checkpoint,
+              quantize=cfg.quantize, **kw)
+    if device.type == "cuda":
+        memory = memory or torch.cuda.get_device_properties(device).total_memory
+        bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
     if log:
         print(pl.summary(cfg.epochs, memory), file=sys.stderr, flush=True)
+        if bf16 is False and dtype == torch.float32 and not cfg.full:
+            print("  this GPU has no bf16: --dtype float16 runs the base in fp16 (fp32 adapters, a dynamic loss "
+                  "scale) in half the memory", file=sys.stderr, flush=True)
     if memory and pl.peak_bytes > 0.9 * memory:
-        options = [(mb, gc) for gc in (False, True) for mb in (16, 8, 4, 2, 1) if mb < cfg.micro_batch_size or gc]
-        fits = next((f"--micro-batch-size {mb}" + (" --grad-checkpoint" if gc else "") for mb, gc in options
-                     if plan(model_cfg, mb, T, shared_tokens=shared, grad_checkpoint=gc, **kw).peak_bytes
-                     < 0.9 * memory), None)
+        options = [(mb, ckpt, cfg.quantize) for ckpt in (False, True) for mb in (16, 8, 4, 2, 1)
+                   if mb < cfg.micro_batch_size or ckpt]
+        if not cfg.full and not cfg.quantize:   # then QLoRA's 4-bit base
+            options += [(mb, ckpt, "nf4") for ckpt in (False, True) for mb in (16, 8, 4, 2, 1)]
+        fits = next((f"--micro-batch-size {mb}" + " --grad-checkpoint" * ckpt + f" --quantize {q}" * (q != cfg.quantize)
+                     for mb, ckpt, q in options if plan(model_cfg, mb, T, shared_tokens=shared, grad_checkpoint=ckpt,
+                                                        quantize=q, **kw).peak_bytes < 0.9 * memory), None)
         raise MemoryError(f"the plan's peak {pl.peak_bytes / GiB:.1f} GiB exceeds 90% of this GPU's "
                           f"{memory / GiB:.1f} GiB; " + (f"try {fits}" if fits else "no micro-batch size fits"))
     return pl
@@ -214,6 +241,7 @@ def main(argv=None):
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="query_key_value")
     p.add_argument("--use-dora", action="store_true", help="DoRA's magnitudes (and its extra work) on every target")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="the blocks' weights in NF4 (QLoRA)")
     p.add_argument("--train-on-inputs", action="store_true", help="logits and loss at every position")
     p.add_argument("--full", action="store_true", help="train every parameter (fp32) instead of LoRA")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -226,7 +254,8 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     a = p.parse_args(argv)
     kw = dict(grad_checkpoint=a.grad_checkpoint, lora_r=a.lora_r, lora_targets=tuple(a.lora_targets.split(",")),
-              use_dora=a.use_dora, full=a.full, train_on_inputs=a.train_on_inputs, dtype=getattr(torch, a.dtype), examples=a.examples,
+              use_dora=a.use_dora, quantize=a.quantize, full=a.full, train_on_inputs=a.train_on_inputs,
+              dtype=getattr(torch, a.dtype), examples=a.examples,
               avg_tokens=a.avg_tokens, utilization=a.utilization, peak_flops=a.peak_tflops * 1e12, name=a.model)
     plans = [plan(a.model, a.micro_batch_size, a.max_len, shared_tokens=s, **kw)
              for s in dict.fromkeys((a.shared_tokens, 0))]   # with sharing, then without for comparison

@@ -35,7 +35,8 @@ from .adapter import save_adapter
 from .config import POST_MODEL, CalmConfig
 from .evaluate import evaluate_rows
 from .files import atomic_write, read_records, write_json, write_text
-from .lora import apply_lora, trainable_parameters
+from .lora import apply_lora
+from .nf4 import trainable_parameters
 from .variants import check_init, loraplus_groups
 from .loss import answer_loss, micro_step, shared_prefix_len
 from .model import eval_mode
@@ -67,6 +68,7 @@ class TrainConfig:
     use_rslora: bool = False                 # rsLoRA's alpha / sqrt(r),
     lora_init: str = "default"               # A and B from: default, gaussian, pissa, pissa_niter_K, olora,
     loraplus_lr_ratio: float | None = None   # LoRA+: B's learning rate is lr x this
+    quantize: str | None = None              # "nf4": the base's block weights in 4 bits (QLoRA; nf4.py)
     warmup_steps: int = 100
     schedule: str = "cosine"                 # decay after warmup: cosine or linear, to zero
     weight_decay: float = 0.0
@@ -97,7 +99,7 @@ class TrainConfig:
 # Settings a resumed run must share with the checkpoint: they decide the data order, the adapter or the schedule's
 # shape. Paths may change (a moved model or data file); so may --epochs / --max-steps, to extend or cut a run.
 RESUME_FIXED = ("task", "lr", "batch_size", "max_len", "lora_r", "lora_alpha", "lora_targets", "use_dora",
-                "use_rslora", "lora_init", "loraplus_lr_ratio", "warmup_steps",
+                "use_rslora", "lora_init", "loraplus_lr_ratio", "quantize", "warmup_steps",
                 "schedule", "limit_train", "seed", "train_on_inputs", "full", "text")
 
 
@@ -180,6 +182,16 @@ def validation_accuracy(model, tok, rows: list[data.Row], task: Task, cfg: Train
 # ----------------------------------------------------------------------------- set-up
 
 @dataclass
+class LossScale:
+    """fp16's dynamic loss scale, for GPUs without bf16 (T4, V100), as torch.amp.GradScaler keeps it: the loss is
+    multiplied by `value` before backward, so that small gradients do not flush to zero in fp16 activations; a step
+    whose gradients overflow is skipped and the scale halved; after `interval` good steps in a row it doubles."""
+    value: float = 2.0 ** 16
+    good_steps: int = 0
+    interval: int = 2000
+
+
+@dataclass
 class Run:
     """Everything `setup` prepares and the loop uses."""
     cfg: TrainConfig
@@ -198,6 +210,7 @@ class Run:
     opt: torch.optim.Optimizer
     step: int = 0
     epoch_batches: tuple[int, list[list[int]]] = (-1, [])   # (epoch, its global batches), drawn once an epoch
+    loss_scale: LossScale | None = None                     # fp16 training's (--dtype float16)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -242,13 +255,14 @@ def setup(cfg: TrainConfig) -> Run:
                   dtype, shared=shared, log=cfg.log)
     model = trainable_model(cfg, folder, dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = loraplus_groups(model, cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay) if cfg.loraplus_lr_ratio else params
+    groups = (loraplus_groups(model, cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay) if cfg.loraplus_lr_ratio
+              else params)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     trainable, total = trainable_parameters(model)
     say(cfg, rank, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; {len(train_set):,} examples, "
                    f"{total_steps:,} steps of {cfg.batch_size}, {world} process(es), {dtype}")
     run = Run(cfg, rank, world, device, Path(cfg.out), tok, task, train_set, valid_set, accuracy_set,
-              steps_per_epoch, total_steps, model, opt)
+              steps_per_epoch, total_steps, model, opt, loss_scale=LossScale() if dtype == torch.float16 else None)
     if cfg.resume:
         resume(run)
     if rank == 0:
@@ -271,8 +285,10 @@ def check_settings(cfg: TrainConfig, world: int) -> None:
                               f"it or choose another --out")
     if cfg.resume and not state_file.exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out} (expected {state_file})")
+    if cfg.full and cfg.quantize:
+        raise ValueError("--quantize nf4 freezes the base in 4 bits: it trains LoRA, not every parameter (--full)")
     if not cfg.full:
-        check_init(cfg.lora_init, cfg.use_dora)
+        check_init(cfg.lora_init, cfg.use_dora, quantized=bool(cfg.quantize))
     if cfg.loraplus_lr_ratio is not None and cfg.loraplus_lr_ratio <= 0:
         raise ValueError(f"--loraplus-lr-ratio must be positive (B's learning rate is lr x it), not "
                          f"{cfg.loraplus_lr_ratio}")
@@ -281,7 +297,7 @@ def check_settings(cfg: TrainConfig, world: int) -> None:
 def trainable_model(cfg: TrainConfig, folder: Path, dtype: torch.dtype, device: torch.device):
     """The base model with LoRA (or, with --full, every parameter trainable), in train mode."""
     torch.manual_seed(cfg.seed)   # LoRA's A is drawn here
-    model = load_model(folder, dtype=dtype, device=device)
+    model = load_model(folder, dtype=dtype, device=device, quantize=cfg.quantize)
     if cfg.full:
         model.requires_grad_(True)
     else:
@@ -306,6 +322,8 @@ def resume(run: Run) -> None:
     run.model.load_state_dict(state["trainable"], strict=False)
     run.opt.load_state_dict(state["optimizer"])
     run.step = state["step"]
+    if run.loss_scale is not None and "loss_scale" in state:
+        run.loss_scale = LossScale(**state["loss_scale"])
     say(run.cfg, run.rank, f"resumed from {run.state_file} at step {run.step}")
 
 
@@ -339,7 +357,7 @@ def train_step(run: Run, batch: list[int] | None = None) -> dict:
     loss_sum, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
     for idx in mine:
         x, y, shared = batch_tensors([run.train_set[j] for j in idx], run.tok.pad_token_id, cfg.share_prefix, device)
-        loss_sum += micro_step(model, x, y, n_target, shared)
+        loss_sum += micro_step(model, x, y, n_target / (run.loss_scale.value if run.loss_scale else 1), shared)
         tokens += sum(len(run.train_set[j].input_ids) for j in idx)
     if run.world > 1:   # DDP over the trainable (adapter) gradients, by hand
         for p in run.params:
@@ -352,16 +370,36 @@ def train_step(run: Run, batch: list[int] | None = None) -> dict:
     if not math.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss} at step {run.step + 1}; the last good checkpoint "
                                  f"is kept in {run.out} (try a lower --lr)")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)
+    grad_norm = apply_gradients(run)
+    run.step += 1
+    rec = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "loss": loss, "lr": lr,
+           "tokens_per_s": round(tokens.item() / max(time.time() - t0, 1e-9), 1),
+           "peak_memory_bytes": peak_memory(device), "grad_norm": None if grad_norm is None else round(grad_norm, 4)}
+    return rec | ({"loss_scale": run.loss_scale.value, "skipped": grad_norm is None} if run.loss_scale else {})
+
+
+def apply_gradients(run: Run) -> float | None:
+    """Unscale (fp16), clip and take the AdamW step; the gradient norm before clipping, or None for an fp16 step
+    skipped because its gradients overflowed (the loss scale is halved)."""
+    scale = run.loss_scale
+    if scale is not None:
+        if not all(bool(torch.isfinite(p.grad).all()) for p in run.params if p.grad is not None):
+            run.opt.zero_grad(set_to_none=True)
+            scale.value, scale.good_steps = scale.value / 2, 0
+            return None
+        for p in run.params:
+            if p.grad is not None:
+                p.grad.div_(scale.value)
+        scale.good_steps += 1
+        if scale.good_steps % scale.interval == 0:
+            scale.value *= 2
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip or math.inf)
     if not torch.isfinite(grad_norm):
         raise FloatingPointError(f"non-finite gradient norm at step {run.step + 1}; the last good checkpoint "
                                  f"is kept in {run.out} (try a lower --lr)")
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    run.step += 1
-    return {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "loss": loss, "lr": lr,
-            "tokens_per_s": round(tokens.item() / max(time.time() - t0, 1e-9), 1),
-            "peak_memory_bytes": peak_memory(device), "grad_norm": round(grad_norm.item(), 4)}
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return grad_norm.item()
 
 
 def save(run: Run, final: bool = False) -> None:
@@ -373,6 +411,8 @@ def save(run: Run, final: bool = False) -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = {"step": run.step, "trainable": {k: v for k, v in model.state_dict().items() if k in trainable},
              "optimizer": run.opt.state_dict(), "config": asdict(cfg)}
+    if run.loss_scale is not None:
+        state["loss_scale"] = asdict(run.loss_scale)
     atomic_write(run.state_file, lambda p: torch.save(state, p))
     folder = (save_checkpoint(model, run.out / "model", tokenizer_dir=run.tok.path.parent) if cfg.full
               else save_adapter(model, run.out / "adapter", cfg.model, cfg.revision))

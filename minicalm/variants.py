@@ -21,10 +21,12 @@ import math
 import torch
 import torch.nn as nn
 
+from .nf4 import dense
+
 INITS = ("default", "gaussian", "pissa", "pissa_niter_K", "olora")   # init_lora_weights; True is "default"
 
 
-def check_init(init, use_dora: bool = False):
+def check_init(init, use_dora: bool = False, quantized: bool = False):
     """PEFT's init_lora_weights (True, "gaussian", "pissa", "pissa_niter_K", "olora"), checked; "default" is True."""
     init = True if init in (True, "default", "true") else init
     niter = isinstance(init, str) and init.startswith("pissa_niter_") and init.removeprefix("pissa_niter_").isdigit()
@@ -34,7 +36,16 @@ def check_init(init, use_dora: bool = False):
     if use_dora and residual_init(init):
         raise ValueError(f"DoRA with --lora-init {init}: an adapter on a residual base cannot be saved for the "
                          f"original base (the conversion to a plain LoRA does not hold for DoRA's norms)")
+    if quantized and residual_init(init):
+        raise ValueError(f"--lora-init {init} decomposes a dense base weight, not an NF4 one (--quantize nf4)")
     return init
+
+
+def check_original_base(layers) -> None:
+    """Refuse to run the base alone where PiSSA or OLoRA left a residual in it instead of the original weights."""
+    if any(hasattr(m, "lora_A0") for m in layers):
+        raise ValueError("the base of a PiSSA/OLoRA model is the residual W - s B A, not the original model: load "
+                         "the saved adapter onto the original base to compare the two")
 
 
 def residual_init(init) -> bool:
@@ -82,7 +93,7 @@ def dora_norm(layer: nn.Module) -> torch.Tensor:
     """||W + s B A|| of each output row, (out,) fp32, without forming the (out, in) sum:
     ||w_i + s b_i A||^2 = ||w_i||^2 + 2 s b_i (A w_i) + s^2 b_i (A A^T) b_i^T, with W A^T (out, r) and A A^T (r, r).
     Detached: DoRA treats it as a constant in backward (section 4.3)."""
-    W, A, B, s = layer.weight, layer.lora_A.weight, layer.lora_B.weight.float(), layer.scaling
+    W, A, B, s = dense(layer.weight), layer.lora_A.weight, layer.lora_B.weight.float(), layer.scaling
     WA = W @ A.to(W.dtype).T                                  # (out, r): each row's A w_i
     sq = W.float().square().sum(1) + 2 * s * (B * WA.float()).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
     return sq.clamp_min(0).sqrt()

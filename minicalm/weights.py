@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -18,10 +19,13 @@ from . import hub
 from .config import CalmConfig
 from .files import atomic_write, read_json, write_json
 from .model import CalmForCausalLM
+from .nf4 import NF4Linear, NF4Weight
 
 # Per-layer buffers that old GPT-NeoX checkpoints (OpenCALM's among them) carry and this model recomputes.
 LEGACY_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
 HEAD_ALIASES = {"lm_head.weight": "embed_out.weight"}   # transformers 5.x's in-memory name for the head
+# what quantize="nf4" stores in 4 bits
+BLOCK_LINEAR = re.compile(r"gpt_neox\.layers\.\d+\.(attention|mlp)\.\w+\.weight")
 CONFIG_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 WEIGHT_PATTERNS = (["*.safetensors", "model.safetensors.index.json"],
                    ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
@@ -110,11 +114,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device) -> torch.dtype:
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device="cpu",
-               revision: str | None = None) -> CalmForCausalLM:
+               revision: str | None = None, quantize: str | None = None) -> CalmForCausalLM:
     """Load a GPT-NeoX checkpoint (local folder or hub id) into minicalm's model, in eval mode.
 
-    dtype None or "auto" means bf16 on a GPU that supports it, else fp32 (resolve_dtype).
+    dtype None or "auto" means bf16 on a GPU that supports it, else fp32 (resolve_dtype). quantize="nf4" stores the
+    blocks' linear weights as NF4 (nf4.py), each quantized as it is read: the model is never whole in 16 bits.
     """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize {quantize!r}: the one 4-bit format here is 'nf4'")
     folder = resolve(name_or_path, revision)
     cfg = CalmConfig.from_json(folder / "config.json")
     dtype = resolve_dtype(dtype, device)
@@ -136,12 +143,16 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, the config "
                                  f"({folder / 'config.json'}) implies {tuple(expected[name].shape)}")
-            state[name] = t.to(device=device, dtype=dtype)   # one tensor at a time, never an fp32 model copy
+            t = t.to(device=device, dtype=dtype)   # one tensor at a time, never an fp32 model copy
+            state[name] = NF4Weight(t) if quantize and BLOCK_LINEAR.fullmatch(name) else t
             del t
     missing = sorted(set(expected) - set(state))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{folder}: checkpoint lacks tensors {missing[:5]}{more}")
+    for name in [n for n, w in state.items() if isinstance(w, NF4Weight)]:   # those layers become NF4Linear
+        layer = name.removesuffix(".weight")
+        model.set_submodule(layer, NF4Linear(state.pop(name), state.pop(layer + ".bias", None)))
     model.load_state_dict(state, strict=False, assign=True)   # every name and shape was checked above, by file
     if cfg.tie_word_embeddings:
         model.embed_out.weight = model.gpt_neox.embed_in.weight

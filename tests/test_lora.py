@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from conftest import FP32_REL, assert_close_to_scale, hf_tiny
 from minicalm import load_model
 from minicalm.adapter import load_adapter, save_adapter, save_merged
-from minicalm.lora import (VALID_TARGETS, LoRALinear, apply_lora, lora_disabled, lora_settings, merge_lora,
-                           trainable_parameters, trainable_summary, unmerge_lora)
+from minicalm.lora import VALID_TARGETS, LoRALinear, apply_lora, lora_disabled, lora_settings, merge_lora, unmerge_lora
+from minicalm.nf4 import trainable_parameters, trainable_summary
 
 ALL = VALID_TARGETS
 IDS = torch.tensor([[3, 17, 42, 5, 99, 0, 64, 7], [1, 2, 3, 4, 5, 6, 7, 8]])

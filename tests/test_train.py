@@ -490,7 +490,7 @@ def test_train_lora_help_lists_every_flag(capsys):
     text = capsys.readouterr().out
     names = {f.name for f in fields(TrainConfig)} - {"full", "text", "log"}
     flags_ = {"--no-share-prefix" if n == "share_prefix" else "--" + n.replace("_", "-") for n in names}
-    assert len(flags_) == 38
+    assert len(flags_) == 39
     for flag in flags_:
         assert f"  {flag}" in text, flag
 

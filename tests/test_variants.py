@@ -261,7 +261,8 @@ def test_a_pissa_run_is_saved_for_the_original_base(base, tmp_path):
     assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (4, 8, True)
     x = torch.randint(0, 500, (2, 16))
     with torch.no_grad():
-        assert_close_to_scale(load_adapter(load_model(base[0]), tmp_path / "run" / "adapter")(x), res["model"].eval()(x))
+        loaded = load_adapter(load_model(base[0]), tmp_path / "run" / "adapter")
+        assert_close_to_scale(loaded(x), res["model"].eval()(x))
 
 
 def test_the_inspector_reports_dora_s_magnitude_change(base, tmp_path):
