@@ -28,8 +28,9 @@ from minicalm.adapter import load_adapter
 from minicalm.config import CalmConfig
 from minicalm.evaluate import evaluate_rows, table
 from minicalm.files import read_records, write_json, write_text
-from minicalm.lora import VALID_TARGETS, trainable_parameters
+from minicalm.lora import VALID_TARGETS
 from minicalm.model import CalmForCausalLM
+from minicalm.nf4 import trainable_parameters
 from minicalm.plot import draw_if_possible, plot_dora_analysis, plot_losses, plot_sweep
 from minicalm.progress import fmt_time
 from minicalm.task import MARC_JA, load_task
@@ -136,7 +137,7 @@ def run(out: str, train_file: str | None = None, valid_file: str | None = None, 
 
 # LoRA's variants as the sweep names them: TrainConfig settings (variants.py has their formulas and papers).
 VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "pissa": {"lora_init": "pissa"},
-            "olora": {"lora_init": "olora"}, "loraplus": {"loraplus_lr_ratio": 16.0}}
+            "olora": {"lora_init": "olora"}, "loraplus": {"loraplus_lr_ratio": 16.0}, "qlora": {"quantize": "nf4"}}
 
 
 def sweep(out: str, settings: dict[str, dict], targets=VALID_TARGETS, base: str | None = None,
@@ -155,7 +156,8 @@ def sweep(out: str, settings: dict[str, dict], targets=VALID_TARGETS, base: str 
         stage(f"{label}: LoRA r {setting['r']} (alpha {2 * setting['r']}) on {', '.join(targets)}")
         tracker = DirectionAndMagnitude(TRACKED) if label in ("lora", "dora") else None
         res = finetune(Path(base), out_dir / label, spec, train_file, valid_file, setting["r"], targets, lora_epochs,
-                       lora_steps, seed, log, on_step=tracker, **{k: v for k, v in setting.items() if k != "r"})
+                       lora_steps, seed, log, on_step=tracker,
+                       **{k: v for k, v in setting.items() if k not in ("r", "variant")})
         m = evaluate_rows(res["model"], tok, valid, task, max_len=256, batch_size=32, log=log)["metrics"]
         rows.append({"label": label, **setting, "alpha": 2 * setting["r"],
                      "trainable": trainable_parameters(res["model"])[0], "accuracy": m["accuracy"],
@@ -200,7 +202,7 @@ def write_sweep(out_dir: Path, rows: list[dict], base, targets, task, n_valid: i
                                         "task": task.name, "n_valid": n_valid, "runs": rows})   # no machine paths
     write_text(out_dir / "sweep.md", "\n".join(lines) + "\n")
     title = f"{task.name}, {n_valid} held-out rows; targets {', '.join(targets)}"
-    if len({x["r"] for x in rows}) == len(rows) > 1:   # one run per rank
+    if len({x["r"] for x in rows}) > 1:   # a rank sweep
         draw_if_possible(plot_sweep, rows, out_dir / "sweep.png", f"LoRA rank sweep, {title}", prog="miniature")
     draw_if_possible(plot_losses, {x["label"]: x["loss"] for x in rows}, out_dir / "losses.png",
                      f"training loss per step, {title}", prog="miniature")
@@ -224,7 +226,7 @@ def format_report(res: dict) -> str:
         f"{res['lora']['step']} steps, answer loss {res['lora']['loss']:.4f}. Total {fmt_time(res['seconds'])}.", ""])
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="experiments/miniature.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/micro")
@@ -240,13 +242,17 @@ def main(argv=None):
     p.add_argument("--sweep-ranks", default=None, help="comma-separated LoRA ranks (e.g. 1,2,4,8,16,64): train and "
                    "evaluate one adapter per rank on one pretrained base instead of the before/after story")
     p.add_argument("--sweep-variants", default=None, help=f"comma-separated variants of {', '.join(VARIANTS)}: one "
-                   "adapter each, at --lora-r, on one pretrained base")
+                   "adapter each, at --lora-r or at each of --sweep-ranks, on one pretrained base")
     p.add_argument("--lora-r", type=int, default=16, help="the variant sweep's rank (alpha is 2r)")
     p.add_argument("--use-rslora", action="store_true", help="the rank sweep with rsLoRA's alpha / sqrt(r)")
     p.add_argument("--lora-targets", default=",".join(VALID_TARGETS), help=f"the sweep's targets, of {VALID_TARGETS}")
     p.add_argument("--base", default=None, help="the sweep's pretrained base (e.g. runs/micro/pretrain/model); "
                    "default: pretrain one first")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     try:
         if a.sweep_ranks or a.sweep_variants:
             sweep(a.out, sweep_settings(a), tuple(t.strip() for t in a.lora_targets.split(",")), a.base,
@@ -259,14 +265,15 @@ def main(argv=None):
 
 
 def sweep_settings(a) -> dict[str, dict]:
-    """--sweep-ranks or --sweep-variants as {label: settings}."""
-    if a.sweep_ranks:
-        rs = {"use_rslora": True} if a.use_rslora else {}
-        return {f"r{r}" + "-rslora" * a.use_rslora: {"r": int(r)} | rs for r in a.sweep_ranks.split(",")}
-    unknown = [v for v in a.sweep_variants.split(",") if v not in VARIANTS]
+    """--sweep-ranks and/or --sweep-variants as {label: settings}: every variant at every rank."""
+    names = a.sweep_variants.split(",") if a.sweep_variants else ["rslora" if a.use_rslora else "lora"]
+    unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise ValueError(f"--sweep-variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    return {v: {"r": a.lora_r} | VARIANTS[v] for v in a.sweep_variants.split(",")}
+    ranks = [int(r) for r in a.sweep_ranks.split(",")] if a.sweep_ranks else [a.lora_r]
+    label = lambda v, r: (f"{v}-r{r}" if a.sweep_variants else f"r{r}" + "-rslora" * a.use_rslora) if a.sweep_ranks \
+        else v
+    return {label(v, r): {"r": r, "variant": v} | VARIANTS[v] for v in names for r in ranks}
 
 
 if __name__ == "__main__":

@@ -114,20 +114,25 @@ def plot_confusion(confusion: dict, labels: list[str], path: str | os.PathLike, 
 
 def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str) -> Path:
     """A LoRA rank sweep (experiments/miniature.py --sweep-ranks): accuracy, invalid rate and macro-F1 against the rank
-    (log scale), each rank's trainable parameters written under its point."""
+    (log scale), one set of lines per variant, each rank's trainable parameters written under its point."""
     fig, (ax,) = new_figure(size=(7.0, 4.2))
-    ranks = [x["r"] for x in rows]
-    for key, label, style in (("accuracy", "accuracy", "o-"), ("macro_f1", "macro-F1", "s--"),
-                              ("invalid_rate", "no valid answer", "x:")):
-        ax.plot(ranks, [x[key] for x in rows], style, label=label)
+    groups: dict[str, list[dict]] = {}
     for x in rows:
+        groups.setdefault(x.get("variant", "lora"), []).append(x)
+    for name, runs in groups.items():
+        prefix = f"{name}: " if len(groups) > 1 else ""
+        for key, label, style in (("accuracy", "accuracy", "o-"), ("macro_f1", "macro-F1", "s--"),
+                                  ("invalid_rate", "no valid answer", "x:")):
+            ax.plot([x["r"] for x in runs], [x[key] for x in runs], style, label=prefix + label)
+    for x in groups[next(iter(groups))]:
         ax.annotate(f"{x['trainable']:,}", (x["r"], x["accuracy"]), textcoords="offset points", xytext=(0, -14),
                     ha="center", fontsize=7)
+    ranks = sorted({x["r"] for x in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set(xlabel="LoRA rank r (alpha = 2r); trainable parameters under each point", ylabel="share of rows",
            ylim=(0, 1.02), title=title)
-    ax.legend()
+    ax.legend(fontsize=7)
     return save(fig, path)
 
 

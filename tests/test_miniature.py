@@ -16,7 +16,8 @@ def test_micro_pipeline_lora_teaches_the_answer_format(tmp_path):
     res = run(str(tmp_path), str(REVIEWS / "train.jsonl"), str(REVIEWS / "valid.jsonl"), pretrain_steps=120,
               lora_steps=60, eval_limit=64, vocab_size=1000, log=False)
     # 3. the pretrained model is an ordinary checkpoint folder
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "pretrain" / "model").iterdir()}
+    saved = {p.name for p in (tmp_path / "pretrain" / "model").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= saved
     load_model(tmp_path / "pretrain" / "model")
     # 5. LoRA lowers the answer loss ...
     losses = [json.loads(ln)["loss"] for ln in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
@@ -73,8 +74,24 @@ def test_rank_sweep_on_one_base(base, tmp_path):
                for x in res["runs"])
     for picture in ("sweep.png", "losses.png"):
         assert (tmp_path / "sweep" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 4 and (tmp_path / "sweep" / "r4" / "adapter").is_dir()
+    assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 4
+    assert (tmp_path / "sweep" / "r4" / "adapter").is_dir()
     assert not (tmp_path / "sweep" / "pretrain").exists()   # the given base was reused, nothing pretrained
+
+
+def test_sweep_settings_cross_ranks_and_variants():
+    """--sweep-ranks with --sweep-variants trains every variant at every rank (rsLoRA against LoRA across ranks);
+    either alone keeps its own labels; an unknown variant is named."""
+    settings = lambda *argv: miniature.sweep_settings(miniature.parser().parse_args(list(argv)))
+    assert settings("--sweep-ranks", "1,4", "--sweep-variants", "lora,rslora") == {
+        "lora-r1": {"r": 1, "variant": "lora"}, "lora-r4": {"r": 4, "variant": "lora"},
+        "rslora-r1": {"r": 1, "variant": "rslora", "use_rslora": True},
+        "rslora-r4": {"r": 4, "variant": "rslora", "use_rslora": True}}
+    assert list(settings("--sweep-ranks", "2,8", "--use-rslora")) == ["r2-rslora", "r8-rslora"]
+    assert settings("--sweep-variants", "qlora", "--lora-r", "8") == {"qlora": {"r": 8, "variant": "qlora",
+                                                                                "quantize": "nf4"}}
+    with pytest.raises(ValueError, match="--sweep-variants: unknown lorax; known: lora, dora"):
+        settings("--sweep-variants", "lora,lorax")
 
 
 def test_variant_sweep_with_dora_s_analysis(base, tmp_path):
