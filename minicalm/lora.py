@@ -38,9 +38,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight.requires_grad_(False)          # the same Parameter: no copy, same key
-        self.register_parameter("bias", base.bias)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self.register_parameter("bias", None if base.bias is None else base.bias.requires_grad_(False))
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)   # rsLoRA's, or the paper's alpha / r
         fp32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)

@@ -28,20 +28,30 @@ NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
        0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
 BLOCK, SCALE_BLOCK = 64, 256
-CHUNK = 2**20   # bytes of codes dequantized at a time (2M weights: 8 MB of fp32 temporaries)
+CHUNK = 2**23   # bytes of codes dequantized at a time (16M weights: 64 MB of fp32 temporaries; 7B: 3-4 per layer)
+QUANTIZE_CHUNK = 2**17   # weights quantized at a time (512 KB of fp32 temporaries per step)
 
 
 def quantize_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (numel / 2,) uint8, absmax (numel / 64,) fp32): each weight's nearest NF4 value after dividing its block
-    by the block's absmax, two per byte, the first in the high nibble. An exact tie goes to the lower value."""
+    by the block's absmax, two per byte, the first in the high nibble. An exact tie goes to the lower value.
+    QUANTIZE_CHUNK weights at a time, into outputs allocated first: a 50M-weight layer of OpenCALM-7B needs 2 MB
+    of fp32 temporaries beside what is kept, not a gigabyte."""
     if w.numel() % BLOCK:
         raise ValueError(f"NF4 needs a multiple of {BLOCK} weights per tensor, got shape {tuple(w.shape)}")
-    blocks = w.reshape(-1, BLOCK).float()                                   # (n_blocks, 64)
-    absmax = blocks.abs().amax(dim=1)                                        # (n_blocks,)
-    scaled = (blocks / absmax.clamp_min(1e-38)[:, None]).clamp(-1, 1).flatten()
+    blocks = w.reshape(-1, BLOCK)                                            # (n_blocks, 64)
+    codes = torch.empty(w.numel() // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(len(blocks), device=w.device)
     nf4 = torch.tensor(NF4, device=w.device)
-    q = torch.bucketize(scaled, (nf4[:-1] + nf4[1:]) / 2).to(torch.uint8)    # the nearest value's index
-    return (q[0::2] << 4) | q[1::2], absmax
+    mids = (nf4[:-1] + nf4[1:]) / 2
+    per = QUANTIZE_CHUNK // BLOCK                                            # blocks per chunk
+    for i in range(0, len(blocks), per):
+        b = blocks[i:i + per].float()
+        torch.amax(b.abs(), dim=1, out=absmax[i:i + per])
+        scaled = (b / absmax[i:i + per, None].clamp_min(1e-38)).clamp_(-1, 1).flatten()
+        q = torch.bucketize(scaled, mids, out_int32=True)                   # the nearest value's index
+        torch.bitwise_or(q[0::2] << 4, q[1::2], out=codes[i * BLOCK // 2:(i + per) * BLOCK // 2])
+    return codes, absmax
 
 
 def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,10 +69,16 @@ def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 class NF4Weight(nn.Module):
     """A frozen (out, in) weight as NF4 codes with double-quantized scales; dequantize() gives it back in a dtype."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, values: bool = True):
+        """values=False makes the buffers without computing them: what the planner counts, on fake tensors."""
         super().__init__()
-        codes, absmax = quantize_codes(weight)
-        scales, factor, mean = quantize_scales(absmax)
+        if values:
+            codes, absmax = quantize_codes(weight)
+            scales, factor, mean = quantize_scales(absmax)
+        else:
+            n, kw = weight.numel() // BLOCK, dict(device=weight.device)
+            codes, scales = torch.empty(n * BLOCK // 2, dtype=torch.uint8, **kw), torch.empty(n, dtype=torch.int8, **kw)
+            factor, mean = torch.empty(-(-n // SCALE_BLOCK), **kw), torch.empty((), **kw)
         self.register_buffer("codes", codes)          # (out * in / 2,) uint8: two 4-bit indices per byte
         self.register_buffer("scales", scales)        # (out * in / 64,) int8: each block's absmax, double-quantized
         self.register_buffer("factor", factor)        # (blocks / 256,) fp32
@@ -118,8 +134,8 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def quantize(cls, linear: nn.Linear) -> NF4Linear:
-        return cls(NF4Weight(linear.weight.detach()), None if linear.bias is None else linear.bias.detach())
+    def quantize(cls, linear: nn.Linear, values: bool = True) -> NF4Linear:
+        return cls(NF4Weight(linear.weight.detach(), values), None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -160,11 +176,11 @@ def trainable_summary(model: nn.Module) -> str:
     return f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}"
 
 
-def quantize_blocks(model: nn.Module) -> nn.Module:
+def quantize_blocks(model: nn.Module, values: bool = True) -> nn.Module:
     """Every linear layer of the transformer blocks as an NF4Linear. The embedding, the LayerNorms and the LM head
     stay in the compute dtype, as in QLoRA: a lookup and a norm are cheap to keep, and the head's logits are what
-    the loss and the answers read (3% of OpenCALM-7B's weights)."""
+    the loss and the answers read (3% of OpenCALM-7B's weights). values=False: the planner's NF4 model."""
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and ".layers." in f".{name}":
-            model.set_submodule(name, NF4Linear.quantize(m))
+            model.set_submodule(name, NF4Linear.quantize(m, values))
     return model

@@ -189,7 +189,7 @@ def planned_model(cfg: CalmConfig, dtype: torch.dtype, quantize: str | None, mem
     finally:
         torch.set_default_dtype(default)
     if quantize:
-        quantize_blocks(net)
+        quantize_blocks(net, values=False)   # the same buffers as load_model's, not computed on fake tensors
         gc.collect()   # the dense weights' storages die here
         mem.peak = mem.live
     return net

@@ -232,7 +232,10 @@ def probe_load(mid_size, kind: str, quantize: str) -> tuple[dict, int]:
     folders, fp32_bytes = mid_size
     big = folders[f"big-{kind}"]
     control = big / ("model.safetensors" if kind == "st" else "pytorch_model.bin")
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # glibc serves every block of 64 KB or more with its own mmap and unmaps it when freed: RssAnon then counts what
+    # the loader holds, not heap holes between freed temporaries and kept tensors, which glibc keeps resident
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                        "MALLOC_MMAP_THRESHOLD_": "65536"}
     run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(big), str(folders[f"warm-{kind}"]), str(control),
                           quantize], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -254,10 +257,10 @@ def test_bf16_load_never_holds_fp32_or_duplicate_weights(mid_size, kind):
 @pytest.mark.parametrize("kind", ["st", "bin"])
 def test_nf4_load_never_holds_the_model_in_bf16(mid_size, kind):
     """quantize="nf4" quantizes each block weight as it is read: the NF4 model is ~0.18x the fp32 size (4.1 bits for
-    86% of the weights, bf16 for the embedding and the head), one tensor's temporaries come and go; the whole model
-    in bf16 at once would be 0.5x."""
+    86% of the weights, bf16 for the embedding and the head), one tensor's temporaries come and go (measured: 0.22x);
+    the whole model in bf16 at once would be 0.5x."""
     r, fp32_bytes = probe_load(mid_size, kind, "nf4")
-    assert r["growth"] < 0.35 * fp32_bytes, f"loading grew RssAnon by {r['growth'] / fp32_bytes:.2f}x the fp32 size"
+    assert r["growth"] < 0.3 * fp32_bytes, f"loading grew RssAnon by {r['growth'] / fp32_bytes:.2f}x the fp32 size"
 
 
 # ----------------------------------------------------------------------------- files minicalm writes
@@ -287,7 +290,10 @@ def test_convert_bin_to_safetensors_cli(tmp_path):
     src = write_legacy(tmp_path / "legacy", hf, shards=2, dtype=torch.float16)
     (src / "tokenizer_config.json").write_text("{}")
     out = tmp_path / "converted"
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # glibc serves every block of 64 KB or more with its own mmap and unmaps it when freed: RssAnon then counts what
+    # the loader holds, not heap holes between freed temporaries and kept tensors, which glibc keeps resident
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                        "MALLOC_MMAP_THRESHOLD_": "65536"}
     run = subprocess.run([sys.executable, "-m", "minicalm.weights", str(src), str(out)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
