@@ -11,6 +11,7 @@ drawn by the Agg backend straight to files, without pyplot: no window, and a not
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -131,18 +132,25 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set(xlabel="LoRA rank r (alpha = 2r); trainable parameters under each point", ylabel="share of rows",
-           ylim=(0, 1.02), title=title)
+           ylim=(0, 1.02))
+    ax.set_title(title, fontsize=9, wrap=True)
     ax.legend(fontsize=7)
     return save(fig, path)
 
 
 def plot_losses(curves: dict[str, list[float]], path: str | os.PathLike, title: str) -> Path:
-    """Several runs' training loss against the step on one picture (a sweep of ranks or of LoRA's variants)."""
+    """Several runs' training loss against the step on one picture (a sweep of ranks or of LoRA's variants): each
+    step faint, and its mean over a window of 1/40 of the run drawn over it, so that close runs can be told apart."""
     fig, (ax,) = new_figure(size=(7.0, 4.2))
     for label, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, lw=1, label=label)
-    ax.set(xlabel="step", ylabel="training loss (nats per scored token)", yscale="log", title=title)
-    ax.legend()
+        steps, w = range(1, len(losses) + 1), max(1, len(losses) // 40)
+        line, = ax.plot(steps, losses, lw=0.5, alpha=0.2)
+        c = [0.0, *itertools.accumulate(losses)]
+        means = [(c[i] - c[max(0, i - w)]) / min(i, w) for i in steps]
+        ax.plot(steps, means, lw=1.5, color=line.get_color(), label=f"{label} (mean of {w} steps)")
+    ax.set(xlabel="step", ylabel="training loss (nats per scored token)", yscale="log")
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.legend(fontsize=8)
     return save(fig, path)
 
 
