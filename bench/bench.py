@@ -1,6 +1,6 @@
 """minicalm vs transformers + peft on the same work, same random weights, in one process.
 
-    python bench/bench.py [--size small|tiny] [--part all|training|small] [--reps N] [--device cpu|cuda]
+    python bench/bench.py [--size small|tiny] [--part all|training|variants|qlora|small] [--reps N] [--device cpu|cuda]
 
 A random transformers GPTNeoXForCausalLM is saved with save_pretrained and loaded by both sides (minicalm through
 minicalm.load_model), LoRA r=8 alpha=16 dropout 0.05 on query_key_value is added to both, and the adapter A
@@ -8,9 +8,10 @@ matrices are copied so that both start from identical weights. Each repetition t
 back to back, alternating which goes first; the table reports medians of the rates and of the paired ratios
 (ratio = minicalm rate / transformers rate, above 1 means minicalm is faster). Writes bench/results.json.
 
-Two parts: `training` (the main job's step on 7B-shaped proxies, where the LM head is a small share of the work,
-and the whole train_lora.py step against transformers + peft) and `small` (open-calm-small's shape: a training
-step, evaluation, decoding).
+Four parts: `training` (the main job's step on 7B-shaped proxies, where the LM head is a small share of the work,
+and the whole train_lora.py step against transformers + peft), `variants` (DoRA's step, PiSSA's initialisation),
+`qlora` (the step on an NF4 base against the full-precision one and against transformers + peft + bitsandbytes'
+4-bit) and `small` (open-calm-small's shape: a training step, evaluation, decoding).
 """
 from __future__ import annotations
 
@@ -270,6 +271,47 @@ def variants_7b(b: Bench) -> list[dict]:
     return rows
 
 
+def qlora_7b(b: Bench) -> list[dict]:
+    """QLoRA on the 7B-shaped proxy, the public API step: minicalm's NF4 base (nf4.py, double-quantized scales)
+    against its full-precision base, and against transformers + peft on bitsandbytes' NF4 Linear4bit (double
+    quantization, compute in the run's dtype), the same random weights and adapters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, GPTNeoXForCausalLM
+
+    bpe = proxy_tokenizer(b)
+    full, _ = build_models(PROXY_7B, b.device, b.dtype, b.tmp / "qlora", vocab_size=4000, tokenizer=bpe.path)
+    ours = minicalm.load_model(b.tmp / "qlora", dtype=b.dtype, device=b.device, quantize="nf4")
+    minicalm.apply_lora(ours, LORA["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=b.dtype)
+    hf = GPTNeoXForCausalLM.from_pretrained(b.tmp / "qlora", quantization_config=q, dtype=b.dtype,
+                                            device_map=b.device.type)
+    theirs = get_peft_model(hf, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                           target_modules=list(LORA["targets"]), task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        mine = dict(full.named_parameters())
+        for model in (ours, theirs):
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(mine[name.removeprefix("base_model.model.").replace(".default", "")])
+    run = train_lora_run(b.tmp / "qlora", b.tmp / "run-qlora", b.device, 16, 16, False)
+    x, y = (t.to(b.device) for t in data.collate([run.train_set[i] for i in median_batch(run)], bpe.pad_token_id))
+    n_tokens = int((x != bpe.pad_token_id).sum())
+    b.info["qlora"] = {"bitsandbytes": __import__("bitsandbytes").__version__,
+                       "base_bytes": {"nf4": weight_bytes(ours), "full": weight_bytes(full)}}
+    step = public_api_step(ours, x, y)
+    return [b.paired(f"7B-shaped proxy: LoRA step on an NF4 base vs on the full-precision base, both minicalm, "
+                     f"{x.shape[0]} prompts", step, public_api_step(full, x, y), n_tokens, "tokens/s",
+                     names=("nf4", "full precision")),
+            b.paired(f"7B-shaped proxy: QLoRA step vs transformers + peft + bitsandbytes' NF4, {x.shape[0]} prompts",
+                     step, hf_global_step(theirs.train(), adamw(theirs), [(x, y)]), n_tokens, "tokens/s")]
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (NF4 codes and scales included)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def public_api_step(model, x, y):
     """A LoRA step as a user of the model writes it: model(x) (B, T, V), cross-entropy, backward, AdamW."""
     opt = adamw(model)
@@ -443,7 +485,7 @@ def format_table(b: Bench, results: list[dict]) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("all", "training", "variants", "small"), default="all")
+    ap.add_argument("--part", choices=("all", "training", "variants", "qlora", "small"), default="all")
     ap.add_argument("--size", choices=SIZES, default="small", help="the shape of the `small` part")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -463,6 +505,8 @@ def main():
             results += proxy_7b(b) + [wide_train_step(b)]
         if args.part in ("all", "variants"):
             results += variants_7b(b)
+        if args.part in ("all", "qlora"):
+            results += qlora_7b(b)
         if args.part in ("all", "small"):
             m = small_models(b)
             train_row, flops_row = small_train_step(b, m)
