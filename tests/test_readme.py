@@ -203,10 +203,9 @@ def check_miniature(r: Ran) -> None:
     out = r.path(r.flag("--out"))
     if r.flag("--sweep-ranks") or r.flag("--sweep-variants"):
         runs = read_json(out / "sweep.json")["runs"]
-        if r.flag("--sweep-ranks"):
-            assert [x["r"] for x in runs] == [int(x) for x in r.flag("--sweep-ranks").split(",")]
-        else:
-            assert [x["label"] for x in runs] == r.flag("--sweep-variants").split(",")
+        ranks = [int(x) for x in (r.flag("--sweep-ranks") or r.flag("--lora-r") or "16").split(",")]
+        variants = (r.flag("--sweep-variants") or ("rslora" if "--use-rslora" in r.args else "lora")).split(",")
+        assert [(x["r"], x.get("variant")) for x in runs] == [(k, v) for v in variants for k in ranks]
         assert (out / "sweep.md").read_text().count("\n") == len(runs) + 2 and (out / "losses.png").is_file()
         return
     report = (out / "report.md").read_text(encoding="utf-8")
