@@ -17,6 +17,7 @@ dequantizes again (`NF4Matmul`). LoRA's path (lora.py) stays in full precision b
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,7 @@ NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
        0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
 BLOCK, SCALE_BLOCK = 64, 256
+BLOCK_LINEAR = re.compile(r"gpt_neox\.layers\.\d+\.(attention|mlp)\.\w+\.weight")   # what NF4 stores in 4 bits
 CHUNK = 2**23   # bytes of codes dequantized at a time (16M weights: 64 MB of fp32 temporaries; 7B: 3-4 per layer)
 QUANTIZE_CHUNK = 2**17   # weights quantized at a time (512 KB of fp32 temporaries per step)
 
@@ -181,6 +183,6 @@ def quantize_blocks(model: nn.Module, values: bool = True) -> nn.Module:
     stay in the compute dtype, as in QLoRA: a lookup and a norm are cheap to keep, and the head's logits are what
     the loss and the answers read (3% of OpenCALM-7B's weights). values=False: the planner's NF4 model."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and ".layers." in f".{name}":
+        if isinstance(m, nn.Linear) and BLOCK_LINEAR.fullmatch(f"{name}.weight"):
             model.set_submodule(name, NF4Linear.quantize(m, values))
     return model

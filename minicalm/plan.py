@@ -216,10 +216,9 @@ def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.devi
             print("  this GPU has no bf16: --dtype float16 runs the base in fp16 (fp32 adapters, a dynamic loss "
                   "scale) in half the memory", file=sys.stderr, flush=True)
     if memory and pl.peak_bytes > 0.9 * memory:
-        options = [(mb, ckpt, cfg.quantize) for ckpt in (False, True) for mb in (16, 8, 4, 2, 1)
-                   if mb < cfg.micro_batch_size or ckpt]
-        if not cfg.full and not cfg.quantize:   # then QLoRA's 4-bit base
-            options += [(mb, ckpt, "nf4") for ckpt in (False, True) for mb in (16, 8, 4, 2, 1)]
+        quants = [cfg.quantize] + (["nf4"] if not cfg.full and not cfg.quantize else [])   # then QLoRA's 4-bit base
+        options = [(mb, ckpt, q) for q in quants for ckpt in (False, True) for mb in (16, 8, 4, 2, 1)
+                   if q != cfg.quantize or mb < cfg.micro_batch_size or ckpt]
         fits = next((f"--micro-batch-size {mb}" + " --grad-checkpoint" * ckpt + f" --quantize {q}" * (q != cfg.quantize)
                      for mb, ckpt, q in options if plan(model_cfg, mb, T, shared_tokens=shared, grad_checkpoint=ckpt,
                                                         quantize=q, **kw).peak_bytes < 0.9 * memory), None)

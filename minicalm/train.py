@@ -382,18 +382,18 @@ def apply_gradients(run: Run) -> float | None:
     """Unscale (fp16), clip and take the AdamW step; the gradient norm before clipping, or None for an fp16 step
     skipped because its gradients overflowed (the loss scale is halved)."""
     scale = run.loss_scale
-    if scale is not None:
-        if not all(bool(torch.isfinite(p.grad).all()) for p in run.params if p.grad is not None):
+    for p in run.params if scale is not None else []:   # unscale; no sync with the GPU here
+        if p.grad is not None:
+            p.grad.div_(scale.value)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip or math.inf)
+    if scale is not None:   # an overflow shows as a non-finite norm: skip the step
+        if not torch.isfinite(grad_norm):
             run.opt.zero_grad(set_to_none=True)
             scale.value, scale.good_steps = scale.value / 2, 0
             return None
-        for p in run.params:
-            if p.grad is not None:
-                p.grad.div_(scale.value)
         scale.good_steps += 1
         if scale.good_steps % scale.interval == 0:
             scale.value *= 2
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip or math.inf)
     if not torch.isfinite(grad_norm):
         raise FloatingPointError(f"non-finite gradient norm at step {run.step + 1}; the last good checkpoint "
                                  f"is kept in {run.out} (try a lower --lr)")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Iterator
 
@@ -19,13 +18,11 @@ from . import hub
 from .config import CalmConfig
 from .files import atomic_write, read_json, write_json
 from .model import CalmForCausalLM
-from .nf4 import NF4Linear, NF4Weight
+from .nf4 import BLOCK_LINEAR, NF4Linear, NF4Weight
 
 # Per-layer buffers that old GPT-NeoX checkpoints (OpenCALM's among them) carry and this model recomputes.
 LEGACY_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
 HEAD_ALIASES = {"lm_head.weight": "embed_out.weight"}   # transformers 5.x's in-memory name for the head
-# what quantize="nf4" stores in 4 bits
-BLOCK_LINEAR = re.compile(r"gpt_neox\.layers\.\d+\.(attention|mlp)\.\w+\.weight")
 CONFIG_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 WEIGHT_PATTERNS = (["*.safetensors", "model.safetensors.index.json"],
                    ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
