@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import minicalm
-from minicalm import data
-from minicalm.data import IGNORE_INDEX
-from minicalm.evaluate import evaluate_rows
-from minicalm.files import write_json
+from minicalm.tasks import data
+from minicalm.tasks.data import IGNORE_INDEX
+from minicalm.tools.evaluate import evaluate_rows
+from minicalm.io.files import write_json
 from minicalm.loss import answer_loss, micro_step, shared_prefix_len
-from minicalm.task import MARC_JA
-from minicalm.tokenizer import train_tokenizer
+from minicalm.tasks.task import MARC_JA
+from minicalm.io.tokenizer import train_tokenizer
 from minicalm.train import TrainConfig, setup, step_batch, train_step
 
 ROOT = Path(__file__).resolve().parents[1]

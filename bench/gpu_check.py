@@ -23,13 +23,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]   # minicalm, and the tests' reference decoder
-from minicalm import data, greedy_generate, load_model  # noqa: E402
+from minicalm.tasks import data, greedy_generate, load_model  # noqa: E402
 from minicalm.config import CalmConfig  # noqa: E402
 from minicalm.model import CalmForCausalLM  # noqa: E402
-from minicalm.plan import GiB, plan  # noqa: E402
-from minicalm.tokenizer import load_tokenizer  # noqa: E402
+from minicalm.tools.plan import GiB, plan  # noqa: E402
+from minicalm.io.tokenizer import load_tokenizer  # noqa: E402
 from minicalm.train import TrainConfig, common_prefix, setup, step_batch, train, train_step  # noqa: E402
-from minicalm.weights import save_checkpoint  # noqa: E402
+from minicalm.io.weights import save_checkpoint  # noqa: E402
 from reference import greedy_no_cache  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

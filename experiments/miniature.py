@@ -23,20 +23,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minicalm import data
-from minicalm.adapter import load_adapter
+from minicalm.tasks import data
+from minicalm.io.adapter import load_adapter
 from minicalm.config import CalmConfig
-from minicalm.evaluate import evaluate_rows, table
-from minicalm.files import read_records, write_json, write_text
-from minicalm.lora import VALID_TARGETS
+from minicalm.tools.evaluate import evaluate_rows, table
+from minicalm.io.files import read_records, write_json, write_text
+from minicalm.config import BLOCK_LINEARS
 from minicalm.model import CalmForCausalLM
 from minicalm.nf4 import trainable_parameters
-from minicalm.plot import draw_if_possible, plot_dora_analysis, plot_losses, plot_sweep
+from minicalm.tools.plot import draw_if_possible, plot_dora_analysis, plot_losses, plot_sweep
 from minicalm.progress import fmt_time
-from minicalm.task import MARC_JA, load_task
-from minicalm.tokenizer import load_tokenizer, train_tokenizer
+from minicalm.tasks.task import MARC_JA, load_task
+from minicalm.io.tokenizer import load_tokenizer, train_tokenizer
 from minicalm.train import TrainConfig, train
-from minicalm.weights import load_model, save_checkpoint
+from minicalm.io.weights import load_model, save_checkpoint
 
 SAMPLE = {"train": 10_000, "validation": 1_000}   # rows of the task's own data the miniature uses by default
 
@@ -114,7 +114,7 @@ def run(out: str, train_file: str | None = None, valid_file: str | None = None, 
     before = evaluate_rows(model, tok, valid, task, **kw)
 
     stage("5/6 LoRA fine-tuning (r 16, alpha 32, all four linear layers) with the train_lora.py code path")
-    tuned = finetune(base, out_dir / "lora", spec, train_file, valid_file, 16, VALID_TARGETS, lora_epochs, lora_steps,
+    tuned = finetune(base, out_dir / "lora", spec, train_file, valid_file, 16, BLOCK_LINEARS, lora_epochs, lora_steps,
                      seed,
                  log)
 
@@ -140,7 +140,7 @@ VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": Tru
             "olora": {"lora_init": "olora"}, "loraplus": {"loraplus_lr_ratio": 16.0}, "qlora": {"quantize": "nf4"}}
 
 
-def sweep(out: str, settings: dict[str, dict], targets=VALID_TARGETS, base: str | None = None,
+def sweep(out: str, settings: dict[str, dict], targets=BLOCK_LINEARS, base: str | None = None,
           train_file: str | None = None, valid_file: str | None = None, task: str = "marc-ja",
           pretrain_steps: int = 3000, lora_epochs: float = 3.0, lora_steps: int | None = None,
           eval_limit: int | None = None, vocab_size: int = 4000, seed: int = 1337, log: bool = True) -> list[dict]:
@@ -245,7 +245,7 @@ def parser() -> argparse.ArgumentParser:
                    "adapter each, at --lora-r or at each of --sweep-ranks, on one pretrained base")
     p.add_argument("--lora-r", type=int, default=16, help="the variant sweep's rank (alpha is 2r)")
     p.add_argument("--use-rslora", action="store_true", help="the rank sweep with rsLoRA's alpha / sqrt(r)")
-    p.add_argument("--lora-targets", default=",".join(VALID_TARGETS), help=f"the sweep's targets, of {VALID_TARGETS}")
+    p.add_argument("--lora-targets", default=",".join(BLOCK_LINEARS), help=f"the sweep's targets, of {BLOCK_LINEARS}")
     p.add_argument("--base", default=None, help="the sweep's pretrained base (e.g. runs/micro/pretrain/model); "
                    "default: pretrain one first")
     return p

@@ -1,23 +1,32 @@
 """minicalm: OpenCALM (GPT-NeoX) + hand-written LoRA fine-tuning in plain PyTorch.
 
+The lesson, in the order it runs: config -> model -> lora -> variants -> nf4 -> loss -> generate -> train. The
+machinery it stands on: io/ (the hub, checkpoint and adapter files, the tokenizer), tasks/ (prompts, data, the answer
+rule and its metrics), tools/ (evaluation and its report, the memory planner, pictures, the adapter inspector, the
+commands and a run's bookkeeping).
+
 The public API, by the module that defines it. A name is imported from its module on first use (PEP 562), so that
-`python -m minicalm.generate` (and the other commands) run their module once, not once more as a package import.
+`python -m minicalm.generate` runs its module once, not once more as a package import.
 """
 import importlib
 
+from .tools.moved import install
+
 API = {
-    "config": ["CalmConfig", "PRESETS", "get_preset"],
+    "config": ["CalmConfig", "LoraConfig", "PRESETS", "get_preset"],
     "model": ["CalmForCausalLM", "KVCache"],
-    "weights": ["load_model", "save_checkpoint"],
-    "tokenizer": ["Tokenizer", "load_tokenizer"],
-    "task": ["Task", "load_task"],
-    "generate": ["greedy_generate", "prefill", "decode_one_token", "decode_n_tokens"],
-    "lora": ["LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "lora_disabled"],
-    "adapter": ["load_adapter", "save_adapter", "save_merged"],
-    "nf4": ["trainable_parameters", "trainable_summary"],
+    "lora": ["LoRALinear", "DoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "lora_disabled", "lora_config",
+             "trainable_parameters", "trainable_summary"],
+    "generate": ["greedy_generate", "prefill", "decode_one_token", "decode_n_tokens", "score_continuations"],
+    "train": ["TrainConfig", "train"],
+    "io.weights": ["load_model", "save_checkpoint"],
+    "io.tokenizer": ["Tokenizer", "load_tokenizer"],
+    "io.adapter": ["load_adapter", "save_adapter", "save_merged"],
+    "tasks.task": ["Task", "load_task"],
 }
 WHERE = {name: module for module, names in API.items() for name in names}
 __all__ = list(WHERE)
+install()   # old module paths (minicalm.adapter, minicalm.data, ...) lead to where they went
 
 
 def __getattr__(name: str):

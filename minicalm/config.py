@@ -1,10 +1,17 @@
-"""CalmConfig: every GPT-NeoX setting that changes the math, read from a checkpoint's config.json."""
+"""The settings, each in one typed home: CalmConfig (the model, from a checkpoint's config.json), LoraConfig (the
+adapter), and the dtype rule. Each checks itself when it is built, so a bad value fails where it is made.
+(TrainConfig, the training run's settings, opens train.py.)
+"""
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .files import read_json
+import torch
+
+from .io.files import read_json   # the border: a config is read from a file
 
 POST_MODEL = "cyberagent/open-calm-7b"   # the blog post's model, the scripts' default
 
@@ -110,3 +117,88 @@ def get_preset(name: str) -> CalmConfig:
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[key]
+
+
+# ----------------------------------------------------------------------------- LoRA's settings
+
+class SettingError(ValueError):
+    """A setting that cannot be used; `name` is the parameter, so a command can name its flag instead."""
+
+    def __init__(self, owner: str, name: str, message: str):
+        super().__init__(f"{owner}.{name}: {message}")
+        self.owner, self.name, self.message = owner, name, message
+
+
+BLOCK_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")   # a block's linear layers, in order
+INITS = ("default", "gaussian", "pissa", "pissa_niter_K", "olora")   # K: a number of subspace iterations
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA's settings (Hu et al. 2021) and its variants' (variants.py), under PEFT's meanings."""
+    r: int = 8                                   # rank of the update B A
+    alpha: float = 16.0                          # the update is scaled by alpha / r
+    dropout: float = 0.05                        # on the LoRA path's input only
+    targets: tuple[str, ...] = ("query_key_value",)   # which linear layers of every block get an adapter
+    use_dora: bool = False                       # DoRA: a learned magnitude per output row, LoRA for the direction
+    use_rslora: bool = False                     # rsLoRA: scale by alpha / sqrt(r) instead of alpha / r
+    init: str = "default"                        # A and B from: default (Kaiming A, zero B), gaussian, pissa (the
+                                                 # weight's top singular directions), pissa_niter_K, olora (its QR)
+
+    def __post_init__(self):
+        bad = lambda name, why: SettingError("LoraConfig", name, why)   # noqa: E731
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise bad("r", f"the rank must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise bad("alpha", f"must be a positive number (the update's scale is alpha / r), got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise bad("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets or ())
+        unknown = [t for t in targets if t not in BLOCK_LINEARS]
+        if unknown or not targets:
+            raise bad("targets", f"unknown {unknown or 'none given'}; the block's linear layers are "
+                                 f"{', '.join(BLOCK_LINEARS)}")
+        init = "default" if self.init is True else self.init   # PEFT's init_lora_weights=True
+        if not (init in INITS[:3] + INITS[4:] or isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
+            raise bad("init", f"{init!r}: expected one of {', '.join(INITS)} (K a number of iterations)")
+        object.__setattr__(self, "init", init)
+        if self.use_dora and self.residual:
+            raise bad("init", f"{init} with use_dora: an adapter on a residual base cannot be saved for the original "
+                              f"base (the conversion to a plain LoRA does not hold for DoRA's norms)")
+        object.__setattr__(self, "targets", tuple(t for t in BLOCK_LINEARS if t in targets))   # the block's order
+
+    @property
+    def scaling(self) -> float:
+        """s in h = W x + s B A x: alpha / r (the paper), or rsLoRA's alpha / sqrt(r)."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def residual(self) -> bool:
+        """Whether the init moves part of W into the adapter (PiSSA, OLoRA), leaving a residual base."""
+        return self.init.startswith(("pissa", "olora"))
+
+
+# ----------------------------------------------------------------------------- the dtype rule
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device, stored: torch.dtype | None = None,
+                  bf16: bool | None = None) -> torch.dtype:
+    """The one dtype rule. A dtype or its name as given; "auto" (or None): the checkpoint's own dtype (`stored`) where
+    a checkpoint is written (merging, converting), else bf16 on a GPU that supports it (`bf16`; None: ask this
+    machine's) and fp32 elsewhere (CPU matmuls in bf16 are slow, and fp32 is what the tests compare against). What
+    stays fp32 whatever this says: train.py."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, *DTYPES):
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype not in (None, "auto"):
+        return getattr(torch, dtype)
+    if stored is not None:
+        return stored
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    if bf16 is None:
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float32

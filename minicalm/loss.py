@@ -1,19 +1,28 @@
-"""What training optimizes, in one place: next-token cross-entropy on the labelled positions of a micro-batch.
+"""What training optimizes: next-token cross-entropy on the scored positions of a micro-batch, with the prompt's
+shared prefix computed once.
 
-Labels align with input_ids (position t's label is token t itself) and are IGNORE_INDEX where nothing is scored;
-the loss shifts them. Used by train() (the step), plan (the same step on fake tensors) and validation.
+Labels align with input_ids (position t's label is token t itself) and are IGNORE_INDEX where nothing is scored (the
+prompt, the padding); the loss shifts them. The LM head (52k wide for OpenCALM) runs only where a label needs it.
+
+The shared prefix. Every prompt of a task begins with the same instruction (about half of its tokens), so within a
+micro-batch the rows' first P tokens are identical. They run once, as a batch of one, into a cache of their keys and
+values; every row then continues from that cache with its own T - P tokens at positions P, P+1, ... Autograd sums
+the rows' gradients into the prefix, so the logits, the loss and every gradient equal those of running each row in
+full, for about (B-1) P fewer token-passes. It is built here from the model's public pieces (`hidden` with a cache,
+then `logits`). One difference: LoRA dropout's masks in the prefix are drawn once and shared by the rows.
+Used by train.py (the step and the validation loss) and the planner (tools/plan.py: the same step on fake tensors).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
+IGNORE_INDEX = -100   # a label the loss skips (F.cross_entropy's default ignore_index): the prompt, the padding
 
 
 def shared_prefix_len(input_ids: torch.Tensor) -> int:
-    """How many leading tokens every row has in common (the prompt's head), leaving each row at least one token of
-    its own; 0 for a single row, where there is nothing to share."""
+    """The one rule for the shared prefix's length: how many leading tokens every row has in common, leaving each row
+    at least one token of its own; 0 for a single row, where there is nothing to share."""
     B, T = input_ids.shape
     if B < 2:
         return 0
@@ -21,24 +30,47 @@ def shared_prefix_len(input_ids: torch.Tensor) -> int:
     return min(int(same.long().cumprod(dim=0).sum()), T - 1)
 
 
-def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, shared: int = 0) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled positions; the LM head runs only where labels need it.
+class PrefixKV:
+    """One layer's keys and values for the shared prefix. A call at slot 0 is the prefix itself (one row): its keys and
+    values are kept. A later call (the rows, at slot P) attends to them and to its own: cat(prefix's, its own), as
+    plain tensors (no in-place writes, so autograd and activation checkpointing's recompute see ordinary tensors)."""
 
-    shared = P > 0 computes the rows' common first P tokens once (CalmForCausalLM's `shared`): the same loss and
-    gradients, about (B-1) P fewer token-passes through the blocks.
-    """
+    def __init__(self):
+        self.k = self.v = None
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if start == 0:                                             # the prefix: (1, nh, P, hs)
+            self.k, self.v = k, v
+            return k, v
+        B = k.shape[0]                                             # the rows: (B, nh, P + T', hs)
+        return (torch.cat((self.k.expand(B, -1, -1, -1), k), dim=2),
+                torch.cat((self.v.expand(B, -1, -1, -1), v), dim=2))
+
+
+class PrefixCache:
+    """What the model asks of a cache (model.KVCache): one PrefixKV per layer, and no padding among the keys."""
+
+    def __init__(self, n_layers: int):
+        self.layers, self.key_valid = [PrefixKV() for _ in range(n_layers)], None
+
+
+def shared_prefix_hidden(model, input_ids: torch.Tensor, P: int) -> torch.Tensor:
+    """The residual stream (B, T, C) of rows whose first P tokens are the same, those P computed once."""
+    B, T = input_ids.shape
+    if not 0 < P < T:
+        raise ValueError(f"a shared prefix of {P} tokens needs 0 < P < T = {T} (shared_prefix_len)")
+    cache = PrefixCache(model.config.num_hidden_layers)
+    prefix = model.hidden(input_ids[:1, :P], cache=cache)                  # (1, P, C), once
+    rows = model.hidden(input_ids[:, P:], cache=cache, start=P)            # (B, T-P, C)
+    return torch.cat((prefix.expand(B, -1, -1), rows), dim=1)             # (B, T, C)
+
+
+def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions of (B, T) input_ids. prefix = P > 0: the rows'
+    common first P tokens (shared_prefix_len) are computed once; the same loss and gradients."""
     targets = labels[:, 1:]                                   # (B, T-1) the token after each position
     where = torch.zeros_like(labels, dtype=torch.bool)
     where[:, :-1] = targets != IGNORE_INDEX                   # (B, T) positions whose next token is scored
-    logits = model(input_ids, shared=shared, logits_at=where)   # (N, V)
+    h = shared_prefix_hidden(model, input_ids, prefix) if prefix else model.hidden(input_ids)
+    logits = model.logits(h[where])                           # (N, V)
     return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
-
-
-def micro_step(model, input_ids: torch.Tensor, labels: torch.Tensor, n_target: int, shared: int = 0) -> torch.Tensor:
-    """Forward and backward of one micro-batch, its loss scaled by the global batch's target count.
-
-    Gradients accumulate in .grad across micro-batches; returns the micro-batch's summed loss (detached).
-    """
-    loss = answer_loss(model, input_ids, labels, shared)
-    (loss / n_target).backward()
-    return loss.detach()

@@ -1,11 +1,12 @@
 """GPT-NeoX as OpenCALM uses it, in plain PyTorch: config -> RoPE -> KV cache -> attention -> MLP -> block -> model.
 
 Module names mirror the checkpoints (`gpt_neox.layers.N.attention.query_key_value`, ..., `embed_out`): a checkpoint's
-tensors load by their own names once the legacy buffers are dropped; weights.py checks every name and shape.
+tensors load by their own names once the legacy buffers are dropped; io/weights.py checks every name and shape.
 Notation in shape comments: B batch, T new tokens, S keys (cache length), C hidden, nh heads, hs head size.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import torch
@@ -14,7 +15,10 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
-from .config import GELUS, CalmConfig
+from .config import BLOCK_LINEARS, GELUS, CalmConfig
+
+# A block's linear layers by module name: what LoRA may adapt and what NF4 stores in 4 bits (groups: layer, target).
+BLOCK_LINEAR = re.compile(rf"gpt_neox\.layers\.(\d+)\.(?:attention|mlp)\.({'|'.join(BLOCK_LINEARS)})")
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -44,54 +48,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------- KV cache
 
 class LayerKV:
-    """One layer's keys and values, k and v of shape (B, nh, S, hs), and how a call adds its own (see KVCache)."""
+    """One layer's keys and values, k and v of shape (B, nh, S, hs), preallocated and written in place."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, preallocated: bool):
-        self.k, self.v, self.preallocated = k, v, preallocated
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Put k, v (B, nh, T, hs) at slots [start, start+T); return the keys and values of slots [0, start+T)."""
-        B, end = k.shape[0], start + k.shape[2]
-        if not self.preallocated:   # growing: concatenate, never write in place
-            if self.k.shape[2] < start:
-                raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked to continue at {start}")
-            k = torch.cat((self.k[:, :, :start].expand(B, -1, -1, -1), k), dim=2)   # (B, nh, start+T, hs)
-            v = torch.cat((self.v[:, :, :start].expand(B, -1, -1, -1), v), dim=2)
-            if B == self.k.shape[0]:   # a 1-row shared head read by B rows stays as it is
-                self.k, self.v = k, v
-            return k, v
+        end = start + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked to write up to {end}")
-        self.k[:, :, start:end] = k
+        self.k[:, :, start:end] = k   # a (1, ...) prefix fills every row
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class KVCache:
-    """Keys and values of earlier slots for every layer: layers[i] (a LayerKV), each (B, nh, S, hs).
+    """Keys and values of earlier slots for every layer (`layers[i]`, each (B, nh, S, hs)), for decoding.
 
-    A layer's update(start, k, v) puts a call's keys and values at slots [start, start+T) and returns those of
-    slots [0, start+T) for attention. Two kinds:
-      preallocated (max_len given; decoding): S = max_len, written in place; `prefix` copies a shared prompt
-        head's slots [0, P) into every row first (evaluation computes the head once per run);
-      growing (max_len None; training's shared head): starts empty and returns cat(slots [0, start), new), so
-        autograd sees plain tensors (no in-place writes, and activation checkpointing may recompute a layer).
-        A 1-row growing cache read by B rows is broadcast to them and keeps only its own row's slots.
-    Each block gets its own LayerKV (not the cache and a layer number), so torch.compile sees every block alike.
+    A cache is what the model's forward needs of one: `layers[i].update(start, k, v)` stores a call's keys and values
+    at slots [start, start+T) and returns those of slots [0, start+T), and `key_valid` (B, S) is False at padding
+    slots (None: no padding). Each block gets its own LayerKV, so torch.compile sees every block alike. (Training's
+    shared prefix brings a cache of its own with the same two parts: loss.py.)
     """
 
-    def __init__(self, cfg: CalmConfig, batch_size: int = 1, max_len: int | None = None, *, dtype: torch.dtype,
-                 device, prefix: "KVCache | None" = None):
-        shape = (batch_size, cfg.num_attention_heads, max_len or 0, cfg.head_size)
+    def __init__(self, cfg: CalmConfig, batch_size: int, max_len: int, *, dtype: torch.dtype, device,
+                 key_valid: torch.Tensor | None = None):
+        shape = (batch_size, cfg.num_attention_heads, max_len, cfg.head_size)
         self.layers = [LayerKV(torch.zeros(shape, dtype=dtype, device=device),
-                               torch.zeros(shape, dtype=dtype, device=device), max_len is not None)
-                       for _ in range(cfg.num_hidden_layers)]
-        for mine, head in zip(self.layers, prefix.layers) if prefix is not None else ():
-            mine.update(0, head.k, head.v)
+                               torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.num_hidden_layers)]
+        self.key_valid = key_valid
+
+    def copy_prefix(self, prefix: "KVCache", length: int) -> None:
+        """Slots [0, length) of a one-row cache into every row (a prompt prefix the rows share, computed once)."""
+        for mine, theirs in zip(self.layers, prefix.layers):
+            mine.update(0, theirs.k[:, :, :length], theirs.v[:, :, :length])
 
 
 def attention_mask(key_valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
-    """Boolean mask (B, 1, T, S) for queries at cache slots [start, start+T) over keys [0, S).
+    """Boolean mask (B, 1, T, S) for queries at cache slots [start, start+T) over keys [0, S = start+T).
 
     A query sees earlier valid keys and always itself (so a padding row's softmax is never all -inf).
     key_valid (B, S) is False at padding slots.
@@ -104,7 +99,7 @@ def attention_mask(key_valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
 
 
 def lower_right_causal(T: int, S: int, device: torch.device):
-    """Queries at the last T of S slots, each seeing every slot up to its own (rows continuing a shared head).
+    """Queries at the last T of S slots, each seeing every slot up to its own (rows continuing a shared prefix).
 
     On GPU PyTorch's lower-right causal bias, which SDPA's fused kernels take as it is; elsewhere the same pattern
     as one (T, S) boolean mask (CPU attention would build it anyway, and fake tensors cannot hold the bias).
@@ -175,19 +170,16 @@ class GPTNeoX(nn.Module):
 
 
 class CalmForCausalLM(nn.Module):
-    """GPT-NeoX causal LM: `model(input_ids)` -> logits (B, T, V).
+    """GPT-NeoX causal LM: `model(idx)` -> logits (B, T, V), as gpt-fast's and litgpt's: tokens, their positions and
+    an optional cache.
 
-    Optional arguments, used by decoding, evaluation and training:
-      positions  (B, T) rotary positions; default start, start+1, ...
-      key_valid  (B, S) False at padding slots of the cache (or of input_ids when there is no cache)
-      cache, start  a KVCache holding slots [0, start) (e.g. a shared prompt head); this call's tokens go to slots
-                 [start, start+T) and each attends to every earlier slot and to itself (causal, lower-right aligned)
-      shared     P: input_ids[:, :P] is the same in every row (the prompt's head). It runs once, as one row, into a
-                 growing KVCache; the rows continue from its keys and values with their own T - P tokens at
-                 positions P, P+1, ... The logits, the loss and every gradient equal those of running each row in
-                 full (autograd sums the rows' gradients into the head), for about (B-1) P fewer token-passes. The
-                 head's dropout masks (LoRA's) are then shared by the rows.
-      logits_at  where to compute the 52k-wide head: a bool mask (B, T) -> (N, V), or indices along T -> (B, K, V)
+      positions  (B, T) rotary positions; default start, start+1, ... (left-padded rows start later: generate.py)
+      cache, start  a cache holding slots [0, start) (KVCache); this call's tokens go to slots [start, start+T) and each
+                 attends to every earlier valid slot and to itself (causal, aligned to the last slot)
+      logits_at  where the 52k-wide LM head runs: a bool mask (B, T) -> (N, V), or indices along T -> (B, K, V)
+
+    The public pieces, for what builds on the model (training's shared prefix, loss.py): `hidden` (the residual
+    stream after the last block) and `logits` (the final LayerNorm and the LM head).
     """
 
     def __init__(self, cfg: CalmConfig):
@@ -198,6 +190,7 @@ class CalmForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
         self.grad_checkpoint = False   # recompute each block in backward instead of storing its activations
+        self.checkpoint: tuple[str, str | None] | None = None   # (hub id or folder, revision) it was loaded from
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "CalmForCausalLM":
         """Random init for pretraining from scratch (normal(0, std) linears/embeddings, unit LayerNorms)."""
@@ -211,36 +204,28 @@ class CalmForCausalLM(nn.Module):
                 m.weight.data.fill_(1.0), m.bias.data.zero_()
         return self
 
-    def forward(self, input_ids: torch.Tensor, *, positions=None, key_valid=None, cache: KVCache | None = None,
-                start: int = 0, shared: int = 0, logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        B, T = input_ids.shape
-        if shared:
-            if not 0 < shared < T or cache is not None or start or positions is not None or key_valid is not None:
-                raise ValueError(f"shared={shared} needs 0 < shared < T={T} and no cache, start, positions, key_valid")
-            head = self.new_cache()                                                   # growing, one row
-            h = self.hidden(input_ids[:1, :shared], cache=head)                        # (1, P, C), once
-            own = self.hidden(input_ids[:, shared:], cache=head, start=shared)         # (B, T-P, C)
-            x = torch.cat((h.expand(B, -1, -1), own), dim=1)                           # (B, T, C)
-        else:
-            x = self.hidden(input_ids, positions=positions, key_valid=key_valid, cache=cache, start=start)
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None, *, start: int = 0, cache=None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.hidden(idx, positions, start=start, cache=cache)
         if logits_at is not None:
             x = x[logits_at] if logits_at.dtype == torch.bool else x[:, logits_at]
-        return self.embed_out(self.gpt_neox.final_layer_norm(x))
+        return self.logits(x)
 
-    def hidden(self, input_ids, positions=None, key_valid=None, cache: KVCache | None = None, start: int = 0):
-        """The residual stream after the last block, (B, T, C), before the final LayerNorm (see forward)."""
-        B, T = input_ids.shape
+    def hidden(self, idx: torch.Tensor, positions: torch.Tensor | None = None, *, start: int = 0,
+               cache=None) -> torch.Tensor:
+        """The residual stream after the last block, (B, T, C), before the final LayerNorm."""
+        B, T = idx.shape
         if positions is None:
-            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         cos, sin = rope_cos_sin(self.config, positions)
         mask, causal = None, False   # decided here, outside any compiled block: plain Python bools
-        if key_valid is not None:
-            mask = attention_mask(key_valid, start, T)
+        if cache is not None and cache.key_valid is not None:   # padding among the keys
+            mask = attention_mask(cache.key_valid[:, :start + T], start, T)
         elif start > 0 and T > 1:   # after `start` cached slots: causal, aligned to the last slot
-            mask = lower_right_causal(T, start + T, input_ids.device)
+            mask = lower_right_causal(T, start + T, idx.device)
         else:                       # from slot 0: plain causal (one new token sees every cached slot)
             causal = T > 1
-        x = self.gpt_neox.embed_in(input_ids)                       # (B, T, C)
+        x = self.gpt_neox.embed_in(idx)                             # (B, T, C)
         for i, block in enumerate(self.gpt_neox.layers):
             kv = None if cache is None else cache.layers[i]
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
@@ -249,13 +234,14 @@ class CalmForCausalLM(nn.Module):
                 x = block(x, cos, sin, mask, causal, kv, start)
         return x
 
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None, prefix: KVCache | None = None) -> KVCache:
-        """A KVCache in this model's dtype and device: preallocated for max_len slots, or growing (max_len None)."""
-        w = self.gpt_neox.embed_in.weight
-        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device, prefix=prefix)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm and the LM head (embed_out): residual stream (..., C) -> logits (..., V)."""
+        return self.embed_out(self.gpt_neox.final_layer_norm(x))
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def new_cache(self, batch_size: int, max_len: int, key_valid: torch.Tensor | None = None) -> KVCache:
+        """A KVCache of max_len slots in this model's dtype and on its device."""
+        w = self.gpt_neox.embed_in.weight
+        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device, key_valid=key_valid)
 
 
 @contextmanager

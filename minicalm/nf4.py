@@ -7,21 +7,23 @@ block's largest |w| (absmax), two indices per byte:
 
 Double quantization stores the absmax scales themselves in 8 bits: minus their mean, in blocks of 256, each block
 scaled so that its largest |scale| maps to 128 (as torchao's NF4Tensor does). Per weight that is 4 bits + 8/64 +
-32/(64 * 256) = 4.127 bits, instead of 16: OpenCALM-7B's block weights go from 12.4 GiB to 3.3 GiB.
+32/(64 * 256) = 4.127 bits, instead of 16: OpenCALM-7B's block weights (6.44B of them) go from 12.0 GiB in bf16
+to 3.1 GiB.
 
-`NF4Linear` is the frozen layer: forward dequantizes to the activations' dtype and multiplies; backward needs only
-the input's gradient, so it saves nothing of the weight (not the dequantized copy: the codes, which stay anyway) and
-dequantizes again (`NF4Matmul`). LoRA's path (lora.py) stays in full precision beside it: QLoRA. The parameter count
-(`trainable_parameters`) is here too, because it must see through the quantized weights, which are not parameters.
+`NF4Linear` is the frozen layer, a base layer like nn.Linear that LoRA wraps the same way (lora.py): forward
+dequantizes to the activations' dtype and multiplies; backward needs only the input's gradient, so it saves nothing
+of the weight (not the dequantized copy: the codes, which stay anyway) and dequantizes again (`NF4Matmul`);
+`dequantize()` gives the dense weight, for merging. LoRA's path stays in full precision beside it: QLoRA.
 """
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .model import BLOCK_LINEAR
 
 # The 16 NF4 values as the QLoRA paper lists them (appendix E): the quantiles of N(0, 1) at 8 positive and 7 negative
 # evenly spaced probabilities and an exact zero, divided by the largest (tests/test_nf4.py rebuilds them).
@@ -29,7 +31,6 @@ NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
        0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
 BLOCK, SCALE_BLOCK = 64, 256
-BLOCK_LINEAR = re.compile(r"gpt_neox\.layers\.\d+\.(attention|mlp)\.\w+\.weight")   # what NF4 stores in 4 bits
 CHUNK = 2**23   # bytes of codes dequantized at a time (16M weights: 64 MB of fp32 temporaries; 7B: 3-4 per layer)
 QUANTIZE_CHUNK = 2**17   # weights quantized at a time (512 KB of fp32 temporaries per step)
 
@@ -109,6 +110,10 @@ class NF4Weight(nn.Module):
     def device(self) -> torch.device:
         return self.codes.device
 
+    def numel(self) -> int:
+        """The weights it stands for (what a parameter count counts: lora.trainable_parameters)."""
+        return math.prod(self.shape)
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
@@ -127,7 +132,8 @@ class NF4Matmul(torch.autograd.Function):
 
 
 class NF4Linear(nn.Module):
-    """A frozen nn.Linear whose weight is NF4 (`weight`, an NF4Weight) and whose bias stays in the compute dtype."""
+    """A frozen linear layer whose weight is NF4 (`weight`, an NF4Weight) and whose bias stays in the compute dtype: a
+    base layer like nn.Linear, which LoRA wraps the same way; dequantize() gives the dense weight, for merging."""
 
     def __init__(self, weight: NF4Weight, bias: torch.Tensor | None):
         super().__init__()
@@ -140,42 +146,10 @@ class NF4Linear(nn.Module):
         return cls(NF4Weight(linear.weight.detach(), values), None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return NF4Matmul.apply(x, self.weight, self.bias)
 
-
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear for a dense weight or an NF4Weight."""
-    if not isinstance(weight, NF4Weight):
-        return F.linear(x, weight, bias)
-    return NF4Matmul.apply(x, weight, bias)
-
-
-def dense(weight) -> torch.Tensor:
-    """A weight as a dense tensor: itself, or an NF4Weight dequantized."""
-    return weight.dequantize() if isinstance(weight, NF4Weight) else weight
-
-
-@torch.no_grad()
-def store(weight, W: torch.Tensor):
-    """W as a layer's new weight: copied in place into a dense weight (rounded once to its dtype); an NF4 weight is
-    replaced by a dense one in its compute dtype (merging into a quantized layer makes it dense, as peft's merge of a
-    4-bit base does). Returns the weight to keep."""
-    if isinstance(weight, NF4Weight):
-        return nn.Parameter(W.to(weight.dtype), requires_grad=False)
-    return weight.copy_(W.to(weight.dtype))
-
-
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied parameters counted once, NF4 weights by their elements."""
-    params = list(model.parameters())
-    quantized = sum(math.prod(m.shape) for m in model.modules() if isinstance(m, NF4Weight))
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
-
-
-def trainable_summary(model: nn.Module) -> str:
-    """PEFT's print_trainable_parameters line, as a string."""
-    t, n = trainable_parameters(model)
-    return f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}"
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.weight.dequantize(dtype)
 
 
 def quantize_blocks(model: nn.Module, values: bool = True) -> nn.Module:
@@ -183,6 +157,6 @@ def quantize_blocks(model: nn.Module, values: bool = True) -> nn.Module:
     stay in the compute dtype, as in QLoRA: a lookup and a norm are cheap to keep, and the head's logits are what
     the loss and the answers read (3% of OpenCALM-7B's weights). values=False: the planner's NF4 model."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and BLOCK_LINEAR.fullmatch(f"{name}.weight"):
+        if isinstance(m, nn.Linear) and BLOCK_LINEAR.fullmatch(name):
             model.set_submodule(name, NF4Linear.quantize(m, values))
     return model

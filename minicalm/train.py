@@ -1,308 +1,210 @@
-"""The training loop: one explicit function, `train(TrainConfig)`, used by train_lora.py and the miniature.
+"""The training loop: `train(TrainConfig)`, used by train_lora.py and the miniature. It reads top to bottom: the
+settings, setup (data, model, LoRA, optimizer), one step, the loop, and saving.
 
-Dtype policy (the one place it is stated): the frozen base model runs in bf16 on GPUs that support it and in
-fp32 on CPU (or as --dtype says; weights.resolve_dtype); LoRA parameters, their gradients and AdamW's state are
-always fp32, and LoRALinear casts A and B to the activations' dtype in forward (lora.py); merging computes B A in
-fp32 and rounds once. Logits are cast to fp32 for the loss. Full-parameter training (pretraining the miniature)
-keeps the whole model in fp32.
+Dtype policy (the one place it is stated; config.resolve_dtype picks the base's dtype): the frozen base runs in bf16
+on GPUs that support it and in fp32 on CPU (or as `dtype` says); LoRA's parameters, their gradients and AdamW's state
+are always fp32, and LoRALinear casts A and B to the activations' dtype in forward; merging computes s B A in fp32 and
+rounds once; logits are cast to fp32 for the loss. fp16 (GPUs without bf16: T4, V100) scales the loss with torch's
+GradScaler. Full-parameter training (pretraining the miniature) keeps the whole model in fp32.
 
-A step: the global batch (--batch-size examples) is split into micro-batches of --micro-batch-size, spread
-over the ranks (torchrun) and accumulated. The loss is summed over answer tokens and divided by the answer
-tokens of the whole global batch, so any split of the same batch gives the same gradient. Within a micro-batch
-the prompt's head, the same in every row, is computed once (share_prefix; minicalm.loss, CalmForCausalLM).
+A step: the global batch (batch_size examples) is cut into micro-batches of micro_batch_size, spread over the
+processes (torchrun) and accumulated. The loss is summed over the scored tokens and divided by the scored tokens of
+the whole global batch, so any split of the same batch gives the same gradient. Within a micro-batch the prompt's
+shared prefix is computed once (loss.py). The processes agree on the gradient with one all-reduce per step: every
+trainable gradient flattened into one buffer, with the step's loss and token count. Not DistributedDataParallel: the
+adapters' gradients are small (4M numbers for OpenCALM-7B at r 8), so overlapping their sync with backward would buy
+nothing, while DDP would broadcast the 7B frozen weights at start and syncs through hooks on the wrapped module's
+forward, where the shared-prefix pass calls the model's pieces twice per micro-batch.
 
-Stages, top to bottom: `setup` (data, plan, model, optimizer, resume) -> the loop in `train` -> `train_step`
-(one optimizer step) and `save` (the checkpoint); `validate` between steps.
+The machinery below the lesson that this file calls, all imported in one block below: the task's data (tasks/), the
+model and adapter files (io/), validation accuracy and the memory plan (tools/), and the run's bookkeeping
+(tools/run.py: processes, signals, the run folder and resuming).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import resource
-import signal
-import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
 
 import torch
-import torch.distributed as dist
 
-from . import data
-from .adapter import save_adapter
-from .config import POST_MODEL, CalmConfig
-from .evaluate import evaluate_rows
-from .files import atomic_write, read_records, write_json, write_text
-from .lora import apply_lora
-from .nf4 import trainable_parameters
-from .variants import check_init, loraplus_groups
-from .loss import answer_loss, micro_step, shared_prefix_len
+from .config import POST_MODEL, CalmConfig, LoraConfig, SettingError, resolve_dtype
+from .lora import apply_lora, trainable_parameters
+from .loss import answer_loss, shared_prefix_len
 from .model import eval_mode
-from .plan import preflight
-from .progress import Progress, fmt_time
-from .task import Task, load_task
-from .tokenizer import load_tokenizer
-from .weights import load_model, resolve, resolve_dtype, save_checkpoint
+from .variants import loraplus_groups
+# ---- the border: the machinery this file calls to read, load, save and keep the run's books
+from .io.adapter import save_adapter
+from .io.files import write_json
+from .io.tokenizer import load_tokenizer
+from .io.weights import load_model, resolve, save_checkpoint
+from .tasks.data import Example, collate, shared_prefix_tokens, length_batches, read_examples, read_jsonl, task_data
+from .tasks.task import load_task
+from .tools.evaluate import evaluate_rows
+from .tools.plan import preflight
+from .tools.run import Processes, RunFolder, StopSignals, fmt_time, peak_memory, processes, say
+from tqdm import tqdm
 
 
 @dataclass
 class TrainConfig:
-    model: str = POST_MODEL                  # hub id or local checkpoint folder
-    revision: str | None = None              # hub branch, tag or commit; recorded in the adapter
-    task: str = "marc-ja"                    # built-in task name or a task JSON file (minicalm.task)
-    train_file: str | None = None            # the task's JSON lines; None: its train split from the hub
-    valid_file: str | None = None            # None: the task's validation split from the hub ("none" to skip)
-    out: str = "runs/open-calm-7b-lora"
-    epochs: float = 3.0
-    lr: float = 3e-4
-    batch_size: int = 64                     # examples per optimizer step, all ranks together
-    micro_batch_size: int = 16               # examples per forward/backward on one rank
-    max_len: int = 256                       # tokens per example; a row's text is truncated to fit
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("query_key_value",)
-    use_dora: bool = False                   # LoRA's variants (variants.py): DoRA's learned row magnitudes,
-    use_rslora: bool = False                 # rsLoRA's alpha / sqrt(r),
-    lora_init: str = "default"               # A and B from: default, gaussian, pissa, pissa_niter_K, olora,
-    loraplus_lr_ratio: float | None = None   # LoRA+: B's learning rate is lr x this
-    quantize: str | None = None              # "nf4": the base's block weights in 4 bits (QLoRA; nf4.py)
-    warmup_steps: int = 100
-    schedule: str = "cosine"                 # decay after warmup: cosine or linear, to zero
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    model: str = POST_MODEL                  # hub id (cyberagent/open-calm-small ... -7b) or local checkpoint folder
+    revision: str | None = None              # hub branch, tag or commit (refs/pr/5: 7b's safetensors); recorded in
+                                             # the adapter, so evaluation loads the same one
+    task: str = "marc-ja"                    # built-in task (marc-ja, jnli) or a task JSON file: prompt, label words
+    train_file: str | None = None            # JSON lines of the task's rows; default: its train split from the hub
+    valid_file: str | None = None            # JSON lines; default: the task's validation split; "none" skips it
+    out: str = "runs/open-calm-7b-lora"      # run folder: adapter/, state.pt, metrics.jsonl, train_config.json
+    epochs: float = 3.0                      # passes over the training set
+    lr: float = 3e-4                         # peak learning rate
+    batch_size: int = 64                     # examples per optimizer step, all processes together
+    micro_batch_size: int = 16               # examples per forward/backward on one process
+    max_len: int = 256                       # tokens per example; a longer row's text is cut to fit
+    lora: LoraConfig = field(default_factory=LoraConfig)   # the adapter: rank, alpha, dropout, targets, variant
+    loraplus_lr_ratio: float | None = None   # LoRA+: B (and DoRA's m) learn at lr x this ratio, A at lr (e.g. 16)
+    quantize: Literal["nf4"] | None = None   # QLoRA: the base's block weights in 4-bit NormalFloat (nf4.py)
+    warmup_steps: int = 100                  # steps of linear warmup to lr
+    schedule: Literal["cosine", "linear"] = "cosine"   # the decay after warmup, to zero
+    weight_decay: float = 0.0                # AdamW's
+    grad_clip: float = 1.0                   # largest gradient norm (0: no clipping)
     eval_every: int = 500                    # steps between validation losses (0: only at the end)
     eval_limit: int = 500                    # validation rows for the loss
-    eval_accuracy: int = 0                   # validation rows for greedy-answer accuracy (0: off)
-    save_every: int = 500
-    max_steps: int | None = None             # stop after this many steps (overrides epochs)
-    limit_train: int | None = None           # use only the first N training examples
-    seed: int = 1337
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "auto"                      # auto: bf16 on a capable GPU, fp32 on CPU
-    resume: bool = False
-    train_on_inputs: bool = False            # loss over the whole prompt (the post's way), not the answer only
-    grad_checkpoint: bool = False
-    share_prefix: bool = True                # compute the rows' common prompt head once per micro-batch
-    compile: bool = False                    # torch.compile each block (for GPU runs)
-    full: bool = False                       # train every parameter instead of LoRA (pretraining)
-    text: bool = False                       # raw-text language modelling (packed blocks of max_len), no prompt
+    eval_accuracy: int = 0                   # validation rows for greedy-answer accuracy (0: none)
+    save_every: int = 500                    # steps between checkpoints (0: only at the end)
+    max_steps: int | None = None             # stop after this many steps (instead of epochs)
     max_time: float | None = None            # seconds; stop and save once exceeded
+    limit_train: int | None = None           # use only the first N training rows
+    seed: int = 1337                         # data order, LoRA's A, dropout
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype);
+                                             # float16 (GPUs without bf16: T4, V100) trains with a dynamic loss scale
+    resume: bool = False                     # continue the run checkpointed in out
+    train_on_inputs: bool = False            # loss on the whole prompt (the post's way), not on the answer only
+    grad_checkpoint: bool = False            # recompute activations in backward to save memory
+    share_prefix: bool = True                # compute the prompt prefix the rows share once per micro-batch (the same
+                                             # loss and gradients; LoRA dropout's masks in it are then shared too)
+    compile: bool = False                    # torch.compile each block (GPU runs; slow to start)
+    full: bool = False                       # train every parameter (fp32) instead of LoRA: pretraining
+    text: bool = False                       # raw-text language modelling (packed blocks of max_len), no prompt
     log: bool = True                         # progress bar and messages on stderr
 
     def __post_init__(self):
-        self.lora_targets = tuple(self.lora_targets)
-
-
-# Settings a resumed run must share with the checkpoint: they decide the data order, the adapter or the schedule's
-# shape. Paths may change (a moved model or data file); so may --epochs / --max-steps, to extend or cut a run.
-RESUME_FIXED = ("task", "lr", "batch_size", "max_len", "lora_r", "lora_alpha", "lora_targets", "use_dora",
-                "use_rslora", "lora_init", "loraplus_lr_ratio", "quantize", "warmup_steps",
-                "schedule", "limit_train", "seed", "train_on_inputs", "full", "text")
-
-
-# ----------------------------------------------------------------------------- small pieces
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine or linear decay to zero at `total`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * (0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac)
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes: accelerator memory allocated on GPU, the process's max RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024   # bytes on macOS, KiB on Linux
-
-
-def say(cfg: TrainConfig, rank: int, *msg) -> None:
-    if cfg.log and rank == 0:
-        print(*msg, file=sys.stderr, flush=True)
-
-
-def split_path(cfg: TrainConfig, task: Task, split: str):
-    """--train-file / --valid-file, or the task's own split from the hub."""
-    given, flag = (cfg.train_file, "--train-file") if split == "train" else (cfg.valid_file, "--valid-file")
-    return given or data.task_data(task, split, instead=flag)
-
-
-def load_examples(cfg: TrainConfig, tok, task: Task, split: str, limit: int | None) -> list[data.Example]:
-    """Prompt examples (or packed raw-text blocks with --text) of one split."""
-    path = split_path(cfg, task, split)
-    rows = data.read_jsonl(path, task, limit=limit)
-    if cfg.text:
-        blocks = data.pack_texts(tok, [r.text for r in rows], cfg.max_len)
-        return [data.Example(b.tolist(), b.tolist()) for b in blocks]
-    examples, truncated = data.encode_rows(data.PromptEncoder(tok, cfg.max_len, task), rows, cfg.train_on_inputs)
-    if truncated:
-        print(f"{path}: {truncated} of {len(rows)} rows truncated to --max-len {cfg.max_len}", file=sys.stderr)
-    return examples
-
-
-def common_prefix(examples: list[data.Example]) -> int:
-    """Tokens every example begins with (the prompt's head): what sharing saves, for the plan."""
-    first = examples[0].input_ids
-    n = len(first)
-    for e in examples[1:]:
-        while e.input_ids[:n] != first[:n]:
-            n -= 1
-    return n
-
-
-def batch_tensors(examples: list[data.Example], pad_id: int, share: bool, device):
-    """(input_ids, labels, shared prefix length) of one micro-batch, on the device."""
-    x, y = data.collate(examples, pad_id)
-    return x.to(device), y.to(device), shared_prefix_len(x) if share else 0
-
-
-@torch.no_grad()
-def validation_loss(model, examples: list[data.Example], micro_batch_size: int, pad_id: int, device,
-                    share: bool = True) -> float:
-    """The loss per scored token over the examples, in eval mode (no dropout)."""
-    total = 0.0
-    with eval_mode(model):
-        for idx in data.length_batches([len(e.input_ids) for e in examples], micro_batch_size, seed=0):
-            x, y, shared = batch_tensors([examples[i] for i in idx], pad_id, share, device)
-            total += answer_loss(model, x, y, shared).item()
-    return total / max(sum(e.n_scored for e in examples), 1)
-
-
-def validation_accuracy(model, tok, rows: list[data.Row], task: Task, cfg: TrainConfig) -> float:
-    """Greedy-answer accuracy on a slice of the validation rows (the evaluation code path)."""
-    return evaluate_rows(model, tok, rows, task, max_len=cfg.max_len, batch_size=cfg.micro_batch_size,
-                         log=False)["metrics"]["accuracy"]
-
-
-# ----------------------------------------------------------------------------- set-up
-
-@dataclass
-class LossScale:
-    """fp16's dynamic loss scale, for GPUs without bf16 (T4, V100), as torch.amp.GradScaler keeps it: the loss is
-    multiplied by `value` before backward, so that small gradients do not flush to zero in fp16 activations; a step
-    whose gradients overflow is skipped and the scale halved; after `interval` good steps in a row it doubles."""
-    value: float = 2.0 ** 16
-    good_steps: int = 0
-    interval: int = 2000
+        if isinstance(self.lora, dict):      # as train_config.json holds it
+            self.lora = LoraConfig(**self.lora)
+        positive = lambda x: x > 0 and math.isfinite(x)   # noqa: E731
+        checks = [("epochs", positive(self.epochs), "a positive number"), ("lr", positive(self.lr), "positive"),
+                  ("batch_size", self.batch_size >= 1, "at least 1"),
+                  ("micro_batch_size", self.micro_batch_size >= 1, "at least 1"),
+                  ("batch_size", self.batch_size % self.micro_batch_size == 0,
+                   f"a multiple of micro_batch_size {self.micro_batch_size}"),
+                  ("max_len", self.max_len >= 2, "at least 2 tokens"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                  ("weight_decay", self.weight_decay >= 0, ">= 0"), ("grad_clip", self.grad_clip >= 0, ">= 0 (0: off)"),
+                  ("eval_every", self.eval_every >= 0, ">= 0"), ("eval_limit", self.eval_limit >= 0, ">= 0"),
+                  ("eval_accuracy", self.eval_accuracy >= 0, ">= 0"), ("save_every", self.save_every >= 0, ">= 0"),
+                  ("max_steps", self.max_steps is None or self.max_steps >= 1, "at least 1"),
+                  ("max_time", self.max_time is None or positive(self.max_time), "positive"),
+                  ("limit_train", self.limit_train is None or self.limit_train >= 1, "at least 1"),
+                  ("loraplus_lr_ratio", self.loraplus_lr_ratio is None or positive(self.loraplus_lr_ratio),
+                   "positive (B's learning rate is lr x it)"),
+                  ("quantize", self.quantize in (None, "nf4"), "nf4, the one 4-bit format here"),
+                  ("quantize", not (self.full and self.quantize),
+                   "unset with full: a 4-bit base is frozen, so it trains LoRA, not every parameter"),
+                  ("schedule", self.schedule in ("cosine", "linear"), "cosine or linear"),
+                  ("dtype", self.dtype in ("auto", "bfloat16", "float16", "float32"), "auto, bfloat16, float16 or "
+                                                                                      "float32")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise SettingError("TrainConfig", name, f"must be {rule}, got {getattr(self, name)!r}")
 
 
 @dataclass
 class Run:
-    """Everything `setup` prepares and the loop uses."""
+    """What setup prepares and the loop uses; `step` is what the loop moves (and torch the tensors)."""
     cfg: TrainConfig
-    rank: int
-    world: int
-    device: torch.device
-    out: Path
+    proc: Processes
+    folder: RunFolder
     tok: object
-    task: Task
-    train_set: list[data.Example]
-    valid_set: list[data.Example]
-    accuracy_set: list[data.Row]      # read once, answered at every validation
+    task: object
+    train_set: list[Example]
+    valid_set: list[Example]
+    accuracy_rows: list                     # validation rows answered greedily at each validation
     steps_per_epoch: int
     total_steps: int
     model: torch.nn.Module
     opt: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR | None
+    scaler: torch.amp.GradScaler            # enabled for fp16 only
     step: int = 0
-    epoch_batches: tuple[int, list[list[int]]] = (-1, [])   # (epoch, its global batches), drawn once an epoch
-    loss_scale: LossScale | None = None                     # fp16 training's (--dtype float16)
+    order: dict = field(default_factory=dict)   # {epoch: its global batches}, drawn once an epoch
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.opt.param_groups for p in g["params"]]
 
-    @property
-    def state_file(self) -> Path:
-        return self.out / "state.pt"
 
+# ----------------------------------------------------------------------------- setup
 
-def setup(cfg: TrainConfig) -> Run:
-    """Check the settings, read the data (bad files fail before a 7B model is loaded), print the plan, load the
-    model with LoRA (or every parameter trainable), make the optimizer, and restore a checkpoint on --resume."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    check_settings(cfg, world)
-    device = torch.device(cfg.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = torch.float32 if cfg.full else resolve_dtype(cfg.dtype, device)
-
-    task = load_task(cfg.task)
-    tok = load_tokenizer(cfg.model, revision=cfg.revision)
-    train_set = load_examples(cfg, tok, task, "train", cfg.limit_train)
-    valid_set = [] if cfg.valid_file == "none" else load_examples(cfg, tok, task, "validation", cfg.eval_limit)
-    accuracy_set = (data.read_jsonl(split_path(cfg, task, "validation"), task, limit=cfg.eval_accuracy)
-                    if valid_set and cfg.eval_accuracy else [])
+def setup(cfg: TrainConfig, proc: Processes) -> Run:
+    """Read the data (bad files fail before a 7B model is loaded), print the plan, load the model with LoRA (or every
+    parameter trainable), make the optimizer and its schedule, and restore the checkpoint with cfg.resume."""
+    if cfg.batch_size % (cfg.micro_batch_size * proc.world):
+        raise SettingError("TrainConfig", "batch_size", f"{cfg.batch_size} must be divisible by micro_batch_size "
+                                                        f"{cfg.micro_batch_size} x {proc.world} processes")
+    folder = RunFolder(cfg.out)
+    folder.check(cfg.resume)
+    state = folder.load_state(cfg) if cfg.resume else None
+    task, tok = load_task(cfg.task), load_tokenizer(cfg.model, revision=cfg.revision)
+    split = lambda name, given, flag: given or task_data(task, name, instead=flag)   # noqa: E731
+    read = lambda path, limit: read_examples(path, task, tok, cfg.max_len, limit=limit,   # noqa: E731
+                                             train_on_inputs=cfg.train_on_inputs, text=cfg.text)
+    train_set = read(split("train", cfg.train_file, "--train-file"), cfg.limit_train)
+    valid_path = None if cfg.valid_file == "none" else split("validation", cfg.valid_file, "--valid-file")
+    valid_set = read(valid_path, cfg.eval_limit) if valid_path else []
+    accuracy_rows = read_jsonl(valid_path, task, limit=cfg.eval_accuracy) if valid_path and cfg.eval_accuracy else []
     if not train_set:
         raise ValueError("the training set is empty")
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
-    if cfg.warmup_steps >= total_steps:
-        say(cfg, rank, f"warning: --warmup-steps {cfg.warmup_steps} >= the run's {total_steps} steps: the learning "
-                       f"rate never reaches --lr {cfg.lr}")
 
-    folder = resolve(cfg.model, cfg.revision)   # once: the hub is asked once, the plan and the load share it
-    if rank == 0:   # memory and time estimate from the real step on fake tensors; refuses what will not fit
-        shared = common_prefix(train_set) if cfg.share_prefix else 0
-        preflight(cfg, CalmConfig.from_json(folder / "config.json"), [len(e.input_ids) for e in train_set], device,
-                  dtype, shared=shared, log=cfg.log)
-    model = trainable_model(cfg, folder, dtype, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = (loraplus_groups(model, cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay) if cfg.loraplus_lr_ratio
-              else params)
+    device, dtype = proc.device, torch.float32 if cfg.full else resolve_dtype(cfg.dtype, proc.device)
+    checkpoint = resolve(cfg.model, cfg.revision)   # the plan and the load share one download
+    if proc.rank == 0:   # memory and time from the real step on fake tensors; refuses what will not fit
+        lengths = [len(e.input_ids) for e in train_set]
+        preflight(cfg, CalmConfig.from_json(checkpoint / "config.json"), lengths, device, dtype,
+                  shared=shared_prefix_tokens(train_set) if cfg.share_prefix else 0)
+    model = trainable_model(cfg, checkpoint, dtype, device)
+    groups = ([p for p in model.parameters() if p.requires_grad] if cfg.loraplus_lr_ratio is None else
+              loraplus_groups(model, cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay))
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    run = Run(cfg, proc, folder, tok, task, train_set, valid_set, accuracy_rows, steps_per_epoch, total_steps, model,
+              opt, None, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+    if state is not None:
+        restore(run, state)
+    # the learning rate, a function of the step (so that resuming needs only the step): each group's initial lr
+    # times lr_factor, so that LoRA+'s groups keep their ratio
+    run.schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total_steps, cfg),
+                                                     last_epoch=run.step - 1)
     trainable, total = trainable_parameters(model)
-    say(cfg, rank, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; {len(train_set):,} examples, "
-                   f"{total_steps:,} steps of {cfg.batch_size}, {world} process(es), {dtype}")
-    run = Run(cfg, rank, world, device, Path(cfg.out), tok, task, train_set, valid_set, accuracy_set,
-              steps_per_epoch, total_steps, model, opt, loss_scale=LossScale() if dtype == torch.float16 else None)
-    if cfg.resume:
-        resume(run)
-    if rank == 0:
-        run.out.mkdir(parents=True, exist_ok=True)
-        write_json(run.out / "train_config.json", asdict(cfg))
-        write_json(run.out / "task.json", task.to_dict())
-        keep_metrics_until(run.out / "metrics.jsonl", run.step)
+    say(cfg.log and proc.rank == 0, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; "
+        f"{len(train_set):,} examples, {run.total_steps:,} steps of {cfg.batch_size}, {proc.world} process(es), {dtype}")
+    if run.total_steps <= cfg.warmup_steps:
+        say(cfg.log and proc.rank == 0, f"warning: warmup_steps {cfg.warmup_steps} >= the run's {run.total_steps} "
+                                        f"steps: the learning rate never reaches lr {cfg.lr}")
+    if proc.rank == 0:
+        folder.start(cfg, task, run.step)
     return run
 
 
-def check_settings(cfg: TrainConfig, world: int) -> None:
-    """Refuse, before anything is read or loaded, settings that cannot run: a batch that does not split into the
-    micro-batches of every process, a run folder that holds another run (without --resume), --resume without one."""
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by --micro-batch-size "
-                         f"{cfg.micro_batch_size} x {world} processes")
-    state_file = Path(cfg.out) / "state.pt"
-    if state_file.exists() and not cfg.resume:
-        raise FileExistsError(f"{cfg.out} already holds a run's checkpoint ({state_file}); pass --resume to continue "
-                              f"it or choose another --out")
-    if cfg.resume and not state_file.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out} (expected {state_file})")
-    if cfg.full and cfg.quantize:
-        raise ValueError("--quantize nf4 freezes the base in 4 bits: it trains LoRA, not every parameter (--full)")
-    if not cfg.full:
-        check_init(cfg.lora_init, cfg.use_dora, quantized=bool(cfg.quantize))
-    if cfg.loraplus_lr_ratio is not None and cfg.loraplus_lr_ratio <= 0:
-        raise ValueError(f"--loraplus-lr-ratio must be positive (B's learning rate is lr x it), not "
-                         f"{cfg.loraplus_lr_ratio}")
-
-
-def trainable_model(cfg: TrainConfig, folder: Path, dtype: torch.dtype, device: torch.device):
-    """The base model with LoRA (or, with --full, every parameter trainable), in train mode."""
+def trainable_model(cfg: TrainConfig, checkpoint, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The base model with LoRA (or, with cfg.full, every parameter trainable), in train mode."""
     torch.manual_seed(cfg.seed)   # LoRA's A is drawn here
-    model = load_model(folder, dtype=dtype, device=device, quantize=cfg.quantize)
+    model = load_model(checkpoint, dtype=dtype, device=device, quantize=cfg.quantize)
+    model.checkpoint = (cfg.model, cfg.revision)   # the name the adapter records, not the download folder
     if cfg.full:
         model.requires_grad_(True)
     else:
-        apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                   use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, init_lora_weights=cfg.lora_init)
+        apply_lora(model, cfg.lora)
     model.grad_checkpoint = cfg.grad_checkpoint
     if cfg.compile:   # each block on its own: shapes change with every micro-batch, so compile them dynamic
         for block in model.gpt_neox.layers:
@@ -310,194 +212,161 @@ def trainable_model(cfg: TrainConfig, folder: Path, dtype: torch.dtype, device: 
     return model.train()
 
 
-def resume(run: Run) -> None:
-    """Restore the adapter (or model), AdamW's state and the step; refuse settings that would change the run."""
-    state = torch.load(run.state_file, map_location="cpu", weights_only=True)   # our own file, still no unpickling
-    same = lambda a, b: (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
-    changed = {k: (state["config"].get(k), v) for k, v in asdict(run.cfg).items()
-               if k in RESUME_FIXED and not same(state["config"].get(k), v)}
-    if changed:
-        raise ValueError(f"--resume: {run.state_file} was trained with other settings: " +
-                         ", ".join(f"{k} {a!r} now {b!r}" for k, (a, b) in changed.items()))
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """The learning rate at `step` over cfg.lr: linear warmup over warmup_steps, then cosine or linear decay to zero
+    at `total`. A factor, so that LoRA+'s groups keep their ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
+
+
+def restore(run: Run, state: dict) -> None:
+    """The trainable tensors, AdamW's state, the loss scale and the step of a checkpoint."""
     run.model.load_state_dict(state["trainable"], strict=False)
     run.opt.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
     run.step = state["step"]
-    if run.loss_scale is not None and "loss_scale" in state:
-        run.loss_scale = LossScale(**state["loss_scale"])
-    say(run.cfg, run.rank, f"resumed from {run.state_file} at step {run.step}")
+    say(run.cfg.log and run.proc.rank == 0, f"resumed from {run.folder.state_file} at step {run.step}")
 
 
-# ----------------------------------------------------------------------------- one step, a checkpoint
+# ----------------------------------------------------------------------------- one step
 
-def step_batch(run: Run, step: int) -> list[int]:
-    """The example indices of the global batch of `step`: a function of (seed, epoch) and the step only.
-    Drawn whole, then cut: --micro-batch-size and the process count change how a step is computed, never which
-    examples it sees (length_batches sorts a batch by length: little padding)."""
+def global_batch(run: Run, step: int) -> list[int]:
+    """The example indices of `step`'s global batch, a function of (seed, epoch) and the step only: drawn whole, then
+    cut, so micro_batch_size and the process count change how a step is computed, never which examples it sees
+    (length_batches groups similar lengths: little padding)."""
     epoch, i = divmod(step, run.steps_per_epoch)
-    if run.epoch_batches[0] != epoch:
-        run.epoch_batches = (epoch, data.length_batches([len(e.input_ids) for e in run.train_set], run.cfg.batch_size,
-                                                        seed=run.cfg.seed + epoch))
-    return run.epoch_batches[1][i]
+    if epoch not in run.order:
+        run.order = {epoch: length_batches([len(e.input_ids) for e in run.train_set], run.cfg.batch_size,
+                                           seed=run.cfg.seed + epoch)}
+    return run.order[epoch][i]
 
 
-def train_step(run: Run, batch: list[int] | None = None) -> dict:
-    """One optimizer step on the global batch (example indices; default: this step's, step_batch): this rank's
-    micro-batches (forward, backward, accumulate), the all-reduce across ranks, gradient clipping and AdamW.
-    Returns the step's metrics."""
-    cfg, model, opt, device = run.cfg, run.model, run.opt, run.device
-    batch = step_batch(run, run.step) if batch is None else batch
-    mine = [batch[k:k + cfg.micro_batch_size] for k in range(0, len(batch), cfg.micro_batch_size)][run.rank::run.world]
-    n_target = sum(run.train_set[j].n_scored for j in batch)
-    lr = lr_at(run.step, run.total_steps, cfg)
-    for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_ratio", 1.0)   # LoRA+'s B group keeps its ratio to the schedule
-    # Data order and dropout RNG are functions of (seed, step, rank): resuming needs only the step.
-    torch.manual_seed(cfg.seed * 1_000_003 + run.step * run.world + run.rank)
-    t0 = time.time()
-    loss_sum, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
-    for idx in mine:
-        x, y, shared = batch_tensors([run.train_set[j] for j in idx], run.tok.pad_token_id, cfg.share_prefix, device)
-        loss_sum += micro_step(model, x, y, n_target / (run.loss_scale.value if run.loss_scale else 1), shared)
-        tokens += sum(len(run.train_set[j].input_ids) for j in idx)
-    if run.world > 1:   # DDP over the trainable (adapter) gradients, by hand
-        for p in run.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(tokens)
+def train_step(run: Run, batch: list[int]) -> dict:
+    """One optimizer step on a global batch (example indices): this process's micro-batches (forward, backward,
+    accumulate), the gradients summed over the processes, unscaling (fp16), clipping, AdamW. The step's metrics."""
+    cfg, model, device, proc = run.cfg, run.model, run.proc.device, run.proc
+    micro = [batch[k:k + cfg.micro_batch_size] for k in range(0, len(batch), cfg.micro_batch_size)]
+    n_target = sum(run.train_set[j].n_scored for j in batch)   # the global batch's scored tokens
+    torch.manual_seed(cfg.seed * 1_000_003 + run.step * proc.world + proc.rank)   # dropout: a function of the step
+    t0, loss_sum, tokens = time.time(), torch.zeros((), device=device), 0
+    for idx in micro[proc.rank::proc.world]:
+        x, y = (t.to(device) for t in collate([run.train_set[j] for j in idx], run.tok.pad_token_id))
+        loss = answer_loss(model, x, y, prefix=shared_prefix_len(x) if cfg.share_prefix else 0)
+        run.scaler.scale(loss / n_target).backward()
+        loss_sum += loss.detach()
+        tokens += x.numel()
+    if proc.world > 1:   # one all-reduce: every gradient, flattened, then the loss and the tokens
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
+        flat = proc.all_reduce(torch.cat([*(g.flatten() for g in grads), loss_sum[None],
+                                          torch.tensor([float(tokens)], device=device)]))
+        for p, g in zip(run.params, flat[:-2].split([p.numel() for p in run.params])):
+            p.grad = g.view_as(p)
+        loss_sum, tokens = flat[-2], int(flat[-1])
     loss = loss_sum.item() / n_target
     if not math.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss} at step {run.step + 1}; the last good checkpoint "
-                                 f"is kept in {run.out} (try a lower --lr)")
-    grad_norm = apply_gradients(run)
+        raise FloatingPointError(f"non-finite loss {loss} at step {run.step + 1}" + kept(run) + " (try a lower lr)")
+    lr, scale = run.schedule.get_last_lr()[0], run.scaler.get_scale()
+    run.scaler.unscale_(run.opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)
+    if not run.scaler.is_enabled() and not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient norm at step {run.step + 1}" + kept(run) + " (try a lower lr)")
+    run.scaler.step(run.opt)   # fp16: skipped if a gradient overflowed (then the scale halves)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    run.schedule.step()
     run.step += 1
     rec = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "loss": loss, "lr": lr,
-           "tokens_per_s": round(tokens.item() / max(time.time() - t0, 1e-9), 1),
-           "peak_memory_bytes": peak_memory(device), "grad_norm": None if grad_norm is None else round(grad_norm, 4)}
-    return rec | ({"loss_scale": run.loss_scale.value, "skipped": grad_norm is None} if run.loss_scale else {})
+           "tokens_per_s": round(tokens / max(time.time() - t0, 1e-9), 1), "peak_memory_bytes": peak_memory(device),
+           "grad_norm": round(grad_norm.item(), 4) if torch.isfinite(grad_norm) else None}
+    if run.scaler.is_enabled():
+        rec |= {"loss_scale": scale, "skipped": run.scaler.get_scale() < scale}
+    return rec
 
 
-def apply_gradients(run: Run) -> float | None:
-    """Unscale (fp16), clip and take the AdamW step; the gradient norm before clipping, or None for an fp16 step
-    skipped because its gradients overflowed (the loss scale is halved)."""
-    scale = run.loss_scale
-    for p in run.params if scale is not None else []:   # unscale; no sync with the GPU here
-        if p.grad is not None:
-            p.grad.div_(scale.value)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip or math.inf)
-    if scale is not None:   # an overflow shows as a non-finite norm: skip the step
-        if not torch.isfinite(grad_norm):
-            run.opt.zero_grad(set_to_none=True)
-            scale.value, scale.good_steps = scale.value / 2, 0
-            return None
-        scale.good_steps += 1
-        if scale.good_steps % scale.interval == 0:
-            scale.value *= 2
-    if not torch.isfinite(grad_norm):
-        raise FloatingPointError(f"non-finite gradient norm at step {run.step + 1}; the last good checkpoint "
-                                 f"is kept in {run.out} (try a lower --lr)")
-    run.opt.step()
-    run.opt.zero_grad(set_to_none=True)
-    return grad_norm.item()
+def kept(run: Run) -> str:
+    """Where the last good checkpoint is, if one was written."""
+    return f"; the last good checkpoint is kept in {run.folder.path}" if run.folder.state_file.exists() else \
+        "; no checkpoint was written yet"
 
 
-def save(run: Run, final: bool = False) -> None:
-    """Checkpoint (rank 0): state.pt (trainable tensors, AdamW, step, settings) and the adapter (or the model),
-    each written atomically, so a kill at any moment leaves the previous checkpoint whole."""
-    if run.rank != 0:
-        return
-    cfg, model = run.cfg, run.model
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = {"step": run.step, "trainable": {k: v for k, v in model.state_dict().items() if k in trainable},
-             "optimizer": run.opt.state_dict(), "config": asdict(cfg)}
-    if run.loss_scale is not None:
-        state["loss_scale"] = asdict(run.loss_scale)
-    atomic_write(run.state_file, lambda p: torch.save(state, p))
-    folder = (save_checkpoint(model, run.out / "model", tokenizer_dir=run.tok.path.parent) if cfg.full
-              else save_adapter(model, run.out / "adapter", cfg.model, cfg.revision))
-    # the task beside the weights: eval.py --adapter (or --model RUN/model) then asks the same question by default
-    write_json(folder / "task.json", run.task.to_dict())
-    say(cfg, run.rank, f"\nsaved step {run.step} to {run.out}" + (" (final)" if final else ""))
+@torch.no_grad()
+def validation_loss(model, examples: list[Example], micro_batch_size: int, pad_id: int, device,
+                    share_prefix: bool = True) -> float:
+    """The loss per scored token over the examples, in eval mode (no dropout)."""
+    total = 0.0
+    with eval_mode(model):
+        for idx in length_batches([len(e.input_ids) for e in examples], micro_batch_size, seed=0):
+            x, y = (t.to(device) for t in collate([examples[i] for i in idx], pad_id))
+            total += answer_loss(model, x, y, prefix=shared_prefix_len(x) if share_prefix else 0).item()
+    return total / max(sum(e.n_scored for e in examples), 1)
 
 
-def validate(run: Run, rec: dict) -> None:
-    """Validation loss (and greedy accuracy with --eval-accuracy) into the step's record."""
+def validate(run: Run) -> dict:
+    """The validation loss, and the greedy answers' accuracy on the first eval_accuracy rows (evaluation's path)."""
     cfg = run.cfg
-    rec["val_loss"] = validation_loss(run.model, run.valid_set, cfg.micro_batch_size, run.tok.pad_token_id,
-                                      run.device, cfg.share_prefix)
-    if run.accuracy_set:
-        rec["val_accuracy"] = validation_accuracy(run.model, run.tok, run.accuracy_set, run.task, cfg)
+    rec = {"val_loss": validation_loss(run.model, run.valid_set, cfg.micro_batch_size, run.tok.pad_token_id,
+                                       run.proc.device, cfg.share_prefix)}
+    if run.accuracy_rows:
+        rec["val_accuracy"] = evaluate_rows(run.model, run.tok, run.accuracy_rows, run.task, max_len=cfg.max_len,
+                                            batch_size=cfg.micro_batch_size, log=False)["metrics"]["accuracy"]
+    return rec
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the loop, and saving
 
 def train(cfg: TrainConfig, on_step: Callable[[Run, dict], None] | None = None) -> dict:
     """Fine-tune (LoRA, or every parameter with cfg.full) and write everything under cfg.out. Returns a summary.
     on_step(run, record), if given, sees the model after every optimizer step (experiments record what moved)."""
-    run = setup(cfg)
-    stop = {"signal": None}   # set by Ctrl-C, SIGTERM (schedulers, torchrun) or --max-time; acted on between steps
-    handlers = {sig: signal.signal(sig, lambda n, _: stop.update(signal=signal.Signals(n).name))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    bar = Progress(run.total_steps, "train", start=run.step, enabled=cfg.log and run.rank == 0)
-    t_start, rec, val = time.time(), {"loss": float("nan")}, None
-    try:
-        while run.step < run.total_steps and stop["signal"] is None:
-            rec = train_step(run)
-            rec["elapsed_s"] = round(time.time() - t_start, 2)
+    with processes(cfg.device) as proc, StopSignals() as stop:
+        run, t0, rec, val = setup(cfg, proc), time.time(), {"loss": math.nan}, None
+        bar = progress(run)
+        while run.step < run.total_steps:
+            rec = train_step(run, global_batch(run, run.step)) | {"elapsed_s": round(time.time() - t0, 2)}
             if on_step is not None:
                 on_step(run, rec)
-            if run.valid_set and (run.step == run.total_steps or (cfg.eval_every and run.step % cfg.eval_every == 0)):
-                validate(run, rec)
+            if run.valid_set and (run.step == run.total_steps or cfg.eval_every and run.step % cfg.eval_every == 0):
+                rec |= validate(run)
                 val = rec["val_loss"]
-            if run.rank == 0:
-                with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-            bar.update(1, loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if cfg.max_time and time.time() - t_start > cfg.max_time:
-                stop["signal"] = "max_time"
-            if run.world > 1:   # every rank stops at the same step, or one would wait forever in all_reduce
-                flag = torch.tensor(float(stop["signal"] is not None), device=run.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if flag.item() and stop["signal"] is None:
-                    stop["signal"] = "another rank"
-            if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == run.total_steps or stop["signal"]:
-                save(run, final=run.step == run.total_steps)
-        if run.world > 1:
-            leave_process_group()
-    finally:
+            if proc.rank == 0:
+                run.folder.log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update()
+            stopping = stop.agreed(proc, bool(cfg.max_time) and time.time() - t0 > cfg.max_time)
+            if cfg.save_every and run.step % cfg.save_every == 0 or run.step == run.total_steps or stopping:
+                save(run)
+            if stopping:
+                break
         bar.close()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if run.world > 1 and dist.is_initialized():   # after an error: no collective, the other rank may be gone
-            dist.destroy_process_group()
-    if stop["signal"] and run.step < run.total_steps:
-        say(cfg, run.rank, f"stopped ({stop['signal']}): checkpoint at step {run.step} in {run.out}; continue with "
-                           f"--resume")
+    if stop.reason and run.step < run.total_steps:
+        say(cfg.log and proc.rank == 0, f"stopped ({stop.reason}): checkpoint at step {run.step} in {cfg.out}; "
+                                        f"continue with --resume")
     else:
-        say(cfg, run.rank, f"done: {run.step} steps in {fmt_time(time.time() - t_start)}, last loss {rec['loss']:.4f}"
-                           + (f", validation loss {val:.4f}" if val is not None else "") + f"; checkpoint in {run.out}")
-    return {"step": run.step, "total_steps": run.total_steps, "loss": rec["loss"], "val_loss": val,
-            "out": str(run.out), "model": run.model, "seconds": time.time() - t_start}
+        say(cfg.log and proc.rank == 0, f"done: {run.step} steps in {fmt_time(time.time() - t0)}, last loss "
+            f"{rec['loss']:.4f}" + (f", validation loss {val:.4f}" if val is not None else "") +
+            f"; checkpoint in {cfg.out}")
+    return {"step": run.step, "total_steps": run.total_steps, "loss": rec["loss"], "val_loss": val, "out": cfg.out,
+            "model": run.model, "seconds": time.time() - t0, "stopped": stop.reason}
 
 
-def leave_process_group(timeout: float = 10.0) -> None:
-    """Leave torchrun's process group once every rank is done (rank 0 may still be saving).
+def save(run: Run) -> None:
+    """Checkpoint (rank 0): state.pt (the trainable tensors, AdamW, the loss scale, the step and the settings) and the adapter (or the whole model), each written atomically, so a kill at any moment leaves the
+    previous checkpoint whole."""
+    if run.proc.rank != 0:
+        return
+    cfg, model = run.cfg, run.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    run.folder.save_state({"step": run.step, "config": asdict(cfg), "optimizer": run.opt.state_dict(),
+                           "scaler": run.scaler.state_dict(),
+                           "trainable": {k: v for k, v in model.state_dict().items() if k in trainable}})
+    out = (save_checkpoint(model, run.folder.path / "model", tokenizer_dir=run.tok.path.parent) if cfg.full
+           else save_adapter(model, run.folder.path / "adapter"))
+    write_json(out / "task.json", run.task.to_dict())   # eval.py --adapter then asks the same question by default
+    say(cfg.log, f"\nsaved step {run.step} to {cfg.out}" + (" (final)" if run.step == run.total_steps else ""))
 
-    A gloo worker thread drops its references to a collective's tensors just after the collective returns, and it
-    needs the GIL for that; if the interpreter is already exiting the process aborts ('terminate called without an
-    active exception'). So: one last collective, then wait (GIL released) until its tensor is ours alone again.
-    """
-    done = torch.zeros(1)
-    dist.all_reduce(done)
-    deadline = time.time() + timeout
-    while dist.get_backend() == "gloo" and done._use_count() > 1 and time.time() < deadline:
-        time.sleep(0.001)
-    dist.destroy_process_group()
 
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """On resume drop metric lines after the checkpoint's step (those steps run again) and any torn line."""
-    if path.exists():
-        kept = [r for r in read_records(path) if isinstance(r.get("step"), int) and r["step"] <= step]
-        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+def progress(run: Run) -> tqdm:
+    """The steps' progress bar (tqdm, on stderr), on the first process only."""
+    return tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not (run.cfg.log and run.proc.rank == 0),
+                dynamic_ncols=True)

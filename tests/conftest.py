@@ -71,9 +71,9 @@ def base(tmp_path_factory):
     """A 500-token byte-level BPE trained on review text (+ the prompt, so its head is short) and a random tiny
     GPT-NeoX checkpoint folder (config.json, model.safetensors, tokenizer.json), built once per test module."""
     from minicalm import CalmConfig, CalmForCausalLM, save_checkpoint
-    from minicalm.data import read_jsonl
-    from minicalm.task import MARC_JA
-    from minicalm.tokenizer import train_tokenizer
+    from minicalm.tasks.data import read_jsonl
+    from minicalm.tasks.task import MARC_JA
+    from minicalm.io.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("base")
     texts = [r.text for r in read_jsonl(need(REVIEWS / "train.jsonl"), limit=1000)]

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REVIEWS, ROOT, assert_close_to_scale, need
-from minicalm.adapter import PEFT_PREFIX
-from minicalm.adapter_stats import amplification, delta_svd, inspect_adapter, main, subspace_similarity
-from minicalm.lora import VALID_TARGETS
+from minicalm.io.adapter import PEFT_PREFIX
+from minicalm.tools.adapter_stats import amplification, delta_svd, inspect_adapter, main, subspace_similarity
+from minicalm.config import BLOCK_LINEARS
 from minicalm.train import TrainConfig, train
 
 F64 = dict(dtype=torch.float64)
@@ -231,7 +231,7 @@ def runs(base, tmp_path_factory):
     folder, _ = base
     common = dict(model=str(folder), train_file=str(REVIEWS / "train.jsonl"), limit_train=32, batch_size=8,
                   micro_batch_size=8, max_len=128, lr=1e-2, warmup_steps=2, max_steps=10, save_every=0,
-                  lora_targets=VALID_TARGETS, lora_dropout=0.0, device="cpu", dtype="float32", log=False)
+                  lora_targets=BLOCK_LINEARS, lora_dropout=0.0, device="cpu", dtype="float32", log=False)
     train(TrainConfig(**common, out=str(root / "r4"), lora_r=4, lora_alpha=8, seed=0,
                       valid_file=str(need(REVIEWS / "valid.jsonl")), eval_limit=8, eval_every=5, eval_accuracy=4))
     train(TrainConfig(**common, out=str(root / "r2"), lora_r=2, lora_alpha=4, seed=1, valid_file="none"))
@@ -251,7 +251,7 @@ def test_real_run_numbers_equal_a_computation_from_the_adapter_files(runs, tmp_p
     tensors = load_file(adapter / "adapter_model.safetensors")
     W_all = load_file(base / "model.safetensors")
     names = [m["name"] for m in result["modules"]]
-    assert len(names) == 2 * len(VALID_TARGETS) and result["base"] == str(base)
+    assert len(names) == 2 * len(BLOCK_LINEARS) and result["base"] == str(base)
     for m in result["modules"]:
         A, B = (tensors[PEFT_PREFIX + m["name"] + f".lora_{x}.weight"].double() for x in "AB")
         delta = cfg["lora_alpha"] / cfg["r"] * B @ A                    # (out, in), formed in full

@@ -9,9 +9,9 @@ import torch
 
 from conftest import NEOX_TOKENIZER, REVIEWS, need
 from minicalm import load_tokenizer
-from minicalm.data import (IGNORE_INDEX, Example, PromptEncoder, Row, collate, encode_rows, length_batches,
+from minicalm.tasks.data import (IGNORE_INDEX, Example, PromptEncoder, Row, collate, encode_rows, length_batches,
                            pack_texts, parquet_to_jsonl, read_jsonl)
-from minicalm.task import MARC_JA
+from minicalm.tasks.task import MARC_JA
 
 HEAD, TAIL = MARC_JA.head, MARC_JA.segments[1][0]   # the post's prompt around the review
 

@@ -18,10 +18,10 @@ import torch
 from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale, hf_tiny, need
 from minicalm import (LoRALinear, apply_lora, data, evaluate, greedy_generate, load_model, load_tokenizer,
                       save_adapter)
-from minicalm.evaluate import POST_ROWS, EvalConfig, evaluate_rows, run_eval
-from minicalm.score import compute_metrics, parse_answer
-from minicalm.task import MARC_JA
-from minicalm.tokenizer import train_tokenizer
+from minicalm.tools.evaluate import POST_ROWS, EvalConfig, evaluate_rows, run_eval
+from minicalm.tasks.score import compute_metrics, parse_answer
+from minicalm.tasks.task import MARC_JA
+from minicalm.io.tokenizer import train_tokenizer
 from reference import label_logprobs
 
 LABELS = tuple(MARC_JA.labels)

@@ -16,10 +16,10 @@ import torch
 
 from conftest import assert_close_to_scale, hf_tiny
 from minicalm import greedy_generate, load_model
-from minicalm.data import Row
-from minicalm.evaluate import evaluate_rows
+from minicalm.tasks.data import Row
+from minicalm.tools.evaluate import evaluate_rows
 from minicalm.generate import answer, main
-from minicalm.task import MARC_JA
+from minicalm.tasks.task import MARC_JA
 from reference import greedy_no_cache
 
 V, PAD, N = 128, 1, 32

@@ -15,10 +15,10 @@ import torch
 from conftest import REVIEWS, ROOT, assert_close_to_scale
 from hub import use_hub
 from minicalm import load_model, load_tokenizer
-from minicalm.data import read_jsonl, task_data
-from minicalm.hub import HubError
-from minicalm.task import JNLI, MARC_JA, Task
-from minicalm.weights import resolve
+from minicalm.tasks.data import read_jsonl, task_data
+from minicalm.io.hub import HubError
+from minicalm.tasks.task import JNLI, MARC_JA, Task
+from minicalm.io.weights import resolve
 
 SEVEN_B = "cyberagent/open-calm-7b"
 X = torch.randint(2, 50_000, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -12,11 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FP32_REL, assert_close_to_scale, hf_tiny
 from minicalm import load_model
-from minicalm.adapter import load_adapter, save_adapter, save_merged
-from minicalm.lora import VALID_TARGETS, LoRALinear, apply_lora, lora_disabled, lora_settings, merge_lora, unmerge_lora
-from minicalm.nf4 import trainable_parameters, trainable_summary
+from minicalm.io.adapter import load_adapter, save_adapter, save_merged
+from minicalm.config import BLOCK_LINEARS
+import minicalm
+from minicalm.lora import LoRALinear, apply_lora, lora_config, lora_disabled, merge_lora, unmerge_lora
+from minicalm.lora import trainable_parameters, trainable_summary
 
-ALL = VALID_TARGETS
+ALL = BLOCK_LINEARS
 IDS = torch.tensor([[3, 17, 42, 5, 99, 0, 64, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
 
 
@@ -47,7 +49,7 @@ def assert_unchanged(model, snap):
 def test_lora_linear_matches_its_docstring():
     torch.manual_seed(0)
     base = nn.Linear(8, 6)
-    layer = LoRALinear(base, r=2, alpha=5, dropout=0.0)
+    layer = LoRALinear(base, minicalm.LoraConfig(r=2, alpha=5, dropout=0.0))
     assert layer.scaling == 5 / 2
     assert layer.weight is base.weight and layer.bias is base.bias and not layer.weight.requires_grad
     assert layer.lora_A.weight.shape == (2, 8) and layer.lora_B.weight.shape == (6, 2)
@@ -81,8 +83,8 @@ def test_fresh_lora_gives_the_base_logits(tiny_checkpoint):
     assert trainable == sum(p.numel() for k, p in model.named_parameters() if "lora_" in k)
     assert trainable_summary(model) == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
                                         f"trainable%: {100 * trainable / total:.4f}")
-    assert lora_settings(model) == dict(r=4, alpha=8, dropout=0.05, targets=ALL, use_dora=False, use_rslora=False,
-                                        init_lora_weights=True)   # read back from the layers
+    assert lora_config(model) == minicalm.LoraConfig(r=4, alpha=8, dropout=0.05, targets=ALL, use_dora=False, use_rslora=False,
+                                            init="default")   # read back from the layers
 
 
 def test_dense_means_attention_dense_only(tiny_checkpoint):
@@ -218,8 +220,8 @@ def test_peft_parity(tmp_path, targets):
     randomize_adapters(made, seed=2)
     made.save_pretrained(tmp_path / "peft")
     loaded = load_adapter(load_model(folder), tmp_path / "peft")
-    assert lora_settings(loaded) == dict(r=2, alpha=8, dropout=0.05, targets=targets, use_dora=False, use_rslora=False,
-                                         init_lora_weights=True)
+    assert lora_config(loaded) == minicalm.LoraConfig(r=2, alpha=8, dropout=0.05, targets=targets, use_dora=False,
+                                             use_rslora=False, init="default")
     with torch.no_grad():
         assert_close_to_scale(loaded(IDS), made.eval()(input_ids=IDS).logits)
 
@@ -261,7 +263,8 @@ def test_bad_adapters_change_nothing(tmp_path, tiny_checkpoint):
         "r=4, alpha=16, targets=.'query_key_value'.; the model's LoRA has r=8": (good, 8),
         r"unexpected tensor .*query_key_value.lora_A.weight' \(targets \['dense'\]\)":
             (edit("t", {"target_modules": ["dense"]}), 4),
-        "unknown LoRA targets .'q_proj'.; valid targets": (edit("q", {"target_modules": ["q_proj"]}), None),
+        "target_modules .'q_proj'.: unknown .'q_proj'.; the block's linear layers are query_key_value, dense":
+            (edit("q", {"target_modules": ["q_proj"]}), None),
         r"query_key_value has A \(4, 32\) and B \(96, 4\); the model's layer is 192 x 64": (wrong_shape, None),
         f"{module} has only one of lora_A and lora_B":
             (edit("b", tensors=lambda t: {k: v for k, v in t.items() if k != key}), None),

@@ -8,7 +8,7 @@ from conftest import REVIEWS, need
 from experiments import miniature
 from experiments.miniature import run
 from hub import use_hub
-from minicalm.weights import load_model
+from minicalm.io.weights import load_model
 
 
 def test_micro_pipeline_lora_teaches_the_answer_format(tmp_path):

@@ -123,19 +123,22 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpo
 
 
 @pytest.mark.parametrize("P", [1, 9])
-def test_shared_head_gives_the_logits_of_every_row_in_full(tiny_checkpoint, P):
-    """`shared=P` runs the rows' common first P tokens once and continues each row from their keys and values."""
+def test_shared_prefix_gives_the_logits_of_every_row_in_full(tiny_checkpoint, P):
+    """loss.shared_prefix_hidden runs the rows' common first P tokens once, from the model's public pieces, and
+    continues each row from their keys and values."""
+    from minicalm.loss import shared_prefix_hidden
+
     model = load_model(tiny_checkpoint[0])
     x = ids(3, 16)
     x[:, :P] = x[0, :P]
-    x[1, P] = (x[0, P] + 1) % V   # rows differ right after the head
+    x[1, P] = (x[0, P] + 1) % V   # rows differ right after the prefix
     with torch.no_grad():
-        full, shared = model(x), model(x, shared=P)
+        full, shared = model(x), model.logits(shared_prefix_hidden(model, x, P))
         mask = torch.zeros(3, 16, dtype=torch.bool)
-        mask[0, 2], mask[1, P], mask[2, 15] = True, True, True      # in the head, at its end, after it
-        picked = model(x, shared=P, logits_at=mask)
+        mask[0, 2], mask[1, P], mask[2, 15] = True, True, True      # in the prefix, at its end, after it
+        picked = model.logits(shared_prefix_hidden(model, x, P)[mask])
     assert_close_to_scale(shared, full)   # other matmul shapes: equal to rounding
     assert_close_to_scale(picked, full[mask])
-    for bad in (dict(shared=16), dict(shared=P, cache=model.new_cache(3, 16)), dict(shared=P, start=2)):
-        with pytest.raises(ValueError, match="shared="):
-            model(x, **bad)
+    for bad in (0, 16):
+        with pytest.raises(ValueError, match="shared prefix of"):
+            shared_prefix_hidden(model, x, bad)

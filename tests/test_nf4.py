@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from conftest import REVIEWS, assert_close_to_scale, hf_tiny
 from minicalm import load_model
-from minicalm.adapter import save_merged
+from minicalm.io.adapter import save_merged
 from minicalm.lora import apply_lora, lora_layers, merge_lora
 from minicalm.nf4 import NF4, NF4Linear, NF4Weight, quantize_codes, quantize_scales
 
@@ -207,7 +207,7 @@ def test_fp16_skips_an_overflowing_step_and_lowers_the_loss_scale(base, tmp_path
 
 
 def test_the_planner_counts_nf4_and_names_the_smallest_card():
-    from minicalm.plan import plan
+    from minicalm.tools.plan import plan
 
     bf16, nf4 = (plan("open-calm-7b", 16, 256, shared_tokens=75, quantize=q) for q in (None, "nf4"))
     # 6.44B block weights at 4.127 bits and the 0.43B-parameter embedding and head in bf16: 3.9 GiB, not 12.8
@@ -219,7 +219,7 @@ def test_the_planner_counts_nf4_and_names_the_smallest_card():
 
 def test_preflight_suggests_fp16_without_bf16_and_nf4_when_nothing_else_fits(capsys):
     from minicalm.config import get_preset
-    from minicalm.plan import preflight
+    from minicalm.tools.plan import preflight
     from minicalm.train import TrainConfig
 
     cfg, small = TrainConfig(micro_batch_size=16), get_preset("open-calm-small")
@@ -259,7 +259,7 @@ print(json.dumps(peak))
 
 def test_the_planned_nf4_peak_meets_the_allocator_s():
     from minicalm.config import CalmConfig
-    from minicalm.plan import plan
+    from minicalm.tools.plan import plan
 
     cfg = dict(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)
     out = subprocess.run([sys.executable, "-c", MEASURE_NF4, json.dumps([cfg, 8, 128])], capture_output=True,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minicalm.config import CalmConfig
-from minicalm.plan import plan
+from minicalm.tools.plan import plan
 
 # Runs the real training step (micro_step + AdamW, twice) on real CPU tensors and prints the peak of live bytes
 # from the allocator's own alloc/free events, in time order.
@@ -91,7 +91,7 @@ def test_7b_defaults_fit_in_40gb_with_margin():
 
 def test_preflight_refuses_what_does_not_fit_and_names_what_does():
     from minicalm.config import get_preset
-    from minicalm.plan import preflight
+    from minicalm.tools.plan import preflight
     from minicalm.train import TrainConfig
     cfg, lengths = TrainConfig(micro_batch_size=32, batch_size=64), [256] * 1000
     with pytest.raises(MemoryError, match=r"exceeds 90% .* try --micro-batch-size 16\b"):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from minicalm.files import read_records
-from minicalm.plot import main, plot_confusion, plot_run, series
-from minicalm.score import compute_metrics
+from minicalm.io.files import read_records
+from minicalm.tools.plot import main, plot_confusion, plot_run, series
+from minicalm.tasks.score import compute_metrics
 
 CURVES = ["grad_norm.png", "loss.png", "lr.png", "tokens_per_s.png"]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -88,7 +88,7 @@ def test_without_matplotlib_the_cli_says_so_in_one_line(tmp_path):
     """A fresh interpreter where `import matplotlib` fails: importing every module of minicalm still works, and the
     CLI exits 1 with one line naming the extra to install."""
     run = write_run(tmp_path / "run", records())
-    code = ("import sys; sys.modules['matplotlib'] = None; import minicalm.adapter_stats, minicalm.evaluate, "
+    code = ("import sys; sys.modules['matplotlib'] = None; import minicalm.tools.adapter_stats, minicalm.evaluate, "
             f"minicalm.train, minicalm.plot; minicalm.plot.main([{str(run)!r}])")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=120)

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from minicalm.adapter import adapter_base
+from minicalm.io.adapter import adapter_base
 from minicalm.config import POST_MODEL, CalmConfig
-from minicalm.evaluate import EvalConfig
-from minicalm.files import read_json, read_records
-from minicalm.task import load_task
+from minicalm.tools.evaluate import EvalConfig
+from minicalm.io.files import read_json, read_records
+from minicalm.tasks.task import load_task
 from minicalm.train import TrainConfig
 
 README = ROOT / "README.md"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from minicalm.score import compute_metrics, parse_answer, wilson_interval
+from minicalm.tasks.score import compute_metrics, parse_answer, wilson_interval
 
 
 @pytest.mark.parametrize("text, expected", [

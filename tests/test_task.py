@@ -14,11 +14,11 @@ import torch
 
 from conftest import NEOX_TOKENIZER, REVIEWS, ROOT, assert_close_to_scale, hf_tiny, need
 from minicalm import load_tokenizer
-from minicalm.data import PromptEncoder, Row, read_jsonl
-from minicalm.evaluate import evaluate_rows
+from minicalm.tasks.data import PromptEncoder, Row, read_jsonl
+from minicalm.tools.evaluate import evaluate_rows
 from minicalm.loss import shared_prefix_len
-from minicalm.score import compute_metrics, parse_answer
-from minicalm.task import JNLI, MARC_JA, POST_HEAD, Task, load_task
+from minicalm.tasks.score import compute_metrics, parse_answer
+from minicalm.tasks.task import JNLI, MARC_JA, POST_HEAD, Task, load_task
 
 THREE = {"name": "amazon-ja-3",
          "prompt": POST_HEAD + "この文章は、「ポジティブ」「ニュートラル」「ネガティブ」のどれですか?どれか一つを書いて。"
@@ -217,7 +217,7 @@ def test_likelihood_over_three_multi_token_words_matches_transformers(tmp_path):
 def three_class_files(tmp_path, monkeypatch) -> tuple[str, str, str]:
     """The README's example: run its code block, which writes amazon-ja-3.json, train3.jsonl and validation3.jsonl,
     here from the shared reviews (MARC-ja's format) in place of MARC-ja's splits from the hub."""
-    from minicalm import data
+    from minicalm.tasks import data
 
     code = re.search(r"## Your own task.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[1]
     assert "data.task_data(MARC_JA, split)" in code

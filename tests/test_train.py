@@ -26,12 +26,14 @@ from safetensors.torch import load_file, save_file
 import minicalm.train as T
 from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale
 from minicalm import apply_lora, load_adapter, load_model
-from minicalm.data import IGNORE_INDEX, Example, PromptEncoder, Row, collate, encode_rows, read_jsonl
-from minicalm.adapter import LORA_KEYS
-from minicalm.lora import VALID_TARGETS
+from minicalm.loss import IGNORE_INDEX
+from minicalm.tasks.data import Example, PromptEncoder, Row, collate, encode_rows, read_examples, read_jsonl
+from minicalm.io.adapter import LORA_KEYS
+from minicalm.config import BLOCK_LINEARS
 from minicalm.loss import answer_loss, shared_prefix_len
-from minicalm.task import MARC_JA
-from minicalm.train import TrainConfig, lr_at, train
+from minicalm.tasks.task import MARC_JA
+from minicalm.config import LoraConfig
+from minicalm.train import TrainConfig, lr_factor, train
 
 MAX_LEN = 128   # the prompt's head is ~60 tokens with this tokenizer; reviews are cut to fit
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -42,20 +44,25 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 ADAM_REL = 1e-3
 
 
-def config(folder: Path, out: Path, **kw) -> TrainConfig:
-    """Small, fast, deterministic settings; kw overrides."""
+def config(folder: Path, out: Path, lora_dropout: float = 0.0, **kw) -> TrainConfig:
+    """Small, fast, deterministic settings; kw overrides (lora_dropout: LoRA's dropout, the one LoRA setting varied)."""
     d = dict(model=str(folder), train_file=str(REVIEWS / "train.jsonl"), valid_file="none", out=str(out),
              limit_train=32, batch_size=8, micro_batch_size=8, max_len=MAX_LEN, lr=1e-2, warmup_steps=2,
-             max_steps=4, save_every=0, eval_every=0, lora_dropout=0.0, seed=0, device="cpu", dtype="float32",
-             log=False)
+             max_steps=4, save_every=0, eval_every=0, lora=LoraConfig(dropout=lora_dropout), seed=0, device="cpu",
+             dtype="float32", log=False)
     return TrainConfig(**(d | kw))
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    return cfg.lr * lr_factor(step, total, cfg)
 
 
 def flags(cfg: TrainConfig) -> list[str]:
     """The train_lora.py command line for cfg (every field the tests set)."""
     names = ["model", "train_file", "valid_file", "out", "limit_train", "batch_size", "micro_batch_size", "max_len",
-             "lr", "warmup_steps", "max_steps", "save_every", "eval_every", "lora_dropout", "seed", "device", "dtype"]
-    return [a for n in names for a in ("--" + n.replace("_", "-"), str(getattr(cfg, n)))]
+             "lr", "warmup_steps", "max_steps", "save_every", "eval_every", "seed", "device", "dtype"]
+    return [a for n in names for a in ("--" + n.replace("_", "-"), str(getattr(cfg, n)))] + \
+        ["--lora-dropout", str(cfg.lora.dropout)]
 
 
 def cli(args: list[str]) -> None:
@@ -259,13 +266,13 @@ def test_gradient_accumulation_matches_one_big_micro_batch(base, tmp_path):
 # the process parks, so that the test's SIGKILL lands while it is running, between the checkpoints of steps 3 and 6.
 SLOW_AFTER_4 = """
 import runpy, sys, time
-from minicalm.progress import Progress
-update = Progress.update
-def slow(self, n=1, **kw):
-    update(self, n, **kw)
+from tqdm import tqdm
+update = tqdm.update
+def slow(self, n=1):
+    update(self, n)
     if self.n >= 4:
         time.sleep(0.2 if self.n < 6 else 600)
-Progress.update = slow
+tqdm.update = slow
 sys.argv = ["train_lora.py"] + sys.argv[1:]
 runpy.run_path("train_lora.py", run_name="__main__")
 """
@@ -384,13 +391,13 @@ def test_bad_input_fails_before_training(base, tmp_path, monkeypatch, case):
         kw["train_file"] = f = write(tmp_path / "t.jsonl", ["", "  "])
         err, match = ValueError, re.escape(f"{f}: no rows in the file")
     elif case == "limit_zero":
-        kw["limit_train"], err, match = 0, ValueError, "the training set is empty"
+        kw["limit_train"], err, match = 0, ValueError, "TrainConfig.limit_train: must be at least 1, got 0"
     elif case == "missing_file":
         kw["train_file"] = f = str(tmp_path / "absent.jsonl")
         err, match = FileNotFoundError, re.escape(f"{f}: no such file")
     elif case == "batch_split":
         kw.update(batch_size=12, micro_batch_size=8)
-        err, match = ValueError, re.escape("--batch-size 12 must be divisible by --micro-batch-size 8")
+        err, match = ValueError, re.escape("TrainConfig.batch_size: must be a multiple of micro_batch_size 8, got 12")
     elif case == "other_run":
         train(config(folder, out, max_steps=1))
         err, match = FileExistsError, "already holds a run's checkpoint .*pass --resume"
@@ -422,10 +429,11 @@ def test_a_task_without_data_names_the_flags_to_pass(base, tmp_path):
 
 def test_peak_memory_reads_ru_maxrss_in_the_platform_s_unit(monkeypatch):
     """ru_maxrss is KiB on Linux and bytes on macOS."""
-    monkeypatch.setattr(T.resource, "getrusage", lambda who: type("R", (), {"ru_maxrss": 1000})())
+    import minicalm.tools.run as R
+    monkeypatch.setattr(R.resource, "getrusage", lambda who: type("R", (), {"ru_maxrss": 1000})())
     for platform, expected in (("linux", 1024_000), ("darwin", 1000)):
-        monkeypatch.setattr(T.sys, "platform", platform)
-        assert T.peak_memory(torch.device("cpu")) == expected
+        monkeypatch.setattr(R.sys, "platform", platform)
+        assert R.peak_memory(torch.device("cpu")) == expected
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
@@ -450,7 +458,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path
     assert not (tmp_path / "fresh" / "state.pt").exists() and metrics(tmp_path / "fresh") == []
 
     # lr 1e6 on every parameter: finite at first, then the loss blows up; the run stops at the first bad step
-    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+);.*lower --lr") as e:
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+);.*lower lr") as e:
         train(config(folder, tmp_path / "lr", full=True, lr=1e6, warmup_steps=0, max_steps=6, save_every=1))
     bad = int(e.value.args[0].split(" at step ")[1].split(";")[0])
     assert bad > 1 and saved_step(tmp_path / "lr") == bad - 1 and len(metrics(tmp_path / "lr")) == bad - 1
@@ -475,7 +483,7 @@ def test_full_parameter_text_mode_trains_every_parameter(base, tmp_path):
     assert (out / "model" / "tokenizer.json").is_file() and not (out / "adapter").exists()
 
     # raw-text mode: every token of the packed blocks is a target (the loss is the LM loss of the blocks)
-    blocks = T.load_examples(config(folder, out, text=True, max_len=64, limit_train=64), tok, MARC_JA, "train", 64)
+    blocks = read_examples(REVIEWS / "train.jsonl", MARC_JA, tok, 64, limit=64, text=True)
     assert all(e.labels == e.input_ids and len(e.input_ids) == 64 for e in blocks)
 
 
@@ -488,8 +496,10 @@ def test_train_lora_help_lists_every_flag(capsys):
         cli(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    names = {f.name for f in fields(TrainConfig)} - {"full", "text", "log"}
+    names = {f.name for f in fields(TrainConfig)} - {"full", "text", "log", "lora"}
     flags_ = {"--no-share-prefix" if n == "share_prefix" else "--" + n.replace("_", "-") for n in names}
+    flags_ |= {"--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets", "--use-dora", "--use-rslora",
+               "--lora-init"}
     assert len(flags_) == 39
     for flag in flags_:
         assert f"  {flag}" in text, flag
@@ -507,12 +517,13 @@ def test_resume_refuses_changed_settings(base, tmp_path):
     assert res["step"] == 2
 
 
-def test_train_lora_reports_bad_input_without_a_traceback(base, tmp_path):
+def test_train_lora_reports_bad_input_without_a_traceback(base, tmp_path, capsys):
     folder, _ = base
-    cfg = config(folder, tmp_path / "run", batch_size=12, micro_batch_size=8)
+    cfg = config(folder, tmp_path / "run", micro_batch_size=8)
     with pytest.raises(SystemExit) as e:
-        cli(flags(cfg))
-    assert str(e.value.code) == "train_lora.py: error: --batch-size 12 must be divisible by --micro-batch-size 8 x 1 processes"
+        cli(flags(cfg) + ["--batch-size", "12"])   # the later flag wins
+    assert e.value.code == 1 and "train_lora.py: error: --batch-size: must be a multiple of micro_batch_size 8, got 12" \
+        in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the shared prompt head
@@ -527,7 +538,7 @@ def test_shared_head_gives_the_same_loss_and_gradients(base, kind, train_on_inpu
     if kind == "full":
         model.requires_grad_(True)
     else:
-        apply_lora(model, ("query_key_value",) if kind == "qkv" else VALID_TARGETS, r=4, alpha=8, dropout=0.0)
+        apply_lora(model, targets=("query_key_value",) if kind == "qkv" else BLOCK_LINEARS, r=4, alpha=8, dropout=0.0)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():   # B starts at zero, which would leave every lora_A gradient zero
             for name, p in model.named_parameters():
@@ -537,11 +548,11 @@ def test_shared_head_gives_the_same_loss_and_gradients(base, kind, train_on_inpu
     examples, _ = encode_rows(enc, read_jsonl(REVIEWS / "train.jsonl", limit=6), train_on_inputs)
     x, y = collate(examples, tok.pad_token_id)
     P = shared_prefix_len(x)
-    assert len(enc.head_ids) <= P < min(len(e.input_ids) for e in examples)   # the head: most of each prompt
+    assert len(enc.prefix_ids) <= P < min(len(e.input_ids) for e in examples)   # the head: most of each prompt
     runs = {}
     for shared in (0, P):
         model.zero_grad()
-        loss = answer_loss(model, x, y, shared)
+        loss = answer_loss(model, x, y, prefix=shared)
         loss.backward()
         runs[shared] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     (loss0, grads0), (loss1, grads1) = runs[0], runs[P]

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from conftest import FP32_REL, assert_close_to_scale, hf_tiny
 from minicalm import load_model
-from minicalm.adapter import load_adapter, save_adapter
-from minicalm.lora import VALID_TARGETS, apply_lora, lora_disabled, lora_layers, merge_lora, unmerge_lora
+from minicalm.io.adapter import load_adapter, save_adapter
+from minicalm.config import BLOCK_LINEARS
+from minicalm.lora import apply_lora, lora_disabled, lora_layers, merge_lora, unmerge_lora
 from minicalm.variants import loraplus_groups
 
 IDS = torch.tensor([[3, 17, 42, 5, 99, 0, 64, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -35,10 +36,11 @@ def ours_and_peft(folder, kw: dict):
     from transformers import GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    ours = apply_lora(load_model(folder), targets=VALID_TARGETS, r=R, alpha=ALPHA, dropout=0.0, **kw)
+    mine = {("init" if k == "init_lora_weights" else k): v for k, v in kw.items()}   # LoraConfig's name for it
+    ours = apply_lora(load_model(folder), targets=BLOCK_LINEARS, r=R, alpha=ALPHA, dropout=0.0, **mine)
     torch.manual_seed(0)
     hf = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    theirs = get_peft_model(hf, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(VALID_TARGETS),
+    theirs = get_peft_model(hf, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(BLOCK_LINEARS),
                                            task_type="CAUSAL_LM", **kw))
     return ours, theirs
 
@@ -106,7 +108,7 @@ def test_logits_loss_and_gradients_equal_peft(tmp_path, variant):
     their_logits, their_loss, their_grads = step_grads(theirs, IDS)
     assert_close_to_scale(ours_logits, their_logits)
     assert abs(ours_loss - their_loss) <= FP32_REL * their_loss
-    assert len(ours_grads) == len(their_grads) == 2 * len(VALID_TARGETS) * 2 * (1.5 if "dora" in variant else 1)
+    assert len(ours_grads) == len(their_grads) == 2 * len(BLOCK_LINEARS) * 2 * (1.5 if "dora" in variant else 1)
     for name, grad in ours_grads.items():
         assert_close_to_scale(grad, their_grads[peft_name(name)], msg=name)
 
@@ -202,14 +204,14 @@ def test_loraplus_groups_equal_peft_s(tmp_path):
     opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0)
     their_lr = {n: g["lr"] for g in opt.param_groups for p in g["params"] for n, q in theirs.named_parameters()
                 if q is p}
-    assert len(ours_lr) == len(their_lr) == 3 * 2 * len(VALID_TARGETS)
+    assert len(ours_lr) == len(their_lr) == 3 * 2 * len(BLOCK_LINEARS)
     assert {peft_name(n): lr for n, lr in ours_lr.items()} == pytest.approx(their_lr)
     assert sorted(set(ours_lr.values())) == pytest.approx([1e-3, 16e-3])
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(init_lora_weights="svd"), r"LoRA init \(--lora-init\) 'svd': expected one of default, gaussian"),
-    (dict(init_lora_weights="pissa", use_dora=True), "DoRA with --lora-init pissa"),
+    (dict(init="svd"), r"LoraConfig.init: 'svd': expected one of default, gaussian"),
+    (dict(init="pissa", use_dora=True), "LoraConfig.init: pissa with use_dora"),
 ])
 def test_bad_variant_settings_are_refused_before_the_model_changes(tmp_path, kw, message):
     folder, _ = hf_tiny(tmp_path)
@@ -222,14 +224,16 @@ def test_bad_variant_settings_are_refused_before_the_model_changes(tmp_path, kw,
 
 # ----------------------------------------------------------------------------- through train_lora.py's code path
 
-def run_config(folder, out, **kw):
+def run_config(folder, out, lora=None, **kw):
+    """Small settings; `lora` holds LoraConfig settings beside the defaults here (r 2, alpha 4, two targets)."""
     from conftest import REVIEWS
+    from minicalm.config import LoraConfig
     from minicalm.train import TrainConfig
 
+    adapter = LoraConfig(**dict(r=2, alpha=4, dropout=0.0, targets=("query_key_value", "dense_4h_to_h")) | (lora or {}))
     return TrainConfig(**dict(model=str(folder), train_file=str(REVIEWS / "train.jsonl"), valid_file="none",
                               out=str(out), limit_train=32, batch_size=8, micro_batch_size=8, max_len=128, lr=1e-2,
-                              warmup_steps=1, max_steps=4, save_every=0, lora_r=2, lora_alpha=4, lora_dropout=0.0,
-                              lora_targets=("query_key_value", "dense_4h_to_h"), seed=0, device="cpu",
+                              warmup_steps=1, max_steps=4, save_every=0, lora=adapter, seed=0, device="cpu",
                               dtype="float32", log=False) | kw)
 
 
@@ -240,14 +244,14 @@ def losses(out) -> list[float]:
 def test_dora_rslora_loraplus_run_resumes_exactly(base, tmp_path):
     from minicalm.train import train
 
-    kw = dict(use_dora=True, use_rslora=True, loraplus_lr_ratio=4.0)
+    kw = dict(lora=dict(use_dora=True, use_rslora=True), loraplus_lr_ratio=4.0)
     train(run_config(base[0], tmp_path / "once", **kw))
     train(run_config(base[0], tmp_path / "twice", max_steps=2, **kw))
     train(run_config(base[0], tmp_path / "twice", resume=True, **kw))
     assert losses(tmp_path / "twice") == losses(tmp_path / "once") and len(losses(tmp_path / "once")) == 4
     cfg = json.loads((tmp_path / "once" / "adapter" / "adapter_config.json").read_text())
     assert (cfg["use_dora"], cfg["use_rslora"], cfg["r"], cfg["lora_alpha"]) == (True, True, 2, 4)
-    with pytest.raises(ValueError, match="--resume: .* use_dora True now False"):
+    with pytest.raises(ValueError, match="--resume: .* lora.use_dora True now False"):
         train(run_config(base[0], tmp_path / "twice", resume=True, max_steps=6))
 
 
@@ -256,7 +260,7 @@ def test_a_pissa_run_is_saved_for_the_original_base(base, tmp_path):
     trained model's logits, so eval.py --adapter needs nothing more."""
     from minicalm.train import train
 
-    res = train(run_config(base[0], tmp_path / "run", lora_init="pissa", max_steps=3))
+    res = train(run_config(base[0], tmp_path / "run", lora=dict(init="pissa"), max_steps=3))
     cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (4, 8, True)
     x = torch.randint(0, 500, (2, 16))
@@ -266,20 +270,21 @@ def test_a_pissa_run_is_saved_for_the_original_base(base, tmp_path):
 
 
 def test_the_inspector_reports_dora_s_magnitude_change(base, tmp_path):
-    from minicalm.adapter_stats import inspect_adapter
+    from minicalm.tools.adapter_stats import inspect_adapter
     from minicalm.train import train
 
-    train(run_config(base[0], tmp_path / "run", use_dora=True))
+    train(run_config(base[0], tmp_path / "run", lora=dict(use_dora=True)))
     stats = inspect_adapter(tmp_path / "run" / "adapter", base=base[0])
     assert stats["use_dora"] and len(stats["modules"]) == 4
     assert all(m["magnitude_change"] > 0 and m["relative_update"] > 0 for m in stats["modules"])
 
 
 def test_the_planner_counts_dora_s_extra_memory_and_work():
-    from minicalm.config import get_preset
-    from minicalm.plan import plan
+    from minicalm.config import LoraConfig
+    from minicalm.tools.plan import PlanConfig, plan
 
-    lora, dora = (plan(get_preset("tiny"), 4, 64, use_dora=d, dtype=torch.float32) for d in (False, True))
+    lora, dora = (plan(PlanConfig("tiny", 4, 64, shared_prefix=0, lora=LoraConfig(use_dora=d), dtype="float32"))
+                  for d in (False, True))
     assert dora.trainable_params == lora.trainable_params + 2 * 3 * 64   # m: one per row of query_key_value
     assert dora.peak_bytes > lora.peak_bytes and dora.step_flops > lora.step_flops
 
@@ -294,5 +299,5 @@ def test_train_lora_names_the_flag_of_a_bad_variant(base, tmp_path):
                            str(REVIEWS / "train.jsonl"), "--valid-file", "none", "--lora-init", "svd", "--device",
                            "cpu", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("train_lora.py: error: LoRA init (--lora-init) 'svd': expected one of")
+    assert done.stderr.startswith("train_lora.py: error: --lora-init: 'svd': expected one of")
     assert not (tmp_path / "run").exists()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from conftest import FP32_REL, ROOT, hf_tiny
 from hub import write_legacy
 from minicalm import CalmConfig, CalmForCausalLM, load_model, save_checkpoint
-from minicalm.weights import LEGACY_SUFFIXES
+from minicalm.io.weights import LEGACY_SUFFIXES
 
 V = 128
 X = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(0))

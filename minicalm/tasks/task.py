@@ -14,7 +14,7 @@ literal braces). The prompt ends where the answer begins: a training example is 
 then EOS. `labels` maps each label name to its answer word, in the order that integer labels in the data index.
 `label_field` defaults to "label"; `id_field` is optional (a row without an id gets its line number); `hub`, also
 optional, names a hub dataset's Parquet files holding the task's rows (the built-in tasks have one). The text
-before the first field is the same in every prompt, the head: evaluation computes it once per run, training once
+before the first field is the same in every prompt, the shared prefix: evaluation computes it once per run, training once
 per micro-batch.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import read_json
+from ..io.files import read_json
 
 KEYS = ("name", "prompt", "labels", "label_field", "id_field", "hub")
 # JGLUE (github.com/yahoojapan/JGLUE) no longer ships MARC-ja's reviews; the hub holds JGLUE's tasks as Parquet on
@@ -70,7 +70,7 @@ class Task:
                              f"{{\"train\": PATH, \"validation\": PATH}}}}, got {hub!r}")
 
     @property
-    def head(self) -> str:
+    def prefix(self) -> str:
         """The prompt's text before its first field: the same in every prompt."""
         return self.segments[0][0]
 

@@ -2,24 +2,24 @@
 batching.
 
 Training and evaluation both tokenize through `PromptEncoder`, segment by segment (the template's literal texts
-and the row's fields, then the answer word and EOS), so the head shared by every prompt has the same ids in every
+and the row's fields, then the answer word and EOS), so the prefix shared by every prompt has the same ids in every
 row, and a prompt is tokenized identically whether it is trained on or evaluated.
 """
 from __future__ import annotations
 
 import json
 import random
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import hub
-from .files import write_text
+from ..io import hub
+from ..io.files import write_text
+from ..loss import IGNORE_INDEX
 from .task import MARC_JA, Task
-
-IGNORE_INDEX = -100   # a label the loss skips (F.cross_entropy's default ignore_index): the prompt, the padding
 
 
 @dataclass
@@ -144,7 +144,7 @@ class PromptEncoder:
         self.tokenizer, self.max_len, self.task = tokenizer, max_len, task
         self.eos_id = tokenizer.eos_token_id
         self.literal_ids = [tokenizer.encode(text) for text, _ in task.segments]
-        self.head_ids = self.literal_ids[0]   # the same in every prompt
+        self.prefix_ids = self.literal_ids[0]   # the shared prefix: the same in every prompt
         self.answer_ids = {label: tokenizer.encode(word) for label, word in task.labels.items()}   # without eos
         for a, ids_a in self.answer_ids.items():
             for b, ids_b in self.answer_ids.items():
@@ -207,6 +207,29 @@ class Example:
     def n_scored(self) -> int:
         """Tokens the loss scores: the labels after the first (each is predicted from the ones before it)."""
         return sum(t != IGNORE_INDEX for t in self.labels[1:])
+
+
+def read_examples(path: str | Path, task: Task, tokenizer, max_len: int, *, limit: int | None = None,
+                  train_on_inputs: bool = False, text: bool = False) -> list[Example]:
+    """A file's rows as training examples: prompts with their answers, or (text=True, pretraining) the rows' text
+    packed into blocks of max_len. Says on stderr how many rows were cut to fit."""
+    rows = read_jsonl(path, task, limit=limit)
+    if text:
+        return [Example(b.tolist(), b.tolist()) for b in pack_texts(tokenizer, [r.text for r in rows], max_len)]
+    examples, truncated = encode_rows(PromptEncoder(tokenizer, max_len, task), rows, train_on_inputs)
+    if truncated:
+        print(f"{path}: {truncated} of {len(rows)} rows truncated to --max-len {max_len}", file=sys.stderr)
+    return examples
+
+
+def shared_prefix_tokens(examples: list[Example]) -> int:
+    """How many tokens every example begins with (the prompt's shared prefix): what the plan counts on."""
+    first = examples[0].input_ids
+    n = len(first)
+    for e in examples[1:]:
+        while e.input_ids[:n] != first[:n]:
+            n -= 1
+    return n
 
 
 def encode_rows(encoder: PromptEncoder, rows: list[Row],

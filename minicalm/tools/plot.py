@@ -1,6 +1,6 @@
 """Pictures (PNG): a run's training curves, a confusion matrix, a sweep, and what an adapter changed (adapter_stats).
 
-`python -m minicalm.plot RUN_DIR` draws RUN_DIR/metrics.jsonl into RUN_DIR/plots/: loss.png (training loss, the
+`python -m minicalm plot RUN_DIR` draws RUN_DIR/metrics.jsonl into RUN_DIR/plots/: loss.png (training loss, the
 validation loss and accuracy when the run has them), lr.png, grad_norm.png and tokens_per_s.png, all against the
 step. It works on a run still in progress: a last line torn mid-write is skipped.
 
@@ -10,14 +10,14 @@ drawn by the Agg backend straight to files, without pyplot: no window, and a not
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from .files import atomic_write, read_records
+from ..io.files import atomic_write, read_records
 
 MISSING = 'drawing needs matplotlib: pip install "minicalm[plot]"'
 
@@ -224,20 +224,14 @@ def plot_adapter_stats(result: dict, out_dir: str | os.PathLike) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m minicalm.plot",
-                                description="Draw a run's metrics.jsonl (loss, lr, gradient norm, tokens/s) into "
-                                            "RUN_DIR/plots/*.png; works while the run is still going.")
-    p.add_argument("run_dir", help="a training run's --out folder")
-    a = p.parse_args(argv)
-    try:
-        written = draw_if_possible(plot_run, a.run_dir, prog=p.prog)
-    except (OSError, ValueError) as e:
-        p.exit(1, f"{p.prog}: error: {e}\n")
+@dataclass
+class PlotConfig:
+    run_dir: str                             # a training run's --out folder
+
+
+def plot(a: PlotConfig) -> None:
+    """python -m minicalm plot RUN_DIR."""
+    written = draw_if_possible(plot_run, a.run_dir, prog="python -m minicalm plot")
     if not written:
-        p.exit(1)
+        sys.exit(1)
     print(f"wrote {', '.join(str(w) for w in written)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,10 @@
 """Evaluation: a task's prompt (the post's, on MARC-ja validation, by default) answered greedily and/or scored by
-label likelihood.
+label likelihood; `eval.py`'s job (run_eval) with its report, and training's validation accuracy (evaluate_rows).
 
-Fast at scale: rows are sorted by length and batched; the head that every prompt shares is run through the model
+Fast at scale: rows are sorted by length and batched; the prefix that every prompt shares is run through the model
 once and its keys/values copied into each batch's KV cache, so only the row's own text, the rest of the template
 and the answer are computed per example; decoding stops as soon as every row has emitted EOS or a newline. The
-decoding itself is generate.py's (`answer`). Used by eval.py and by training's periodic validation accuracy.
+decoding is generate.py's.
 """
 from __future__ import annotations
 
@@ -12,21 +12,23 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from tqdm import tqdm
 
-from . import data
-from .adapter import base_for, load_adapter
-from .files import write_json, write_text
-from .generate import answer, prefill
-from .lora import lora_disabled
-from .model import eval_mode
+from ..config import SettingError
+from ..generate import decode_n_tokens, left_pad, prefill, score_continuations
+from ..io.adapter import base_for, load_adapter
+from ..io.files import write_json, write_text
+from ..io.tokenizer import Tokenizer, load_tokenizer
+from ..io.weights import load_model
+from ..lora import lora_disabled
+from ..model import eval_mode
+from ..tasks import data
+from ..tasks.score import INVALID, compute_metrics, parse_answer
+from ..tasks.task import MARC_JA, Task, find_task
 from .plot import draw_if_possible, plot_confusion
-from .progress import Progress
-from .score import INVALID, compute_metrics, parse_answer
-from .task import MARC_JA, Task, find_task
-from .tokenizer import Tokenizer, load_tokenizer
-from .weights import load_model
 
 # The post's table (BrainPad, 2023) and two JGLUE baselines (github.com/yahoojapan/JGLUE, MARC-ja dev accuracy):
 # accuracy, and the share of answers that are neither label word.
@@ -38,7 +40,7 @@ POST_ROWS = [("OpenCALM-7B before fine-tuning (post)", 0.011, 0.985),
 
 @torch.inference_mode()
 def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC_JA, *, max_len: int = 256,
-                  batch_size: int = 16, max_new_tokens: int = 8, mode: str = "generate", reuse_prefix: bool = True,
+                  batch_size: int = 16, max_new_tokens: int = 8, mode: str = "generate", share_prefix: bool = True,
                   log: bool = True) -> dict:
     """Answer every row; returns {"metrics": ..., "predictions": [...]} (metrics per mode when mode='both').
 
@@ -46,79 +48,104 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
     """
     if mode not in ("generate", "likelihood", "both"):
         raise ValueError(f"mode must be generate, likelihood or both, not {mode!r}")
+    enc = data.PromptEncoder(tok, max_len, task)
     with eval_mode(model):
-        preds = answer_rows(model, tok, rows, task, max_len, batch_size, max_new_tokens if mode != "likelihood" else 0,
-                            mode != "generate", reuse_prefix, log)
+        answers = Answers(model, tok, enc, max_new_tokens if mode != "likelihood" else 0, mode != "generate")
+        P = answers.share_prefix() if share_prefix else 0
+        prompts = [ids[P:] for ids, _ in enc.encode_prompts(rows)]
+        order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+        preds: list[dict] = [{} for _ in rows]
+        with tqdm(total=len(rows), desc="eval", disable=not log, dynamic_ncols=True) as bar:
+            for b0 in range(0, len(order), batch_size):
+                batch = order[b0:b0 + batch_size]
+                for i, p in zip(batch, answers([prompts[i] for i in batch])):
+                    preds[i] = {"id": rows[i].id, "gold": rows[i].label} | p
+                bar.update(len(batch))
     golds, labels = [r.label for r in rows], list(task.labels)
     metrics = {m: compute_metrics(golds, [p[k] for p in preds], labels)
                for m, k in (("generate", "answer"), ("likelihood", "likelihood_answer")) if mode in (m, "both")}
     return {"metrics": metrics[mode] if mode != "both" else metrics, "predictions": preds}
 
 
-def answer_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task, max_len: int, batch_size: int,
-                max_new_tokens: int, likelihood: bool, reuse_prefix: bool, log: bool) -> list[dict]:
-    """Each row's prediction: its greedy continuation and answer (max_new_tokens > 0) and its label likelihoods."""
-    enc = data.PromptEncoder(tok, max_len, task)
-    prompts = [ids for ids, _ in enc.encode_prompts(rows)]
-    P = len(enc.head_ids) if reuse_prefix else 0
-    assert all(p[:P] == enc.head_ids[:P] for p in prompts), "segment-wise encoding keeps the shared head intact"
-    head, device = None, model.gpt_neox.embed_in.weight.device
-    if P:   # the shared head, once for the whole evaluation: (1, nh, P, hs) per layer
-        head = model.new_cache(1, P)
-        prefill(model, torch.tensor([enc.head_ids], device=device), head, torch.arange(P, device=device)[None], None)
-    labels = list(task.labels)
-    stops, blank = tok.line_end_ids
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
-    preds: list[dict] = [{} for _ in rows]
-    bar = Progress(len(rows), "eval", enabled=log)
-    for b0 in range(0, len(order), batch_size):
-        batch = order[b0:b0 + batch_size]
-        new, scores = answer(model, [prompts[i][P:] for i in batch], tok.pad_token_id, head=head, start=P,
-                             max_new_tokens=max_new_tokens, stop_ids=stops, leading_ids=blank,
-                             choices=[enc.answer_ids[label] for label in labels] if likelihood else None)
-        for r, i in enumerate(batch):
-            p = preds[i] = {"id": rows[i].id, "gold": rows[i].label}
-            if new is not None:
-                toks = new[r].tolist()
-                cut = toks.index(tok.eos_token_id) if tok.eos_token_id in toks else len(toks)
-                p["continuation"] = tok.decode(toks[:cut])
-                p["answer"] = parse_answer(p["continuation"], task.labels)   # a label, or None: no valid answer
-            if scores is not None:
-                p.update({f"logprob_{lab}": round(scores[r, j].item(), 5) for j, lab in enumerate(labels)})
-                p["likelihood_answer"] = labels[int(scores[r].argmax())]
-        bar.update(len(batch))
-    bar.close()
-    return preds
+class Answers:
+    """A task's answers to batches of prompts: each row's greedy continuation and the label it gives (when
+    max_new_tokens > 0), and each label word's log-likelihood (with likelihood)."""
+
+    def __init__(self, model, tok: Tokenizer, enc: data.PromptEncoder, max_new_tokens: int, likelihood: bool):
+        self.model, self.tok, self.enc, self.max_new_tokens = model, tok, enc, max_new_tokens
+        self.labels = list(enc.task.labels)
+        self.choices = [enc.answer_ids[label] for label in self.labels] if likelihood else []
+        self.prefix, self.start = None, 0
+
+    def share_prefix(self) -> int:
+        """Run the prompts' shared prefix once, into a one-row cache every batch continues from; its length."""
+        ids = self.enc.prefix_ids
+        if ids:
+            device = self.model.gpt_neox.embed_in.weight.device
+            _, state = prefill(self.model, torch.tensor([ids], device=device), extra=0)
+            self.prefix, self.start = state.cache, len(ids)
+        return len(ids)
+
+    def __call__(self, prompts: list[list[int]]) -> list[dict]:
+        """The predictions for prompts that continue after the shared prefix (or from the start without one)."""
+        tok, device = self.tok, self.model.gpt_neox.embed_in.weight.device
+        ids, mask = left_pad(prompts, tok.pad_token_id, device)
+        extra = max([self.max_new_tokens, *map(len, self.choices)])
+        logits, state = prefill(self.model, ids, mask, extra=extra, prefix=self.prefix, start=self.start)
+        preds = [{} for _ in prompts]
+        if self.choices:
+            scores = score_continuations(self.model, logits, state, self.choices)   # (B, N)
+            for p, row in zip(preds, scores.tolist()):
+                p.update({f"logprob_{lab}": round(s, 5) for lab, s in zip(self.labels, row)})
+                p["likelihood_answer"] = self.labels[max(range(len(row)), key=row.__getitem__)]
+        if self.max_new_tokens:
+            stops, blank = tok.line_end_ids
+            new = list(decode_n_tokens(self.model, logits, state, self.max_new_tokens, stop_ids=stops,
+                                       leading_ids=blank, pad_id=tok.pad_token_id))
+            for r, p in enumerate(preds):
+                toks = [int(t[r]) for t in new]
+                p["continuation"] = tok.decode(toks[:toks.index(tok.eos_token_id)] if tok.eos_token_id in toks else toks)
+                p["answer"] = parse_answer(p["continuation"], self.enc.task.labels)   # a label, or None: invalid
+        return preds
 
 
 # ----------------------------------------------------------------------------- the eval.py job
 
 @dataclass
 class EvalConfig:
-    model: str | None = None          # hub id or folder; None: the adapter's base (at its revision), else POST_MODEL
-    revision: str | None = None
-    adapter: str | None = None        # PEFT-format LoRA adapter folder
-    task: str | None = None           # built-in name or task file; None: the adapter's (task.json) or marc-ja
-    data: str | None = None           # JSON-lines file; None: the task's validation split from the hub
-    limit: int | None = None
-    batch_size: int = 16
-    max_new_tokens: int = 8
-    max_len: int = 256
-    mode: str = "generate"            # generate | likelihood | both
-    out: str = "runs/eval"
+    model: str | None = None          # hub id or local checkpoint folder; default: the base the --adapter records,
+                                      # else cyberagent/open-calm-7b
+    revision: str | None = None       # hub branch, tag or commit; default: the one the --adapter records (for its
+                                      # base), else main
+    adapter: str | None = None        # LoRA adapter folder (PEFT format, e.g. RUN/adapter)
+    task: str | None = None           # built-in task (marc-ja, jnli) or a task JSON file; default: the task saved
+                                      # beside --adapter (task.json), else marc-ja
+    data: str | None = None           # JSON lines of the task's rows; default: its validation split from the hub
+    limit: int | None = None          # evaluate only the first N rows
+    batch_size: int = 16              # prompts per batch
+    max_new_tokens: int = 8           # greedy tokens per answer at most
+    max_len: int = 256                # prompt tokens; a longer row's text is cut to fit
+    mode: Literal["generate", "likelihood", "both"] = "generate"   # greedy answers, label log-likelihood, or both
+    out: str = "runs/eval"            # folder for metrics.json, predictions.jsonl, report.md
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "auto"
-    quantize: str | None = None       # "nf4": the base's block weights in 4 bits (nf4.py)
-    compare_base: bool = False        # evaluate the base model and base + adapter in one run
-    log: bool = True
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype)
+    quantize: Literal["nf4"] | None = None   # the base's block weights in 4-bit NF4 (nf4.py)
+    compare_base: bool = False        # also evaluate the base model without the adapter, in the same run
+    log: bool = True                  # progress bar and the report on the terminal
+
+    def __post_init__(self):
+        for name, ok, rule in (("limit", self.limit is None or self.limit >= 1, "a positive number of rows"),
+                               ("batch_size", self.batch_size >= 1, "at least 1"),
+                               ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+                               ("max_len", self.max_len >= 2, "at least 2 tokens"),
+                               ("compare_base", not self.compare_base or self.adapter,
+                                "used with adapter (it compares the base model with base + adapter)")):
+            if not ok:
+                raise SettingError("EvalConfig", name, f"must be {rule}, got {getattr(self, name)!r}")
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Load, evaluate, write metrics.json, predictions.jsonl and report.md under cfg.out; returns the results."""
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ValueError(f"--limit must be a positive number of rows, not {cfg.limit}")
-    if cfg.compare_base and not cfg.adapter:
-        raise ValueError("--compare-base needs --adapter (it compares the base model with base + adapter)")
     model_id, revision = base_for(cfg.adapter, cfg.model, cfg.revision)
     task = find_task(cfg.task, cfg.adapter, model_id)
     rows = data.read_jsonl(cfg.data or data.task_data(task, "validation", instead="--data"), task, limit=cfg.limit)

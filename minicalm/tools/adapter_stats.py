@@ -15,31 +15,29 @@ Each adapted layer's update is ΔW = (alpha/r) B A, an (out x in) matrix of rank
 - DoRA (W' = m (W + ΔW) / ||W + ΔW||_row): ΔW above is its direction's update, and magnitude_change =
   ||m - m0|| / ||m0||, m0 = W's row norms (where m started), says how far the rows' lengths moved.
 
-`python -m minicalm.adapter_stats ADAPTER --out DIR [--base MODEL|none] [--compare ADAPTER2]` writes
+`python -m minicalm stats ADAPTER --out DIR [--base MODEL|none] [--compare ADAPTER2]` writes
 DIR/adapter_stats.json and its pictures (drawn by minicalm.plot).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .adapter import adapter_base, read_adapter, scaling_of
-from .files import write_json
-from .lora import VALID_TARGETS
+from ..config import BLOCK_LINEARS
+from ..io.adapter import adapter_base, read_adapter
+from ..io.files import write_json
+from ..io.weights import read_tensors, resolve, weight_files
+from ..model import BLOCK_LINEAR
 from .plot import draw_if_possible, plot_adapter_stats
-from .weights import read_tensors, resolve, weight_files
-
-MODULE = re.compile(r"gpt_neox\.layers\.(\d+)\.(?:attention|mlp)\.(\w+)")   # an adapted layer's name
 
 
 def layer_and_target(name: str) -> tuple[int, str]:
     """gpt_neox.layers.3.mlp.dense_h_to_4h -> (3, "dense_h_to_4h")."""
-    match = MODULE.fullmatch(name)
+    match = BLOCK_LINEAR.fullmatch(name)
     if match is None:
         raise ValueError(f"{name!r} is not a GPT-NeoX block's linear layer (gpt_neox.layers.N.attention|mlp.NAME)")
     return int(match[1]), match[2]
@@ -93,8 +91,7 @@ def base_weights(base: str | os.PathLike, names: list[str], revision: str | None
 
 def compare_adapters(adapter_dir: str | os.PathLike, other_dir: str | os.PathLike) -> dict:
     """phi for every module both adapters adapt, and its mean over those modules."""
-    _, mine = read_adapter(adapter_dir)
-    _, theirs = read_adapter(other_dir)
+    mine, theirs = read_adapter(adapter_dir).factors, read_adapter(other_dir).factors
     common = [n for n in mine if n in theirs]
     if not common:
         raise ValueError(f"{adapter_dir} and {other_dir} adapt no module in common")
@@ -107,12 +104,13 @@ def inspect_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike | No
                     compare: str | os.PathLike | None = None, revision: str | None = None) -> dict:
     """The contents of adapter_stats.json. base: a checkpoint folder or hub id (at `revision`), for weight_norm,
     relative_update and amplification (None: the adapter alone). compare: a second adapter folder, for phi."""
-    cfg, adapters = read_adapter(adapter_dir)
+    adapter = read_adapter(adapter_dir)
+    cfg, adapters = adapter.config, adapter.factors
     compared = None if compare is None else compare_adapters(adapter_dir, compare)   # cheap: before the base
     modules, svds = {}, {}
-    for name in sorted(adapters, key=lambda n: (layer_and_target(n)[0], VALID_TARGETS.index(layer_and_target(n)[1]))):
+    for name in sorted(adapters, key=lambda n: (layer_and_target(n)[0], BLOCK_LINEARS.index(layer_and_target(n)[1]))):
         A, B, _ = adapters[name]
-        U, S, V = svds[name] = delta_svd(A, B, scaling_of(cfg))
+        U, S, V = svds[name] = delta_svd(A, B, cfg.scaling)
         layer, target = layer_and_target(name)
         modules[name] = {"name": name, "layer": layer, "target": target, "delta_norm": S.norm().item(),
                          "singular_values": S.tolist()}
@@ -128,37 +126,33 @@ def inspect_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike | No
                 m0 = W.double().norm(dim=1)
                 modules[name]["magnitude_change"] = ((adapters[name].magnitude.double() - m0).norm() / m0.norm()).item()
     return {"adapter": str(adapter_dir), "base": None if base is None else str(base), "revision": revision,
-            "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_dora": cfg["use_dora"],
-            "use_rslora": cfg["use_rslora"],
+            "r": cfg.r, "lora_alpha": cfg.alpha, "use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora,
             "modules": list(modules.values()), "compare": compared}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m minicalm.adapter_stats",
-                                description="What a LoRA adapter changed: update norms, spectra, amplification, and "
-                                            "subspace similarity with another adapter (adapter_stats.json + PNGs).")
-    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--base", default=None, help="base checkpoint folder or hub id (default: the one the adapter "
-                                                "records, at its revision; 'none': the adapter alone)")
-    p.add_argument("--revision", default=None, help="the --base's hub revision (default: the adapter's, for its base)")
-    p.add_argument("--compare", default=None, help="a second adapter folder: subspace similarity phi")
-    p.add_argument("--out", required=True, help="output folder")
-    a = p.parse_args(argv)
-    base, revision = (a.base, a.revision) if a.base else (None, None)
+@dataclass
+class StatsConfig:
+    adapter: str                             # adapter folder (adapter_config.json + adapter_model.safetensors)
+    out: str = "runs/adapter-stats"          # output folder: adapter_stats.json and its pictures
+    base: str | None = None                  # base checkpoint folder or hub id (default: the one the adapter records,
+                                             # at its revision; none: the adapter alone)
+    revision: str | None = None              # the base's hub revision (default: the adapter's, for its base)
+    compare: str | None = None               # a second adapter folder: subspace similarity phi
+
+
+def stats(a: StatsConfig) -> None:
+    """python -m minicalm stats ADAPTER: adapter_stats.json and its pictures in --out."""
+    base, revision = a.base, a.revision
+    if base is None:   # the checkpoint the adapter records, at its revision
+        base, saved = adapter_base(a.adapter)
+        revision = revision or saved
     try:
-        if base is None:
-            base, saved_revision = adapter_base(a.adapter)
-            revision = a.revision or saved_revision
         result = inspect_adapter(a.adapter, None if base in (None, "none") else base, a.compare, revision)
     except (OSError, ValueError) as e:   # missing files, an unreachable hub id, a base that does not match
         hint = " (--base PATH picks the base model, --base none skips it)" if base not in (None, "none") else ""
-        p.exit(1, f"{p.prog}: error: {e}{hint}\n")
+        raise type(e)(f"{e}{hint}") from None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     written = [write_json(out / "adapter_stats.json", result, indent=1)]
-    written += draw_if_possible(plot_adapter_stats, result, out, prog=p.prog)
+    written += draw_if_possible(plot_adapter_stats, result, out, prog="python -m minicalm stats")
     print(f"wrote {', '.join(str(w) for w in written)}")
-
-
-if __name__ == "__main__":
-    main()

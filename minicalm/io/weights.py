@@ -5,7 +5,6 @@ requested dtype and device, so a 7B bf16 load never holds an fp32 copy or the wh
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Iterator
@@ -14,11 +13,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..config import CalmConfig, resolve_dtype
+from ..model import BLOCK_LINEAR, CalmForCausalLM
+from ..nf4 import NF4Linear, NF4Weight
 from . import hub
-from .config import CalmConfig
 from .files import atomic_write, read_json, write_json
-from .model import CalmForCausalLM
-from .nf4 import BLOCK_LINEAR, NF4Linear, NF4Weight
 
 # Per-layer buffers that old GPT-NeoX checkpoints (OpenCALM's among them) carry and this model recomputes.
 LEGACY_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
@@ -96,26 +95,21 @@ def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         del sd
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device) -> torch.dtype:
-    """A dtype, its name ("bfloat16", "float16", "float32"), or "auto"/None: bf16 on a GPU that supports it, else
-    fp32 (CPU matmuls in bf16 are slow, and fp32 is what the tests compare against)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        dev = torch.device(device)
-        cuda_bf16 = dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"dtype {dtype!r}: expected auto, bfloat16, float16 or float32")
-    return getattr(torch, dtype)
+def stored_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json says its weights are stored in (torch_dtype, or transformers 5.x's
+    dtype), if it says one."""
+    d = read_json(folder / "config.json", "a checkpoint's config.json")
+    name = d.get("torch_dtype") or d.get("dtype")
+    return getattr(torch, name) if name in ("float16", "bfloat16", "float32") else None
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device="cpu",
                revision: str | None = None, quantize: str | None = None) -> CalmForCausalLM:
-    """Load a GPT-NeoX checkpoint (local folder or hub id) into minicalm's model, in eval mode.
+    """Load a GPT-NeoX checkpoint (local folder or hub id) into minicalm's model, in eval mode; model.checkpoint
+    records (name_or_path, revision), which an adapter saved from it names as its base.
 
-    dtype None or "auto" means bf16 on a GPU that supports it, else fp32 (resolve_dtype). quantize="nf4" stores the
-    blocks' linear weights as NF4 (nf4.py), each quantized as it is read: the model is never whole in 16 bits.
+    dtype None or "auto" means bf16 on a GPU that supports it, else fp32 (config.resolve_dtype). quantize="nf4" stores
+    the blocks' linear weights as NF4 (nf4.py), each quantized as it is read: the model is never whole in 16 bits.
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize {quantize!r}: the one 4-bit format here is 'nf4'")
@@ -141,7 +135,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
                 raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, the config "
                                  f"({folder / 'config.json'}) implies {tuple(expected[name].shape)}")
             t = t.to(device=device, dtype=dtype)   # one tensor at a time, never an fp32 model copy
-            state[name] = NF4Weight(t) if quantize and BLOCK_LINEAR.fullmatch(name) else t
+            state[name] = NF4Weight(t) if quantize and BLOCK_LINEAR.fullmatch(name.removesuffix(".weight")) else t
             del t
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -153,6 +147,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     model.load_state_dict(state, strict=False, assign=True)   # every name and shape was checked above, by file
     if cfg.tie_word_embeddings:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
+    model.checkpoint = (str(name_or_path), revision)
     return model.eval()
 
 
@@ -192,28 +187,10 @@ def save_checkpoint(model: CalmForCausalLM, out_dir: str | os.PathLike, tokenize
     return out
 
 
-def convert_bin_to_safetensors(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+def convert_bin_to_safetensors(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | torch.dtype = "auto",
                                revision: str | None = None) -> Path:
-    """Rewrite a pickled .bin checkpoint (e.g. OpenCALM's main) as sharded safetensors, legacy buffers dropped."""
+    """Rewrite a pickled .bin checkpoint (e.g. OpenCALM's main) as sharded safetensors, legacy buffers dropped; in its
+    own dtype unless told (config.resolve_dtype's "auto")."""
     folder = resolve(src, revision)
-    model = load_model(folder, dtype=dtype or torch.float16)
+    model = load_model(folder, dtype=resolve_dtype(dtype, "cpu", stored=stored_dtype(folder)))
     return save_checkpoint(model, out_dir, tokenizer_dir=folder)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minicalm.weights",
-                                description="Convert a pytorch_model*.bin GPT-NeoX checkpoint to sharded safetensors.")
-    p.add_argument("src", help="checkpoint folder or hub id")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    a = p.parse_args(argv)
-    try:
-        out = convert_bin_to_safetensors(a.src, a.out, resolve_dtype(a.dtype, "cpu"), a.revision)
-    except (ValueError, FileNotFoundError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,174 @@
+"""The small commands of `python -m minicalm`: generate (also `python -m minicalm.generate`), merge and convert; each
+a config dataclass (its flags, tools/cli.py) and a function.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import torch
+
+from ..config import POST_MODEL, resolve_dtype
+from ..generate import decode_n_tokens, greedy, prefill, sampler
+from ..io.adapter import base_for, load_adapter, save_merged
+from ..io.tokenizer import load_tokenizer
+from ..io.weights import convert_bin_to_safetensors, load_model, resolve, stored_dtype
+from ..model import eval_mode
+from ..tasks.data import PromptEncoder, Row
+from ..tasks.task import find_task
+from .cli import command
+from .evaluate import Answers
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- generate
+
+@dataclass
+class GenerateConfig:
+    text: list[str]                          # texts (default: one per line of stdin); a task with several fields
+                                             # (jnli) takes them tab-separated
+    model: str | None = None                 # hub id or folder (also a merged checkpoint); default: the --adapter's
+                                             # base, else cyberagent/open-calm-7b
+    revision: str | None = None              # hub revision; default: the --adapter's, for its base
+    adapter: str | None = None               # LoRA adapter folder (PEFT format, e.g. RUN/adapter)
+    task: str | None = None                  # built-in task or task file; default: the task.json beside --adapter
+                                             # (or in --model's folder), else marc-ja
+    raw: bool = False                        # let the model continue the text itself, no prompt
+    max_new_tokens: int | None = None        # new tokens at most; default: 8 for answers, 100 with --raw
+    temperature: float = 0.0                 # --raw: 0 is greedy, above 0 samples
+    top_k: int | None = None                 # --raw: sample among the k likeliest tokens
+    seed: int = 0                            # --raw: the sampling seed
+    max_len: int = 256                       # prompt tokens; a longer text is cut
+    device: str = DEVICE
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype)
+
+
+def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_tokens: int) -> Iterator[str]:
+    """One line per text: the task's greedy answer (or `invalid`), what the model wrote, each label word's
+    probability after the prompt, the text. A task with several fields takes them tab-separated, in its order."""
+    enc = PromptEncoder(tok, max_len, task)
+    answers = Answers(model, tok, enc, max_new_tokens, likelihood=True)
+    for text in texts:
+        values = text.split("\t") if len(task.fields) > 1 else [text]
+        if len(values) != len(task.fields):
+            raise ValueError(f"task {task.name} needs {len(task.fields)} tab-separated fields "
+                             f"({', '.join(task.fields)}), got {len(values)} in {text!r}")
+        prompt, _ = enc.encode_prompt(Row(dict(zip(task.fields, values)), next(iter(task.labels)), "0"))
+        (p,) = answers([prompt])
+        probs = " ".join(f"p({label})={torch.tensor(p[f'logprob_{label}']).exp():.3f}" for label in task.labels)
+        yield f"{p['answer'] or 'invalid'}\t{p['continuation']!r}\t{probs}\t{text}"
+
+
+@torch.inference_mode()
+def continue_text(model, tok, text: str, max_new_tokens: int, pick: Callable) -> Iterator[str]:
+    """The model's own continuation of text (until EOS), as pieces of text to print as they come."""
+    ids = tok.encode(text) or [tok.eos_token_id]   # an empty text starts after EOS, as a new document
+    device = model.gpt_neox.embed_in.weight.device
+    logits, state = prefill(model, torch.tensor([ids], device=device), extra=max_new_tokens)
+    new, shown = [], ""
+    for token in decode_n_tokens(model, logits, state, max_new_tokens, pick=pick, stop_ids={tok.eos_token_id},
+                                 pad_id=tok.pad_token_id):
+        if int(token) == tok.eos_token_id:
+            break
+        new.append(int(token))
+        text = tok.decode(new).rstrip("\ufffd")   # hold back a character whose bytes are not all there yet
+        yield text[len(shown):]
+        shown = text
+
+
+def generate(a: GenerateConfig) -> None:
+    texts = a.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    model_id, revision = base_for(a.adapter, a.model, a.revision)
+    tok = load_tokenizer(model_id, revision=revision)
+    task = None if a.raw else find_task(a.task, a.adapter, model_id)
+    model = load_model(model_id, dtype=a.dtype, device=a.device, revision=revision)
+    if a.adapter:
+        load_adapter(model, a.adapter, base=model_id)
+    if not a.raw:
+        with eval_mode(model), torch.inference_mode():
+            for line in answer_texts(model, tok, task, texts, a.max_len, a.max_new_tokens or 8):
+                print(line, flush=True)
+        return
+    g = torch.Generator(a.device).manual_seed(a.seed)
+    pick = greedy if a.temperature <= 0 else sampler(a.temperature, a.top_k, g)
+    for text in texts:
+        print(text, end="", flush=True)
+        for piece in continue_text(model, tok, text, a.max_new_tokens or 100, pick):
+            print(piece, end="", flush=True)
+        print()
+
+
+GENERATE = ("Answer each text (or each line of stdin) with a task's prompt: the greedy answer, whether it is a valid "
+            "one, and each label word's probability. With --raw the model continues the text itself, greedy or "
+            "sampled, streaming tokens as they come.")
+
+
+def generate_main(argv: list[str] | None = None) -> None:
+    command(GenerateConfig, generate, "python -m minicalm.generate", GENERATE, argv)
+
+
+# ----------------------------------------------------------------------------- merge, convert
+
+@dataclass
+class MergeConfig:
+    adapter: str                             # adapter folder (adapter_config.json + adapter_model.safetensors)
+    out: str = "runs/merged"                 # output folder for the merged checkpoint
+    model: str | None = None                 # base checkpoint; default: the one the adapter records
+    revision: str | None = None              # hub revision; default: the one the adapter records
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the merged weights' dtype; auto: the
+                                             # base checkpoint's own (W + s B A is computed in fp32, rounded once)
+
+
+def merge(a: MergeConfig) -> None:
+    model_id, revision = base_for(a.adapter, a.model, a.revision)
+    folder = resolve(model_id, revision)
+    model = load_model(model_id, dtype=resolve_dtype(a.dtype, "cpu", stored=stored_dtype(folder)), revision=revision)
+    load_adapter(model, a.adapter, base=model_id)
+    out = save_merged(model, a.out, tokenizer_dir=folder)
+    if (Path(a.adapter) / "task.json").is_file():   # the question the adapter was trained to answer
+        shutil.copy(Path(a.adapter) / "task.json", out / "task.json")
+    print(f"wrote {out}")
+
+
+@dataclass
+class ConvertConfig:
+    src: str                                 # checkpoint folder or hub id with pytorch_model*.bin weights
+    out: str                                 # output folder for sharded safetensors
+    revision: str | None = None              # hub revision of src
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # auto: the checkpoint's own
+
+
+def convert(a: ConvertConfig) -> None:
+    print(f"wrote {convert_bin_to_safetensors(a.src, a.out, a.dtype, a.revision)}")
+
+
+COMMANDS = {   # name: (config, function, what it does)
+    "generate": (GenerateConfig, generate, GENERATE),
+    "merge": (MergeConfig, merge, "Merge a LoRA adapter into its base model and write a plain GPT-NeoX checkpoint "
+                                  "(safetensors, with the tokenizer and the run's task.json)."),
+    "convert": (ConvertConfig, convert, "Convert a pytorch_model*.bin GPT-NeoX checkpoint to sharded safetensors."),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m minicalm COMMAND [flags]."""
+    from .adapter_stats import StatsConfig, stats
+    from .plan import PlanConfig, show
+    from .plot import PlotConfig, plot
+    table = COMMANDS | {
+        "plan": (PlanConfig, show, (show.__module__ and sys.modules[show.__module__].__doc__) or ""),
+        "plot": (PlotConfig, plot, "Draw a run's metrics.jsonl (loss, lr, gradient norm, tokens/s) into "
+                                   "RUN_DIR/plots/*.png; works while the run is still going."),
+        "stats": (StatsConfig, stats, "What a LoRA adapter changed: update norms, spectra, amplification, and "
+                                      "subspace similarity with another adapter (adapter_stats.json + PNGs)."),
+    }
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in table:
+        names = "\n".join(f"  {name:9} {what.splitlines()[0][:100]}" for name, (_, _, what) in table.items())
+        sys.exit(f"usage: python -m minicalm COMMAND [--help | flags]\ncommands:\n{names}")
+    cls, fn, what = table[argv[0]]
+    command(cls, fn, f"python -m minicalm {argv[0]}", what, argv[1:])
