@@ -280,8 +280,8 @@ def train_step(run: Run, batch: list[int]) -> dict:
     rec = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "loss": loss, "lr": lr,
            "tokens_per_s": round(tokens / max(time.time() - t0, 1e-9), 1), "peak_memory_bytes": peak_memory(device),
            "grad_norm": round(grad_norm.item(), 4) if torch.isfinite(grad_norm) else None}
-    if run.scaler.is_enabled():
-        rec |= {"loss_scale": scale, "skipped": run.scaler.get_scale() < scale}
+    if run.scaler.is_enabled():   # a skipped step halved the scale
+        rec |= {"loss_scale": run.scaler.get_scale(), "skipped": run.scaler.get_scale() < scale}
     return rec
 
 

@@ -1,4 +1,4 @@
-"""minicalm.adapter_stats: the math on matrices built with known answers (a chosen spectrum, nested and orthogonal
+"""minicalm.tools.adapter_stats: the math on matrices built with known answers (a chosen spectrum, nested and orthogonal
 subspaces, a diagonal W whose strong and weak directions are known), the files and pictures the CLI writes, and on
 two real short LoRA runs the numbers equal a computation straight from the adapter's files."""
 from __future__ import annotations
@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REVIEWS, ROOT, assert_close_to_scale, need
 from minicalm.io.adapter import PEFT_PREFIX
-from minicalm.tools.adapter_stats import amplification, delta_svd, inspect_adapter, main, subspace_similarity
-from minicalm.config import BLOCK_LINEARS
+from minicalm.tools.adapter_stats import amplification, delta_svd, inspect_adapter, subspace_similarity
+from minicalm.tools.commands import main as minicalm
+from minicalm.config import BLOCK_LINEARS, LoraConfig
 from minicalm.train import TrainConfig, train
 
 F64 = dict(dtype=torch.float64)
@@ -174,7 +175,7 @@ def two_adapters(tmp_path):
 
 def test_cli_writes_json_and_pictures_with_base_compare_and_without_base(two_adapters, tmp_path):
     (a, b), base = two_adapters
-    main([str(a), "--compare", str(b), "--out", str(tmp_path / "both")])   # base from the adapter's config
+    minicalm(["stats", str(a), "--compare", str(b), "--out", str(tmp_path / "both")])   # base from the adapter's config
     result = json.loads((tmp_path / "both" / "adapter_stats.json").read_text())
     assert result["base"] == str(base) and result["r"] == 3 and result["lora_alpha"] == 6
     names = [m["name"] for m in result["modules"]]
@@ -189,7 +190,7 @@ def test_cli_writes_json_and_pictures_with_base_compare_and_without_base(two_ada
     for name in ("update_per_layer", "singular_values", "subspace_similarity"):
         assert_png(tmp_path / "both" / f"{name}.png")
 
-    main([str(a), "--base", "none", "--out", str(tmp_path / "alone")])
+    minicalm(["stats", str(a), "--base", "none", "--out", str(tmp_path / "alone")])
     result = json.loads((tmp_path / "alone" / "adapter_stats.json").read_text())
     assert result["base"] is None and result["compare"] is None
     assert all("relative_update" not in m and m["delta_norm"] > 0 for m in result["modules"])
@@ -202,10 +203,10 @@ def test_cli_refuses_a_base_that_does_not_match_in_one_line(two_adapters, tmp_pa
     (a, _), _ = two_adapters
     wrong = write_base(tmp_path / "wrong", {QKV.format(0): torch.ones(24, 8)})   # lacks the other modules
     with pytest.raises(SystemExit) as e:
-        main([str(a), "--base", str(wrong), "--out", str(tmp_path / "x")])
+        minicalm(["stats", str(a), "--base", str(wrong), "--out", str(tmp_path / "x")])
     msg = capsys.readouterr().err
     assert e.value.code == 1 and msg.count("\n") == 1 and "gpt_neox.layers" in msg and "--base none" in msg
-    assert msg.startswith("python -m minicalm.adapter_stats: error: ")
+    assert msg.startswith("python -m minicalm stats: error: ")
     assert not (tmp_path / "x" / "adapter_stats.json").exists()
 
 
@@ -213,9 +214,9 @@ def test_without_matplotlib_the_json_is_written_and_one_line_says_what_to_instal
                                                                                  monkeypatch, capsys):
     (a, _), _ = two_adapters
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` now fails as if not installed
-    main([str(a), "--out", str(tmp_path / "out")])
+    minicalm(["stats", str(a), "--out", str(tmp_path / "out")])
     msg = capsys.readouterr().err
-    assert msg == 'python -m minicalm.adapter_stats: no pictures: drawing needs matplotlib: pip install ' \
+    assert msg == 'python -m minicalm stats: no pictures: drawing needs matplotlib: pip install ' \
                   '"minicalm[plot]"\n', msg
     assert json.loads((tmp_path / "out" / "adapter_stats.json").read_text())["modules"]
     assert not list((tmp_path / "out").glob("*.png"))
@@ -231,10 +232,11 @@ def runs(base, tmp_path_factory):
     folder, _ = base
     common = dict(model=str(folder), train_file=str(REVIEWS / "train.jsonl"), limit_train=32, batch_size=8,
                   micro_batch_size=8, max_len=128, lr=1e-2, warmup_steps=2, max_steps=10, save_every=0,
-                  lora_targets=BLOCK_LINEARS, lora_dropout=0.0, device="cpu", dtype="float32", log=False)
-    train(TrainConfig(**common, out=str(root / "r4"), lora_r=4, lora_alpha=8, seed=0,
+                  device="cpu", dtype="float32", log=False)
+    lora = dict(targets=BLOCK_LINEARS, dropout=0.0)
+    train(TrainConfig(**common, out=str(root / "r4"), lora=LoraConfig(r=4, alpha=8, **lora), seed=0,
                       valid_file=str(need(REVIEWS / "valid.jsonl")), eval_limit=8, eval_every=5, eval_accuracy=4))
-    train(TrainConfig(**common, out=str(root / "r2"), lora_r=2, lora_alpha=4, seed=1, valid_file="none"))
+    train(TrainConfig(**common, out=str(root / "r2"), lora=LoraConfig(r=2, alpha=4, **lora), seed=1, valid_file="none"))
     return root, folder
 
 
@@ -268,7 +270,7 @@ def test_real_run_numbers_equal_a_computation_from_the_adapter_files(runs, tmp_p
 
 def test_real_run_clis_write_json_and_pictures(runs, tmp_path):
     root, base = runs
-    done = cli("minicalm.adapter_stats", str(root / "r4" / "adapter"), "--compare", str(root / "r2" / "adapter"),
+    done = cli("minicalm", "stats", str(root / "r4" / "adapter"), "--compare", str(root / "r2" / "adapter"),
                "--out", str(tmp_path / "cmp"))
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "cmp" / "adapter_stats.json").read_text())
@@ -277,12 +279,12 @@ def test_real_run_clis_write_json_and_pictures(runs, tmp_path):
     for name in ("update_per_layer", "singular_values", "subspace_similarity"):
         assert_png(tmp_path / "cmp" / f"{name}.png")
 
-    done = cli("minicalm.adapter_stats", str(root / "r2" / "adapter"), "--out", str(tmp_path / "one"))
+    done = cli("minicalm", "stats", str(root / "r2" / "adapter"), "--out", str(tmp_path / "one"))
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "one" / "adapter_stats.json").read_text())["compare"] is None
     assert sorted(p.name for p in (tmp_path / "one").glob("*.png")) == ["singular_values.png", "update_per_layer.png"]
 
-    done = cli("minicalm.plot", str(root / "r4"))
+    done = cli("minicalm", "plot", str(root / "r4"))
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (root / "r4" / "plots").glob("*.png")) == [
         "grad_norm.png", "loss.png", "lr.png", "tokens_per_s.png"]

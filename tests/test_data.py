@@ -1,4 +1,5 @@
-"""minicalm.data against the real review files and GPT-NeoX tokenizer, plus small files written here for bad input."""
+"""minicalm.tasks.data against the real review files and GPT-NeoX tokenizer, plus small files written here for bad
+input."""
 from __future__ import annotations
 
 import random
@@ -9,11 +10,12 @@ import torch
 
 from conftest import NEOX_TOKENIZER, REVIEWS, need
 from minicalm import load_tokenizer
-from minicalm.tasks.data import (IGNORE_INDEX, Example, PromptEncoder, Row, collate, encode_rows, length_batches,
-                           pack_texts, parquet_to_jsonl, read_jsonl)
+from minicalm.loss import IGNORE_INDEX
+from minicalm.tasks.data import (Example, PromptEncoder, Row, collate, encode_rows, length_batches, pack_texts,
+                                 parquet_to_jsonl, read_jsonl)
 from minicalm.tasks.task import MARC_JA
 
-HEAD, TAIL = MARC_JA.head, MARC_JA.segments[1][0]   # the post's prompt around the review
+PREFIX, TAIL = MARC_JA.prefix, MARC_JA.segments[1][0]   # the post's prompt around the review
 
 
 def review(text: str, label: str = "positive", id_: str = "x") -> Row:
@@ -56,7 +58,7 @@ def write(tmp_path, name, text):
 
 def test_prompt_layout_matches_facts():
     assert format_prompt("とても良い商品でした。") == EXPECTED_PROMPT
-    assert HEAD + "X" + TAIL == format_prompt("X") and MARC_JA.fields == ["sentence"]
+    assert PREFIX + "X" + TAIL == format_prompt("X") and MARC_JA.fields == ["sentence"]
     assert TAIL == "\n\n### Response:\n"
     assert MARC_JA.labels == {"positive": "ポジティブ", "negative": "ネガティブ"}
 
@@ -135,10 +137,10 @@ def test_parquet_to_jsonl(tmp_path):
 def test_segments_and_round_trip(tok):
     enc = PromptEncoder(tok, max_len=256)
     text = "とても良い商品でした。"
-    assert enc.head_ids == tok.encode(HEAD)
+    assert enc.prefix_ids == tok.encode(PREFIX)
     assert enc.answer_ids == {k: tok.encode(w) for k, w in MARC_JA.labels.items()}   # no eos here
     prompt, truncated = enc.encode_prompt(review(text))
-    assert not truncated and prompt == enc.head_ids + tok.encode(text) + tok.encode(TAIL)
+    assert not truncated and prompt == enc.prefix_ids + tok.encode(text) + tok.encode(TAIL)
     assert tok.decode(prompt, skip_special_tokens=False) == format_prompt(text)
     ids, labels, truncated = enc.encode_example(review(text, "negative"))
     assert not truncated and ids[: len(prompt)] == prompt
@@ -157,8 +159,8 @@ def test_label_masking_by_hand():
         def encode_batch(self, texts):
             return [self.encode(t) for t in texts]
 
-    enc = PromptEncoder(Chars(), max_len=len(HEAD) + len(TAIL) + 5 + 1 + 3)   # room for 3 review chars
-    P, Tl = [ord(c) for c in HEAD], [ord(c) for c in TAIL]
+    enc = PromptEncoder(Chars(), max_len=len(PREFIX) + len(TAIL) + 5 + 1 + 3)   # room for 3 review chars
+    P, Tl = [ord(c) for c in PREFIX], [ord(c) for c in TAIL]
     word = [ord(c) for c in "ポジティブ"]
     ids, labels, truncated = enc.encode_example(review("良い"))
     assert not truncated and not enc.encode_example(review("良い品"))[2]   # 3 chars: exactly fits
@@ -172,10 +174,10 @@ def test_label_masking_by_hand():
     with pytest.raises(ValueError, match="neutral"):
         enc.encode_example(review("良い", "neutral"))
     with pytest.raises(ValueError, match="no room for the rows' text"):
-        PromptEncoder(Chars(), max_len=len(HEAD) + len(TAIL) + 6)
+        PromptEncoder(Chars(), max_len=len(PREFIX) + len(TAIL) + 6)
 
 
-def test_truncation_keeps_head_tail_answer(tok, valid):
+def test_truncation_keeps_prefix_tail_answer(tok, valid):
     enc = PromptEncoder(tok, max_len=192)
     long_review = max(valid, key=lambda r: len(r.fields["sentence"])).fields["sentence"]
     full, tail_ids = tok.encode(long_review), enc.literal_ids[1]
@@ -183,11 +185,11 @@ def test_truncation_keeps_head_tail_answer(tok, valid):
         ids, labels, truncated = enc.encode_example(review(long_review, label))
         answer = enc.answer_ids[label] + [tok.eos_token_id]
         assert truncated and len(ids) <= 192
-        assert ids[: len(enc.head_ids)] == enc.head_ids                              # instruction intact
+        assert ids[: len(enc.prefix_ids)] == enc.prefix_ids                          # instruction intact
         assert ids[-len(answer):] == answer and labels[-len(answer):] == answer       # answer + eos intact
         tail_at = len(ids) - len(answer) - len(tail_ids)
         assert ids[tail_at: len(ids) - len(answer)] == tail_ids                       # tail intact
-        assert ids[len(enc.head_ids): tail_at] == full[: enc.field_budget]            # the review's end is cut
+        assert ids[len(enc.prefix_ids): tail_at] == full[: enc.field_budget]          # the review's end is cut
     prompt, truncated = enc.encode_prompt(review(long_review))
     assert truncated and prompt == ids[: -len(answer)]   # evaluation's prompt is training's prompt
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale, hf_tiny, need
-from minicalm import (LoRALinear, apply_lora, data, evaluate, greedy_generate, load_model, load_tokenizer,
-                      save_adapter)
+from minicalm import LoRALinear, apply_lora, greedy_generate, load_model, load_tokenizer, save_adapter
+from minicalm.tasks import data
+from minicalm.tools import evaluate
 from minicalm.tools.evaluate import POST_ROWS, EvalConfig, evaluate_rows, run_eval
 from minicalm.tasks.score import compute_metrics, parse_answer
 from minicalm.tasks.task import MARC_JA
@@ -84,8 +85,8 @@ def up_to_stop(tokens: list[int], stops: tuple[set[int], set[int]]) -> list[int]
 
 
 class Recorder:
-    """Wraps evaluate's calls of generate.answer to keep their raw outputs (greedy tokens, label scores), batch by
-    batch.
+    """Wraps evaluate's calls of generate.decode_n_tokens and generate.score_continuations to keep their raw outputs
+    (greedy tokens, label scores), batch by batch.
 
     evaluate_rows visits the reviews in one length-sorted order whatever the batch size or prefix reuse, so
     the rows of torch.cat(recorded) line up between two runs on the same reviews."""
@@ -93,17 +94,20 @@ class Recorder:
     def __init__(self, monkeypatch):
         self.tokens: list[list[int]] = []
         self.scores: list[torch.Tensor] = []
-        answer = evaluate.answer
+        decode, score = evaluate.decode_n_tokens, evaluate.score_continuations
 
-        def record(*args, **kw):
-            new, scores = answer(*args, **kw)
-            if new is not None:
-                self.tokens += new.tolist()
-            if scores is not None:
-                self.scores.append(scores.clone())
-            return new, scores
+        def record_tokens(*args, **kw):
+            steps = list(decode(*args, **kw))   # each step's (B,) tokens
+            self.tokens += torch.stack(steps, dim=1).tolist()
+            return iter(steps)
 
-        monkeypatch.setattr(evaluate, "answer", record)
+        def record_scores(*args, **kw):
+            scores = score(*args, **kw)
+            self.scores.append(scores.clone())
+            return scores
+
+        monkeypatch.setattr(evaluate, "decode_n_tokens", record_tokens)
+        monkeypatch.setattr(evaluate, "score_continuations", record_scores)
 
     def reset(self):
         self.tokens, self.scores = [], []
@@ -142,7 +146,7 @@ def test_batching_and_prefix_reuse_change_nothing(tok, tiny, reviews, monkeypatc
     for batch_size, reuse, mode in ((8, True, "both"), (1, True, "both"), (8, False, "both"), (8, True, "generate")):
         rec.reset()
         out = evaluate_rows(model, tok, reviews, max_len=MAX_LEN, batch_size=batch_size, max_new_tokens=NEW,
-                               mode=mode, reuse_prefix=reuse, log=False)
+                               mode=mode, share_prefix=reuse, log=False)
         runs[batch_size, reuse, mode] = (out, [up_to_stop(t, stops) for t in rec.tokens],
                                          torch.cat(rec.scores) if rec.scores else None)
     ref_out, ref_tokens, ref_scores = runs[8, True, "both"]
@@ -260,7 +264,7 @@ def test_model_mode_and_dropout(tok, tiny, reviews):
 def adapter(tiny, tmp_path_factory):
     """A PEFT-format adapter for the tiny checkpoint whose B is non-zero (so it changes the answers' scores)."""
     folder = tiny[0]
-    model = apply_lora(load_model(folder, dtype=torch.float32), ("query_key_value", "dense"), r=4, alpha=8)
+    model = apply_lora(load_model(folder, dtype=torch.float32), targets=("query_key_value", "dense"), r=4, alpha=8)
     nonzero_lora(model)
     return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", str(folder))
 
@@ -352,7 +356,7 @@ def test_eval_py_help_and_run(tiny, tmp_path):
     assert metrics["n_rows"] == 5 and metrics["base"]["n"] == 5 and len(preds) == 5
     assert "| hf before fine-tuning |" in run.stdout and report.strip() in run.stdout
     bad = run_script("--model", tiny[0], "--data", need(REVIEWS / "valid.jsonl"), "--limit", 0, "--out", out)
-    assert bad.returncode == 1 and "eval.py: error: --limit must be a positive" in bad.stderr
+    assert bad.returncode == 1 and "eval.py: error: --limit: must be a positive" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
@@ -394,13 +398,12 @@ def test_a_task_without_data_names_the_flag_to_pass(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(limit=0), "--limit must be a positive number"),
-    (dict(limit=-3), "--limit must be a positive number"),
-    (dict(compare_base=True), "--compare-base needs --adapter"),
+    (dict(limit=0), "EvalConfig.limit: must be a positive number"),
+    (dict(limit=-3), "EvalConfig.limit: must be a positive number"),
+    (dict(compare_base=True), "EvalConfig.compare_base: must be used with adapter"),
 ])
 def test_bad_flags(tiny, tmp_path, change, message):
-    cfg = EvalConfig(model=str(tiny[0]), data=str(need(REVIEWS / "valid.jsonl")), out=str(tmp_path / "out"),
-                     device="cpu", log=False, **change)
-    with pytest.raises(ValueError, match=message):
-        run_eval(cfg)
+    with pytest.raises(ValueError, match=message):   # refused where the settings are made
+        run_eval(EvalConfig(model=str(tiny[0]), data=str(need(REVIEWS / "valid.jsonl")), out=str(tmp_path / "out"),
+                            device="cpu", log=False, **change))
     assert not (tmp_path / "out").exists()

@@ -18,7 +18,8 @@ from conftest import assert_close_to_scale, hf_tiny
 from minicalm import greedy_generate, load_model
 from minicalm.tasks.data import Row
 from minicalm.tools.evaluate import evaluate_rows
-from minicalm.generate import answer, main
+from minicalm.generate import decode_n_tokens, left_pad, prefill, score_continuations
+from minicalm.tools.commands import generate_main as main
 from minicalm.tasks.task import MARC_JA
 from reference import greedy_no_cache
 
@@ -136,17 +137,21 @@ def hf_logprob(hf, prompt: list[int], continuation: list[int]) -> float:
 
 
 def test_continuation_scores_match_transformers(models):
-    """score_continuations (through answer, the path evaluation takes): left-padded prompts of very different
+    """score_continuations after prefill (what evaluation runs per batch): left-padded prompts of very different
     lengths in one batch, continuations that share their first token and differ in length, as label words may."""
     model, hf = models
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, V, (n,), generator=g).tolist() for n in (7, 1, 23, 12, 30)]
     choices = [[5, 9, 17], [5, 11], [40]]
-    new, got = answer(model, prompts, PAD, max_new_tokens=0, choices=choices)
-    assert new is None and got.shape == (5, 3) and got.dtype == torch.float32
-    want = torch.tensor([[hf_logprob(hf, p, c) for c in choices] for p in prompts], dtype=torch.float32)
-    assert_close_to_scale(got, want)
-    new, again = answer(model, prompts, PAD, max_new_tokens=3, choices=choices)   # decoding after scoring
+    with torch.inference_mode():
+        logits, state = prefill(model, *left_pad(prompts, PAD), extra=3)
+        got = score_continuations(model, logits, state, choices)
+        assert got.shape == (5, 3) and got.dtype == torch.float32
+        want = torch.tensor([[hf_logprob(hf, p, c) for c in choices] for p in prompts], dtype=torch.float32)
+        assert_close_to_scale(got, want)
+        logits, state = prefill(model, *left_pad(prompts, PAD), extra=3)
+        again = score_continuations(model, logits, state, choices)
+        new = torch.stack(list(decode_n_tokens(model, logits, state, 3, pad_id=PAD)), dim=1)   # decoding after scoring
     assert_close_to_scale(again, got)
     ids, mask = left_padded_lists(prompts)
     assert torch.equal(new, greedy_no_cache(model, ids, 3, attention_mask=mask, pad_token_id=PAD)[:, -3:])

@@ -1,8 +1,8 @@
-"""minicalm's hub path (minicalm.hub, and through it weights.resolve, load_tokenizer and data.task_data) against the
-stand-in hub (tests/hub.py), as a user meets it: OpenCALM's layouts load by branch, pull-request ref and commit hash
-and equal transformers' own reading of the files; a second run offline reads the cache and asks the hub nothing;
-and each of the five failures (no such repo, revision or file, the hub unreachable, offline and not cached) is one
-line that says which, naming the repo, the revision and the file."""
+"""minicalm's hub path (minicalm.io.hub, and through it io.weights.resolve, load_tokenizer and tasks.data.task_data)
+against the stand-in hub (tests/hub.py), as a user meets it: OpenCALM's layouts load by branch, pull-request ref and
+commit hash and equal transformers' own reading of the files; a second run offline reads the cache and asks the hub
+nothing; and each of the five failures (no such repo, revision or file, the hub unreachable, offline and not cached)
+is one line that says which, naming the repo, the revision and the file."""
 from __future__ import annotations
 
 import socket

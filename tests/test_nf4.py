@@ -2,7 +2,7 @@
 NF4Tensor give the same 4-bit codes and dequantized weights; the 16 values are the normal quantiles the QLoRA paper
 names; the double-quantized scales stay within their step; the layer saves nothing of the weight for backward;
 load_model(quantize="nf4") gives the model of the dequantized weights; LoRA and DoRA on it equal LoRA on those
-weights dense; merging makes the layer dense; fp16 training skips an overflowing step and lowers its loss scale;
+weights dense; merging makes the layer dense and unmerging brings NF4 back; fp16 training skips an overflowing step and lowers its loss scale;
 the planner counts NF4's bytes, names the smallest card, and its peak meets the allocator's."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import REVIEWS, assert_close_to_scale, hf_tiny
 from minicalm import load_model
 from minicalm.io.adapter import save_merged
-from minicalm.lora import apply_lora, lora_layers, merge_lora
+from minicalm.lora import apply_lora, lora_layers, merge_lora, unmerge_lora
 from minicalm.nf4 import NF4, NF4Linear, NF4Weight, quantize_codes, quantize_scales
 
 IDS = torch.tensor([[3, 17, 42, 5, 99, 0, 64, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -143,7 +143,7 @@ def test_lora_on_nf4_equals_lora_on_the_dequantized_base(checkpoint, use_dora):
     twin = dense_twin(folder, q)
     for model in (q, twin):
         torch.manual_seed(0)
-        apply_lora(model, ("query_key_value", "dense_4h_to_h"), r=4, alpha=8, dropout=0.0, use_dora=use_dora)
+        apply_lora(model, targets=("query_key_value", "dense_4h_to_h"), r=4, alpha=8, dropout=0.0, use_dora=use_dora)
     with torch.no_grad():
         for (name, a), b in zip(lora_layers(q).items(), lora_layers(twin).values()):
             b.lora_B.weight.copy_(a.lora_B.weight.normal_(std=0.05))
@@ -151,17 +151,22 @@ def test_lora_on_nf4_equals_lora_on_the_dequantized_base(checkpoint, use_dora):
     x, y = IDS.clone(), IDS.clone()
     y[:, :3] = -100
     x[1, :3] = x[0, :3]   # a shared head of 3 tokens
-    losses = [answer_loss(m.train(), x, y, shared=3) for m in (q, twin)]
+    losses = [answer_loss(m.train(), x, y, prefix=3) for m in (q, twin)]
     for loss in losses:
         loss.backward()
     assert_close_to_scale(losses[0].detach(), losses[1].detach())
     for (name, p), p2 in zip([(n, p) for n, p in q.named_parameters() if p.requires_grad],
                              [p for p in twin.parameters() if p.requires_grad]):
         assert_close_to_scale(p.grad, p2.grad, msg=name)
+    codes = {n: m.base_layer.weight.codes.clone() for n, m in lora_layers(q).items()}
     with torch.no_grad():
         want = q.eval()(IDS)
         merge_lora(q)
         assert all(isinstance(m.weight, nn.Parameter) for m in lora_layers(q).values())   # merged layers are dense
+        assert_close_to_scale(q(IDS), want)
+        unmerge_lora(q)   # the NF4 layers come back, their codes untouched
+        assert all(isinstance(m.base_layer, NF4Linear) and torch.equal(m.base_layer.weight.codes, codes[n])
+                   for n, m in lora_layers(q).items())
         assert_close_to_scale(q(IDS), want)
 
 
@@ -169,7 +174,7 @@ def test_a_merged_nf4_model_is_saved_dense_for_transformers(checkpoint, tmp_path
     from transformers import GPTNeoXForCausalLM
 
     folder, _ = checkpoint
-    q = apply_lora(load_model(folder, quantize="nf4"), ("query_key_value",), r=4, alpha=8)
+    q = apply_lora(load_model(folder, quantize="nf4"), targets=("query_key_value",), r=4, alpha=8)
     with torch.no_grad():
         want = q.eval()(IDS)
         out = save_merged(q, tmp_path / "merged")
@@ -182,16 +187,17 @@ def test_fp16_skips_an_overflowing_step_and_lowers_the_loss_scale(base, tmp_path
     skipped, its weights untouched, the scale halved; the next steps train."""
     import minicalm.train as T
 
-    real, calls = T.micro_step, []
+    real, calls = T.answer_loss, []
 
-    def overflow_on_step_2(model, *args):
-        loss = real(model, *args)
+    def overflow_on_step_2(model, *args, **kw):
+        loss = real(model, *args, **kw)
         calls.append(1)
-        if len(calls) == 2:
-            next(p for p in model.parameters() if p.requires_grad).grad[0] = float("inf")
+        if len(calls) == 2:   # this step's backward overflows: a gradient element becomes inf
+            p = next(p for p in model.parameters() if p.requires_grad)
+            hook = p.register_hook(lambda g: (hook.remove(), g.index_fill(0, torch.tensor([0]), float("inf")))[1])
         return loss
 
-    monkeypatch.setattr(T, "micro_step", overflow_on_step_2)
+    monkeypatch.setattr(T, "answer_loss", overflow_on_step_2)
     snapshots = []
     cfg = T.TrainConfig(model=str(base[0]), train_file=str(REVIEWS / "train.jsonl"), valid_file="none",
                         out=str(tmp_path / "run"), limit_train=32, batch_size=8, micro_batch_size=8, max_len=128,
@@ -207,9 +213,9 @@ def test_fp16_skips_an_overflowing_step_and_lowers_the_loss_scale(base, tmp_path
 
 
 def test_the_planner_counts_nf4_and_names_the_smallest_card():
-    from minicalm.tools.plan import plan
+    from minicalm.tools.plan import PlanConfig, plan
 
-    bf16, nf4 = (plan("open-calm-7b", 16, 256, shared_tokens=75, quantize=q) for q in (None, "nf4"))
+    bf16, nf4 = (plan(PlanConfig("open-calm-7b", 16, 256, shared_prefix=75, quantize=q)) for q in (None, "nf4"))
     # 6.44B block weights at 4.127 bits and the 0.43B-parameter embedding and head in bf16: 3.9 GiB, not 12.8
     assert 12.5 * 2**30 < bf16.weights_bytes < 13 * 2**30 and 3.8 * 2**30 < nf4.weights_bytes < 4.1 * 2**30
     assert nf4.params == bf16.params and nf4.trainable_params == bf16.trainable_params
@@ -227,8 +233,8 @@ def test_preflight_suggests_fp16_without_bf16_and_nf4_when_nothing_else_fits(cap
     assert "this GPU has no bf16: --dtype float16" in capsys.readouterr().err
     # 0.3 GiB: less than open-calm-small's bf16 weights (0.31 GiB), more than its NF4 ones (0.2 GiB)
     with pytest.raises(MemoryError, match=r"try --micro-batch-size \d+( --grad-checkpoint)? --quantize nf4$"):
-        preflight(cfg, small, [150] * 100, torch.device("cpu"), torch.bfloat16, shared=75, memory=0.3 * 2**30,
-                  log=False)
+        preflight(TrainConfig(micro_batch_size=16, log=False), small, [150] * 100, torch.device("cpu"),
+                  torch.bfloat16, shared=75, memory=0.3 * 2**30)
 
 
 MEASURE_NF4 = r"""
@@ -236,12 +242,12 @@ import gc, json, sys, torch
 from torch.profiler import ProfilerActivity, profile
 from minicalm.config import CalmConfig
 from minicalm.lora import apply_lora
-from minicalm.loss import micro_step
+from minicalm.loss import answer_loss
 from minicalm.model import CalmForCausalLM
 from minicalm.nf4 import quantize_blocks
 cfg, B, T = json.loads(sys.argv[1])
 m = quantize_blocks(CalmForCausalLM(CalmConfig(**cfg))).train()
-apply_lora(m, ("query_key_value",), r=8, alpha=16, dropout=0.05)
+apply_lora(m, targets=("query_key_value",), r=8, alpha=16, dropout=0.05)
 gc.collect()
 live = peak = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])   # the loaded model
 x = torch.randint(0, cfg["vocab_size"], (B, T))
@@ -250,7 +256,7 @@ y[:, :T - 5] = -100
 with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
     for _ in range(2):
-        micro_step(m, x, y, 1, 0); opt.step(); opt.zero_grad(set_to_none=True)
+        answer_loss(m, x, y).backward(); opt.step(); opt.zero_grad(set_to_none=True)
 for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
     live += e.nbytes(); peak = max(peak, live)
 print(json.dumps(peak))
@@ -259,11 +265,12 @@ print(json.dumps(peak))
 
 def test_the_planned_nf4_peak_meets_the_allocator_s():
     from minicalm.config import CalmConfig
-    from minicalm.tools.plan import plan
+    from minicalm.tools.plan import PlanConfig, plan
 
     cfg = dict(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)
     out = subprocess.run([sys.executable, "-c", MEASURE_NF4, json.dumps([cfg, 8, 128])], capture_output=True,
                          text=True, check=True)
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    planned = plan(CalmConfig(**cfg), 8, 128, quantize="nf4", answer_tokens=5, dtype=torch.float32).peak_bytes
+    planned = plan(PlanConfig(micro_batch_size=8, max_len=128, shared_prefix=0, quantize="nf4", answer_tokens=5,
+                              dtype="float32"), CalmConfig(**cfg)).peak_bytes
     assert abs(planned - measured) <= 0.03 * measured, (planned, measured)

@@ -1,5 +1,6 @@
-"""minicalm.plot: a run's curves from metrics.jsonl (with and without validation, with a last line torn mid-write),
-the confusion matrix, and the one line a CLI prints when matplotlib is missing. Every picture must be a real PNG."""
+"""minicalm.tools.plot: a run's curves from metrics.jsonl (with and without validation, with a last line torn
+mid-write), the confusion matrix, and the one line a CLI prints when matplotlib is missing. Every picture must be a
+real PNG."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ import pytest
 
 from conftest import ROOT
 from minicalm.io.files import read_records
-from minicalm.tools.plot import main, plot_confusion, plot_run, series
+from minicalm.tools.commands import main as minicalm
+from minicalm.tools.plot import plot_confusion, plot_run, series
 from minicalm.tasks.score import compute_metrics
 
 CURVES = ["grad_norm.png", "loss.png", "lr.png", "tokens_per_s.png"]
@@ -64,15 +66,15 @@ def test_plot_run_draws_every_curve(tmp_path, validation, torn):
 
 def test_cli_draws_a_run_and_refuses_a_folder_without_metrics_in_one_line(tmp_path, capsys):
     run = write_run(tmp_path / "run", records())
-    main([str(run)])
+    minicalm(["plot", str(run)])
     assert sorted(p.name for p in (run / "plots").glob("*.png")) == CURVES
     for folder, why in ((tmp_path / "nothing", "No such file"), (write_run(tmp_path / "empty", [], torn='{"st'),
                                                                   "no complete step yet")):
         folder.mkdir(exist_ok=True)
         with pytest.raises(SystemExit) as e:
-            main([str(folder)])
+            minicalm(["plot", str(folder)])
         err = capsys.readouterr().err
-        assert e.value.code == 1 and why in err and err.count("\n") == 1 and err.startswith("python -m minicalm.plot")
+        assert e.value.code == 1 and why in err and err.count("\n") == 1 and err.startswith("python -m minicalm plot")
 
 
 def test_plot_confusion_draws_gold_rows_against_predicted_and_invalid(tmp_path):
@@ -88,11 +90,12 @@ def test_without_matplotlib_the_cli_says_so_in_one_line(tmp_path):
     """A fresh interpreter where `import matplotlib` fails: importing every module of minicalm still works, and the
     CLI exits 1 with one line naming the extra to install."""
     run = write_run(tmp_path / "run", records())
-    code = ("import sys; sys.modules['matplotlib'] = None; import minicalm.tools.adapter_stats, minicalm.evaluate, "
-            f"minicalm.train, minicalm.plot; minicalm.plot.main([{str(run)!r}])")
+    code = ("import sys; sys.modules['matplotlib'] = None; import minicalm.tools.adapter_stats, "
+            "minicalm.tools.evaluate, minicalm.train, minicalm.tools.plot, minicalm.tools.commands; "
+            f"minicalm.tools.commands.main(['plot', {str(run)!r}])")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr == ('python -m minicalm.plot: no pictures: drawing needs matplotlib: pip install '
+    assert done.stderr == ('python -m minicalm plot: no pictures: drawing needs matplotlib: pip install '
                            '"minicalm[plot]"\n')
     assert not (run / "plots").exists()

@@ -1,5 +1,5 @@
-"""minicalm.score: the answer rule and the metrics against a hand-counted confusion matrix (label log-likelihoods are
-generate.py's, tested against transformers in test_generate.py)."""
+"""minicalm.tasks.score: the answer rule and the metrics against a hand-counted confusion matrix (label
+log-likelihoods are generate.py's, tested against transformers in test_generate.py)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Tasks (minicalm.task) end to end: task files and their validation, rows with any fields, labels as names or
+"""Tasks (minicalm.tasks.task) end to end: task files and their validation, rows with any fields, labels as names or
 ints, ids optional; prompts of several fields truncated longest first; the answer rule and the metrics for N
 labels; likelihood scoring over N multi-token words against transformers; train_lora.py and eval.py with --task,
 the run's task.json reused by eval.py; the README's three-class example files."""
@@ -52,12 +52,12 @@ class Chars:   # one token per character, eos 0: encodings small enough to write
 def test_builtin_and_file_tasks(tmp_path):
     assert load_task("marc-ja") is MARC_JA and MARC_JA.fields == ["sentence"] and MARC_JA.id_field == "review_id"
     assert load_task("jnli") is JNLI and JNLI.fields == ["sentence1", "sentence2"] and len(JNLI.labels) == 3
-    assert JNLI.head.endswith("### Input:\n前提: ")   # the text before the first field is the shared head
+    assert JNLI.prefix.endswith("### Input:\n前提: ")   # the text before the first field is the shared prefix
     task = load_task(write_json(tmp_path / "three.json", THREE))
     assert (task.name, task.fields, list(task.labels), task.label_field, task.id_field) == (
         "amazon-ja-3", ["text"], ["positive", "neutral", "negative"], "label", None)
-    assert task.head == THREE["prompt"].split("{text}")[0] and task.to_dict() == THREE | {"label_field": "label",
-                                                                                          "id_field": None}
+    assert task.prefix == THREE["prompt"].split("{text}")[0] and task.to_dict() == THREE | {"label_field": "label",
+                                                                                            "id_field": None}
     assert task.format({"text": "良い"}) == THREE["prompt"].replace("{text}", "良い")
     braces = load_task(write_json(tmp_path / "b.json", THREE | {"prompt": "{{literal}} {text}:"}))
     assert braces.fields == ["text"] and braces.format({"text": "x"}) == "{literal} x:"
@@ -134,11 +134,11 @@ def test_bad_row_names_file_line_and_field(tmp_path, row, message):
     assert str(e.value) == f"{path}:3: {message}"
 
 
-def test_two_fields_are_cut_longest_first_and_share_the_head():
+def test_two_fields_are_cut_longest_first_and_share_the_prefix():
     task = Task("pair", "H:{a}|{b}.", {"x": "X", "y": "Y"})
     enc = PromptEncoder(Chars(), max_len=len("H:|.") + 1 + 1 + 6, task=task)   # room for 6 field characters
     ids = lambda s: [ord(c) for c in s]
-    assert enc.head_ids == ids("H:") and enc.field_budget == 6
+    assert enc.prefix_ids == ids("H:") and enc.field_budget == 6
     cases = [("ab", "cd", "ab", "cd"),              # fits
              ("abcdefgh", "xy", "abcd", "xy"),      # the long field alone is cut
              ("abcdefgh", "uvwxyz", "abc", "uvw"),  # both down to the same length
@@ -146,10 +146,10 @@ def test_two_fields_are_cut_longest_first_and_share_the_head():
     for a, b, kept_a, kept_b in cases:
         prompt, truncated = enc.encode_prompt(Row({"a": a, "b": b}, "x", "0"))
         assert prompt == ids(f"H:{kept_a}|{kept_b}.") and truncated == ((a, b) != (kept_a, kept_b))
-    # training shares the head (and more when rows agree further): every row starts with the same ids
+    # training shares the prefix (and more when rows agree further): every row starts with the same ids
     rows = [Row({"a": a, "b": "q"}, "x", "0") for a in ("k1", "k2", "j")]
     x = torch.tensor([enc.encode_example(r)[0] + [1] * (3 - len(r.fields["a"])) for r in rows])
-    assert shared_prefix_len(x) == len(enc.head_ids)
+    assert shared_prefix_len(x) == len(enc.prefix_ids)
 
 
 # ----------------------------------------------------------------------------- answers and metrics for N labels

@@ -1,6 +1,6 @@
 """Checkpoint files: OpenCALM's legacy pickles (single and sharded), the hub cache path offline, clear errors on
 bad input, a loader that never holds fp32 or duplicate weights, and minicalm-written checkpoints that transformers
-loads (save_checkpoint, `python -m minicalm.weights`)."""
+loads (save_checkpoint, `python -m minicalm convert`)."""
 from __future__ import annotations
 
 import json
@@ -285,7 +285,8 @@ def test_save_checkpoint_loads_in_transformers(tmp_path, max_shard_bytes):
 
 
 def test_convert_bin_to_safetensors_cli(tmp_path):
-    """OpenCALM's main as fp16 pickles -> `python -m minicalm.weights SRC OUT` (default fp16) -> identical logits."""
+    """OpenCALM's main as fp16 pickles -> `python -m minicalm convert SRC OUT` (default: the checkpoint's own dtype,
+    fp16) -> identical logits."""
     _, hf = hf_tiny(tmp_path)
     src = write_legacy(tmp_path / "legacy", hf, shards=2, dtype=torch.float16)
     (src / "tokenizer_config.json").write_text("{}")
@@ -294,7 +295,7 @@ def test_convert_bin_to_safetensors_cli(tmp_path):
     # the loader holds, not heap holes between freed temporaries and kept tensors, which glibc keeps resident
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                         "MALLOC_MMAP_THRESHOLD_": "65536"}
-    run = subprocess.run([sys.executable, "-m", "minicalm.weights", str(src), str(out)],
+    run = subprocess.run([sys.executable, "-m", "minicalm", "convert", str(src), str(out)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()

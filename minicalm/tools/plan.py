@@ -209,12 +209,7 @@ def planned_model(model_cfg: CalmConfig, cfg: PlanConfig, dtype: torch.dtype, me
     NF4), LoRA or every parameter trainable, in train mode. load_model fills the base tensor by tensor and quantizes
     each weight as it is read, so neither the fp32 model nor the dense one exists there: the peak counts from the
     model as it is then."""
-    net = CalmForCausalLM(model_cfg)
-    cast = {}   # each parameter in the dtype (module.to cannot swap fake tensors), tied ones kept tied
-    for m in net.modules():
-        for name, p in list(m.named_parameters(recurse=False)):
-            cast.setdefault(id(p), torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
-            setattr(m, name, cast[id(p)])
+    net = cast(CalmForCausalLM(model_cfg), dtype)
     if cfg.quantize:
         quantize_blocks(net, values=False)   # the same buffers as load_model's, not computed on fake tensors
     gc.collect()   # the storages left behind die here
@@ -225,6 +220,18 @@ def planned_model(model_cfg: CalmConfig, cfg: PlanConfig, dtype: torch.dtype, me
         apply_lora(net, cfg.lora)
     net.grad_checkpoint = cfg.grad_checkpoint
     return net.train()
+
+
+def cast(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Each parameter as a new one in `dtype` (module.to cannot swap fake tensors), tied ones kept tied; the old ones
+    die when this returns."""
+    new = {}   # id of an old parameter -> (it, its cast): holding the old one keeps its id from being reused meanwhile
+    for m in net.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            if id(p) not in new:
+                new[id(p)] = p, torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+            setattr(m, name, new[id(p)][1])
+    return net
 
 
 def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.device, dtype: torch.dtype,
