@@ -4,8 +4,10 @@ adapter), and the dtype rule. Each checks itself when it is built, so a bad valu
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -127,6 +129,22 @@ class SettingError(ValueError):
     def __init__(self, owner: str, name: str, message: str):
         super().__init__(f"{owner}.{name}: {message}")
         self.owner, self.name, self.message = owner, name, message
+
+
+def check(settings, rules: dict[str, tuple[bool, str]]) -> None:
+    """Refuse a settings dataclass's first bad value: a Literal field outside its choices, or a rule that does not
+    hold ({field: (holds, what it must be)}); one SettingError naming the field, what it must be and its value."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        kind = hints[f.name]
+        choices = [c for a in (kind, *typing.get_args(kind)) if typing.get_origin(a) is typing.Literal
+                   for c in typing.get_args(a)]
+        if choices and getattr(settings, f.name) not in choices + [None] * (type(None) in typing.get_args(kind)):
+            rules = {f.name: (False, f"one of {', '.join(map(str, choices))}")}   # this one first, alone
+            break
+    for name, (holds, rule) in rules.items():
+        if not holds:
+            raise SettingError(type(settings).__name__, name, f"must be {rule}, got {getattr(settings, name)!r}")
 
 
 BLOCK_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")   # a block's linear layers, in order

@@ -1,13 +1,10 @@
 """Decoding in named steps over a preallocated KV cache, as gpt-fast does: prefill -> decode_one_token ->
-decode_n_tokens, and score_continuations for given answers; greedy_generate puts them together. Evaluation
-(tools/evaluate.py) and the commands run these functions: there is one decoding path.
+decode_n_tokens, score_continuations for given answers, and greedy_generate; evaluation and the commands run these.
 
 What decoding carries from step to step is one small object, `Decoding`: the cache (whose key_valid marks padding),
-each row's last rotary position and the first free cache slot. Prompts of different lengths are left-padded
-(`left_pad`) so that every row's next token lands in the same slot, and each row's positions start at its first real
-token. A prompt prefix that every row shares may already sit in a one-row cache (evaluation computes it once per
-run): prefill copies it into the first slots and the prompts continue after it.
-
+each row's last rotary position and the first free slot. Prompts of different lengths are left-padded (`left_pad`)
+so that every row's next token lands in the same slot; a prompt prefix that every row shares may sit in a one-row
+cache (evaluation computes it once per run), which prefill copies in before the prompts.
 `python -m minicalm.generate` answers texts with a task's prompt, or continues them (tools/commands.py).
 """
 from __future__ import annotations

@@ -59,13 +59,8 @@ class LoRALinear(nn.Module):
         self.register_load_state_dict_pre_hook(base_keys_in)
         self.train(base.training)   # new submodules default to train mode; follow the layer we wrap
 
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
+    weight = property(lambda self: self.base_layer.weight)   # the base's, as a plain layer's would be
+    bias = property(lambda self: self.base_layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged and self.disabled:
@@ -106,7 +101,9 @@ class LoRALinear(nn.Module):
         if isinstance(self.base_layer, nn.Linear):
             self.base_layer.weight.copy_(merged)
         else:   # a quantized base cannot hold W + s B A: a dense layer does, and the quantized one waits for unmerge
-            self.quantized_base, self.base_layer = self.base_layer, dense_linear(merged, self.base_layer.bias)
+            dense = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+            dense.weight, dense.bias = nn.Parameter(merged, requires_grad=False), self.base_layer.bias   # no copies
+            self.quantized_base, self.base_layer = self.base_layer, dense
         self.merged = True
 
     @torch.no_grad()
@@ -253,15 +250,7 @@ def trainable_summary(model: nn.Module) -> str:
     return f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}"
 
 
-# ----------------------------------------------------------------------------- machinery of the layer
-
-def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A frozen nn.Linear holding `weight` (out, in) and the given bias Parameter, without copying either."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight, requires_grad=False)
-    layer.bias = bias
-    return layer
-
+# ----------------------------------------------------------------------------- the base's own state-dict keys
 
 def base_keys_out(module: LoRALinear, state_dict: dict, prefix: str, local_metadata) -> None:
     """state_dict(): the base's tensors under the layer's own name (`...query_key_value.weight`)."""

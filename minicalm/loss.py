@@ -1,16 +1,13 @@
 """What training optimizes: next-token cross-entropy on the scored positions of a micro-batch, with the prompt's
-shared prefix computed once.
+shared prefix computed once. Labels align with input_ids (position t's label is token t) and are IGNORE_INDEX where
+nothing is scored (the prompt, the padding); the loss shifts them; the LM head runs only where a label needs it.
 
-Labels align with input_ids (position t's label is token t itself) and are IGNORE_INDEX where nothing is scored (the
-prompt, the padding); the loss shifts them. The LM head (52k wide for OpenCALM) runs only where a label needs it.
-
-The shared prefix. Every prompt of a task begins with the same instruction (about half of its tokens), so within a
-micro-batch the rows' first P tokens are identical. They run once, as a batch of one, into a cache of their keys and
-values; every row then continues from that cache with its own T - P tokens at positions P, P+1, ... Autograd sums
-the rows' gradients into the prefix, so the logits, the loss and every gradient equal those of running each row in
-full, for about (B-1) P fewer token-passes. It is built here from the model's public pieces (`hidden` with a cache,
-then `logits`). One difference: LoRA dropout's masks in the prefix are drawn once and shared by the rows.
-Used by train.py (the step and the validation loss) and the planner (tools/plan.py: the same step on fake tensors).
+The shared prefix: every prompt of a task begins with the same instruction (about half its tokens), so the rows of a
+micro-batch share their first P tokens. They run once, as one row, into a cache of their keys and values, and every
+row continues from it with its own tokens at positions P, P+1, ... Autograd sums the rows' gradients into the prefix,
+so the logits, the loss and every gradient equal those of running each row in full, for about (B-1) P fewer
+token-passes. Built from the model's public pieces (`hidden` with a cache, `logits`). One difference: LoRA
+dropout's masks in the prefix are drawn once and shared by the rows. train.py and the planner use it.
 """
 from __future__ import annotations
 

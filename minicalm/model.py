@@ -24,7 +24,7 @@ BLOCK_LINEAR = re.compile(rf"gpt_neox\.layers\.(\d+)\.(?:attention|mlp)\.({'|'.j
 # ----------------------------------------------------------------------------- RoPE
 
 def rope_cos_sin(cfg: CalmConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, rd) for integer positions (B, T), computed in fp32.
+    """cos, sin of shape (B, 1, T, rd) for integer positions (B, T) (B may be 1: the same for every row), in fp32.
 
     inv_freq is rebuilt here in fp32 rather than stored: a bf16 buffer would damage long positions, and the
     model then has no buffers at all, so it can be built on the meta device and filled from a checkpoint.
@@ -173,7 +173,8 @@ class CalmForCausalLM(nn.Module):
     """GPT-NeoX causal LM: `model(idx)` -> logits (B, T, V), as gpt-fast's and litgpt's: tokens, their positions and
     an optional cache.
 
-      positions  (B, T) rotary positions; default start, start+1, ... (left-padded rows start later: generate.py)
+      positions  (B, T) rotary positions, or (1, T) for every row; default start, start+1, ... (left-padded rows
+                 start later: generate.py)
       cache, start  a cache holding slots [0, start) (KVCache); this call's tokens go to slots [start, start+T) and each
                  attends to every earlier valid slot and to itself (causal, aligned to the last slot)
       logits_at  where the 52k-wide LM head runs: a bool mask (B, T) -> (N, V), or indices along T -> (B, K, V)
@@ -215,8 +216,8 @@ class CalmForCausalLM(nn.Module):
                cache=None) -> torch.Tensor:
         """The residual stream after the last block, (B, T, C), before the final LayerNorm."""
         B, T = idx.shape
-        if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if positions is None:   # the same for every row: one (1, T) row, broadcast
+            positions = torch.arange(start, start + T, device=idx.device)[None]
         cos, sin = rope_cos_sin(self.config, positions)
         mask, causal = None, False   # decided here, outside any compiled block: plain Python bools
         if cache is not None and cache.key_valid is not None:   # padding among the keys

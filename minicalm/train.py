@@ -1,24 +1,19 @@
-"""The training loop: `train(TrainConfig)`, used by train_lora.py and the miniature. It reads top to bottom: the
-settings, setup (data, model, LoRA, optimizer), one step, the loop, and saving.
+"""The training loop, `train(TrainConfig)`, top to bottom: the settings, setup (data, model, LoRA, optimizer), one
+step, the loop, saving. train_lora.py and the miniature call it.
 
-Dtype policy (the one place it is stated; config.resolve_dtype picks the base's dtype): the frozen base runs in bf16
-on GPUs that support it and in fp32 on CPU (or as `dtype` says); LoRA's parameters, their gradients and AdamW's state
-are always fp32, and LoRALinear casts A and B to the activations' dtype in forward; merging computes s B A in fp32 and
-rounds once; logits are cast to fp32 for the loss. fp16 (GPUs without bf16: T4, V100) scales the loss with torch's
-GradScaler. Full-parameter training (pretraining the miniature) keeps the whole model in fp32.
+Dtype policy (stated here once; config.resolve_dtype picks the base's dtype): the frozen base runs in bf16 on GPUs
+that support it and in fp32 on CPU (or as `dtype` says); LoRA's parameters, their gradients and AdamW's state are
+always fp32 (LoRALinear casts A and B to the activations' dtype in forward); merging computes s B A in fp32 and rounds
+once; logits are cast to fp32 for the loss; fp16 scales the loss (torch's GradScaler). Full training is all fp32.
 
-A step: the global batch (batch_size examples) is cut into micro-batches of micro_batch_size, spread over the
-processes (torchrun) and accumulated. The loss is summed over the scored tokens and divided by the scored tokens of
-the whole global batch, so any split of the same batch gives the same gradient. Within a micro-batch the prompt's
-shared prefix is computed once (loss.py). The processes agree on the gradient with one all-reduce per step: every
-trainable gradient flattened into one buffer, with the step's loss and token count. Not DistributedDataParallel: the
-adapters' gradients are small (4M numbers for OpenCALM-7B at r 8), so overlapping their sync with backward would buy
-nothing, while DDP would broadcast the 7B frozen weights at start and syncs through hooks on the wrapped module's
-forward, where the shared-prefix pass calls the model's pieces twice per micro-batch.
-
-The machinery below the lesson that this file calls, all imported in one block below: the task's data (tasks/), the
-model and adapter files (io/), validation accuracy and the memory plan (tools/), and the run's bookkeeping
-(tools/run.py: processes, signals, the run folder and resuming).
+A step: the global batch (batch_size examples) is cut into micro-batches, spread over the processes (torchrun) and
+accumulated; the loss is summed over the scored tokens and divided by those of the whole global batch, so any split
+gives the same gradient; each micro-batch computes its shared prompt prefix once (loss.py). The processes sum their
+gradients with one all-reduce per step of all of them flattened into one buffer: not DistributedDataParallel, as
+the adapters' gradients are small (4M numbers for OpenCALM-7B at r 8) so overlapping their sync with backward buys
+nothing, DDP would broadcast the frozen 7B weights at start, and its hooks follow the wrapped forward while the
+shared-prefix pass calls the model's pieces twice per micro-batch. The machinery this file calls (data, files,
+evaluation, the plan, the run's bookkeeping) is imported in one block, below the lesson's own modules.
 """
 from __future__ import annotations
 
@@ -29,7 +24,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .config import POST_MODEL, CalmConfig, LoraConfig, SettingError, resolve_dtype
+from .config import POST_MODEL, CalmConfig, LoraConfig, SettingError, check, resolve_dtype
 from .lora import apply_lora, trainable_parameters
 from .loss import answer_loss, shared_prefix_len
 from .model import eval_mode
@@ -39,7 +34,7 @@ from .io.adapter import save_adapter
 from .io.files import write_json
 from .io.tokenizer import load_tokenizer
 from .io.weights import load_model, resolve, save_checkpoint
-from .tasks.data import Example, collate, shared_prefix_tokens, length_batches, read_examples, read_jsonl, task_data
+from .tasks.data import Example, collate, length_batches, run_data, shared_prefix_tokens
 from .tasks.task import load_task
 from .tools.evaluate import evaluate_rows
 from .tools.plan import preflight
@@ -92,30 +87,19 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.lora, dict):      # as train_config.json holds it
             self.lora = LoraConfig(**self.lora)
-        positive = lambda x: x > 0 and math.isfinite(x)   # noqa: E731
-        checks = [("epochs", positive(self.epochs), "a positive number"), ("lr", positive(self.lr), "positive"),
-                  ("batch_size", self.batch_size >= 1, "at least 1"),
-                  ("micro_batch_size", self.micro_batch_size >= 1, "at least 1"),
-                  ("batch_size", self.batch_size % self.micro_batch_size == 0,
-                   f"a multiple of micro_batch_size {self.micro_batch_size}"),
-                  ("max_len", self.max_len >= 2, "at least 2 tokens"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-                  ("weight_decay", self.weight_decay >= 0, ">= 0"), ("grad_clip", self.grad_clip >= 0, ">= 0 (0: off)"),
-                  ("eval_every", self.eval_every >= 0, ">= 0"), ("eval_limit", self.eval_limit >= 0, ">= 0"),
-                  ("eval_accuracy", self.eval_accuracy >= 0, ">= 0"), ("save_every", self.save_every >= 0, ">= 0"),
-                  ("max_steps", self.max_steps is None or self.max_steps >= 1, "at least 1"),
-                  ("max_time", self.max_time is None or positive(self.max_time), "positive"),
-                  ("limit_train", self.limit_train is None or self.limit_train >= 1, "at least 1"),
-                  ("loraplus_lr_ratio", self.loraplus_lr_ratio is None or positive(self.loraplus_lr_ratio),
-                   "positive (B's learning rate is lr x it)"),
-                  ("quantize", self.quantize in (None, "nf4"), "nf4, the one 4-bit format here"),
-                  ("quantize", not (self.full and self.quantize),
-                   "unset with full: a 4-bit base is frozen, so it trains LoRA, not every parameter"),
-                  ("schedule", self.schedule in ("cosine", "linear"), "cosine or linear"),
-                  ("dtype", self.dtype in ("auto", "bfloat16", "float16", "float32"), "auto, bfloat16, float16 or "
-                                                                                      "float32")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise SettingError("TrainConfig", name, f"must be {rule}, got {getattr(self, name)!r}")
+        positive = lambda x: x is None or x > 0 and math.isfinite(x)   # noqa: E731 (None: unset)
+        check(self, {"epochs": (positive(self.epochs), "positive"), "lr": (positive(self.lr), "positive"),
+                     "micro_batch_size": (self.micro_batch_size >= 1, "at least 1"),
+                     "batch_size": (self.batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
+                                    f"a positive multiple of micro_batch_size {self.micro_batch_size}"),
+                     "max_len": (self.max_len >= 2, "at least 2 tokens"), "max_time": (positive(self.max_time),
+                                                                                    "positive"),
+                     "loraplus_lr_ratio": (positive(self.loraplus_lr_ratio), "positive (B's lr is lr x it)"),
+                     "quantize": (not (self.full and self.quantize), "unset with full: a 4-bit base is frozen"),
+                     **{n: (getattr(self, n) >= 0, ">= 0 (0: off)") for n in ("warmup_steps", "weight_decay",
+                        "grad_clip", "eval_every", "eval_limit", "eval_accuracy", "save_every")},
+                     **{n: (getattr(self, n) is None or getattr(self, n) >= 1, "at least 1")
+                        for n in ("max_steps", "limit_train")}})
 
 
 @dataclass
@@ -155,15 +139,7 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     folder.check(cfg.resume)
     state = folder.load_state(cfg) if cfg.resume else None
     task, tok = load_task(cfg.task), load_tokenizer(cfg.model, revision=cfg.revision)
-    split = lambda name, given, flag: given or task_data(task, name, instead=flag)   # noqa: E731
-    read = lambda path, limit: read_examples(path, task, tok, cfg.max_len, limit=limit,   # noqa: E731
-                                             train_on_inputs=cfg.train_on_inputs, text=cfg.text)
-    train_set = read(split("train", cfg.train_file, "--train-file"), cfg.limit_train)
-    valid_path = None if cfg.valid_file == "none" else split("validation", cfg.valid_file, "--valid-file")
-    valid_set = read(valid_path, cfg.eval_limit) if valid_path else []
-    accuracy_rows = read_jsonl(valid_path, task, limit=cfg.eval_accuracy) if valid_path and cfg.eval_accuracy else []
-    if not train_set:
-        raise ValueError("the training set is empty")
+    train_set, valid_set, accuracy_rows = run_data(cfg, task, tok)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
 
@@ -321,7 +297,7 @@ def train(cfg: TrainConfig, on_step: Callable[[Run, dict], None] | None = None) 
     on_step(run, record), if given, sees the model after every optimizer step (experiments record what moved)."""
     with processes(cfg.device) as proc, StopSignals() as stop:
         run, t0, rec, val = setup(cfg, proc), time.time(), {"loss": math.nan}, None
-        bar = progress(run)
+        bar = tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not (cfg.log and proc.rank == 0))
         while run.step < run.total_steps:
             rec = train_step(run, global_batch(run, run.step)) | {"elapsed_s": round(time.time() - t0, 2)}
             if on_step is not None:
@@ -351,8 +327,8 @@ def train(cfg: TrainConfig, on_step: Callable[[Run, dict], None] | None = None) 
 
 
 def save(run: Run) -> None:
-    """Checkpoint (rank 0): state.pt (the trainable tensors, AdamW, the loss scale, the step and the settings) and the adapter (or the whole model), each written atomically, so a kill at any moment leaves the
-    previous checkpoint whole."""
+    """Checkpoint (rank 0): state.pt (the trainable tensors, AdamW, the loss scale, the step and the settings) and the
+    adapter (or the whole model), each written atomically, so a kill at any moment leaves the previous one whole."""
     if run.proc.rank != 0:
         return
     cfg, model = run.cfg, run.model
@@ -364,9 +340,3 @@ def save(run: Run) -> None:
            else save_adapter(model, run.folder.path / "adapter"))
     write_json(out / "task.json", run.task.to_dict())   # eval.py --adapter then asks the same question by default
     say(cfg.log, f"\nsaved step {run.step} to {cfg.out}" + (" (final)" if run.step == run.total_steps else ""))
-
-
-def progress(run: Run) -> tqdm:
-    """The steps' progress bar (tqdm, on stderr), on the first process only."""
-    return tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not (run.cfg.log and run.proc.rank == 0),
-                dynamic_ncols=True)

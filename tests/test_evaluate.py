@@ -254,7 +254,7 @@ def test_model_mode_and_dropout(tok, tiny, reviews):
     model.eval()
     evaluate_rows(model, tok, reviews[:4], **kw)
     assert not any(m.training for m in model.modules())
-    with pytest.raises(ValueError, match="mode must be"):
+    with pytest.raises(ValueError, match="mode: must be one of generate, likelihood, both, got 'greedy'"):
         evaluate_rows(model, tok, reviews[:4], mode="greedy")
 
 

@@ -18,10 +18,10 @@ from minicalm.tasks.data import PromptEncoder, Row, read_jsonl
 from minicalm.tools.evaluate import evaluate_rows
 from minicalm.loss import shared_prefix_len
 from minicalm.tasks.score import compute_metrics, parse_answer
-from minicalm.tasks.task import JNLI, MARC_JA, POST_HEAD, Task, load_task
+from minicalm.tasks.task import JNLI, MARC_JA, POST_HEADER, Task, load_task
 
 THREE = {"name": "amazon-ja-3",
-         "prompt": POST_HEAD + "この文章は、「ポジティブ」「ニュートラル」「ネガティブ」のどれですか?どれか一つを書いて。"
+         "prompt": POST_HEADER + "この文章は、「ポジティブ」「ニュートラル」「ネガティブ」のどれですか?どれか一つを書いて。"
                                "\n\n### Input:\n{text}\n\n### Response:\n",
          "labels": {"positive": "ポジティブ", "neutral": "ニュートラル", "negative": "ネガティブ"}}
 

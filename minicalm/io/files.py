@@ -1,8 +1,10 @@
 """Files that are never half-written, and JSON read with errors that name the file. Imports nothing of minicalm.
 
-Every file minicalm writes (checkpoints, adapters, metrics, reports, pictures) goes through `atomic_write`: the
-data goes to a temporary name beside the target, which is then renamed onto it, so a reader (or a resumed run
-after a crash) sees the old file or the new one, never a torn one.
+Every file minicalm writes (checkpoints, adapters, tokenizers, task files, reports, pictures) goes through
+`atomic_write`: the data goes to a temporary name beside the target, which is then renamed onto it, so a reader (or a
+resumed run after a crash) sees the old file or the new one, never a torn one. The one exception is a run's
+metrics.jsonl, which grows by a line per step: a reader skips a last line torn by a crash (read_records), and a
+resumed run cuts the file back to its checkpoint's step.
 """
 from __future__ import annotations
 

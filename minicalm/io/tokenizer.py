@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .files import atomic_write
 from .weights import resolve
 
 
@@ -71,5 +72,5 @@ def train_tokenizer(texts, path: str | os.PathLike, vocab_size: int = 4000) -> T
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(texts, trainer)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tk.save(str(path))
+    atomic_write(path, lambda p: tk.save(str(p)))
     return Tokenizer(path)

@@ -222,6 +222,21 @@ def read_examples(path: str | Path, task: Task, tokenizer, max_len: int, *, limi
     return examples
 
 
+def run_data(cfg, task: Task, tokenizer) -> tuple[list[Example], list[Example], list[Row]]:
+    """A training run's data (cfg: its TrainConfig): the training examples, the validation examples for the loss and
+    the validation rows answered greedily for accuracy. Each split from the file given, or the task's own from the
+    hub ("none": no validation)."""
+    split = lambda name, given, flag: given or task_data(task, name, instead=flag)   # noqa: E731
+    read = lambda path, limit: read_examples(path, task, tokenizer, cfg.max_len, limit=limit,   # noqa: E731
+                                             train_on_inputs=cfg.train_on_inputs, text=cfg.text)
+    train = read(split("train", cfg.train_file, "--train-file"), cfg.limit_train)
+    if not train:
+        raise ValueError("the training set is empty")
+    valid = None if cfg.valid_file == "none" else split("validation", cfg.valid_file, "--valid-file")
+    rows = read_jsonl(valid, task, limit=cfg.eval_accuracy) if valid and cfg.eval_accuracy else []
+    return train, read(valid, cfg.eval_limit) if valid else [], rows
+
+
 def shared_prefix_tokens(examples: list[Example]) -> int:
     """How many tokens every example begins with (the prompt's shared prefix): what the plan counts on."""
     first = examples[0].input_ids

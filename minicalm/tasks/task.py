@@ -102,14 +102,14 @@ def task_from_dict(d: dict, source: str) -> Task:
     return Task(**d, source=source)
 
 
-POST_HEAD = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+POST_HEADER = ("Below is an instruction that describes a task, paired with an input that provides further context. "
              "Write a response that appropriately completes the request.\n\n### Instruction:\n")
 
 # The blog post's task (BrainPad, 2023: "OpenCALM-7Bにファインチューニングを実施してポジネガ分析に関して賢くなるかを確認
 # してみた"): its Alpaca template, English header, Japanese instruction.
 MARC_JA = Task(
     name="marc-ja",
-    prompt=POST_HEAD + "この文章は、「ポジティブ」ですか?「ネガティブ」ですか?「ポジティブ」か「ネガティブ」のどちらかを"
+    prompt=POST_HEADER + "この文章は、「ポジティブ」ですか?「ネガティブ」ですか?「ポジティブ」か「ネガティブ」のどちらかを"
                        "書いて。\n\n### Input:\n{sentence}\n\n### Response:\n",
     labels={"positive": "ポジティブ", "negative": "ネガティブ"}, id_field="review_id",
     hub=JGLUE | {"files": {"train": "MARC-ja/jglue-train.parquet", "validation": "MARC-ja/jglue-validation.parquet"},
@@ -119,7 +119,7 @@ MARC_JA = Task(
 # order. The Parquet paths follow MARC-ja's and are not verified from here (no hub access).
 JNLI = Task(
     name="jnli",
-    prompt=POST_HEAD + "前提と仮説の関係は「含意」「矛盾」「中立」のどれですか?どれか一つを書いて。\n\n### Input:\n"
+    prompt=POST_HEADER + "前提と仮説の関係は「含意」「矛盾」「中立」のどれですか?どれか一つを書いて。\n\n### Input:\n"
                        "前提: {sentence1}\n仮説: {sentence2}\n\n### Response:\n",
     labels={"entailment": "含意", "contradiction": "矛盾", "neutral": "中立"}, id_field="sentence_pair_id",
     hub=JGLUE | {"files": {"train": "JNLI/jglue-train.parquet", "validation": "JNLI/jglue-validation.parquet"}})

@@ -3,7 +3,6 @@ a config dataclass (its flags, tools/cli.py) and a function.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,10 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
-from ..config import POST_MODEL, resolve_dtype
+from ..config import resolve_dtype
 from ..generate import decode_n_tokens, greedy, prefill, sampler
 from ..io.adapter import base_for, load_adapter, save_merged
+from ..io.files import write_text
 from ..io.tokenizer import load_tokenizer
 from ..io.weights import convert_bin_to_safetensors, load_model, resolve, stored_dtype
 from ..model import eval_mode
@@ -130,7 +130,7 @@ def merge(a: MergeConfig) -> None:
     load_adapter(model, a.adapter, base=model_id)
     out = save_merged(model, a.out, tokenizer_dir=folder)
     if (Path(a.adapter) / "task.json").is_file():   # the question the adapter was trained to answer
-        shutil.copy(Path(a.adapter) / "task.json", out / "task.json")
+        write_text(out / "task.json", (Path(a.adapter) / "task.json").read_text(encoding="utf-8"))
     print(f"wrote {out}")
 
 

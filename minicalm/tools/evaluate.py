@@ -8,6 +8,7 @@ decoding is generate.py's.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from ..config import SettingError
+from ..config import check
 from ..generate import decode_n_tokens, left_pad, prefill, score_continuations
 from ..io.adapter import base_for, load_adapter
 from ..io.files import write_json, write_text
@@ -39,29 +40,30 @@ POST_ROWS = [("OpenCALM-7B before fine-tuning (post)", 0.011, 0.985),
 
 
 @torch.inference_mode()
-def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC_JA, *, max_len: int = 256,
-                  batch_size: int = 16, max_new_tokens: int = 8, mode: str = "generate", share_prefix: bool = True,
-                  log: bool = True) -> dict:
-    """Answer every row; returns {"metrics": ..., "predictions": [...]} (metrics per mode when mode='both').
+def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC_JA,
+                  settings: "EvalConfig | None" = None, **changes) -> dict:
+    """Answer every row; returns {"metrics": ..., "predictions": [...]} (metrics per mode when mode='both'). How:
+    an EvalConfig's max_len, batch_size, max_new_tokens, mode, share_prefix and log (`settings`, with `changes` made
+    to it, e.g. evaluate_rows(model, tok, rows, batch_size=8, log=False)).
 
     Runs in eval mode (no dropout) and puts the model back in its mode afterwards, also on error.
     """
-    if mode not in ("generate", "likelihood", "both"):
-        raise ValueError(f"mode must be generate, likelihood or both, not {mode!r}")
-    enc = data.PromptEncoder(tok, max_len, task)
+    cfg = dataclasses.replace(settings or EvalConfig(), **changes)
+    enc = data.PromptEncoder(tok, cfg.max_len, task)
     with eval_mode(model):
-        answers = Answers(model, tok, enc, max_new_tokens if mode != "likelihood" else 0, mode != "generate")
-        P = answers.share_prefix() if share_prefix else 0
+        answers = Answers(model, tok, enc, cfg.max_new_tokens if cfg.mode != "likelihood" else 0,
+                          cfg.mode != "generate")
+        P = answers.share_prefix() if cfg.share_prefix else 0
         prompts = [ids[P:] for ids, _ in enc.encode_prompts(rows)]
         order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
         preds: list[dict] = [{} for _ in rows]
-        with tqdm(total=len(rows), desc="eval", disable=not log, dynamic_ncols=True) as bar:
-            for b0 in range(0, len(order), batch_size):
-                batch = order[b0:b0 + batch_size]
+        with tqdm(total=len(rows), desc="eval", disable=not cfg.log, dynamic_ncols=True) as bar:
+            for b0 in range(0, len(order), cfg.batch_size):
+                batch = order[b0:b0 + cfg.batch_size]
                 for i, p in zip(batch, answers([prompts[i] for i in batch])):
                     preds[i] = {"id": rows[i].id, "gold": rows[i].label} | p
                 bar.update(len(batch))
-    golds, labels = [r.label for r in rows], list(task.labels)
+    golds, labels, mode = [r.label for r in rows], list(task.labels), cfg.mode
     metrics = {m: compute_metrics(golds, [p[k] for p in preds], labels)
                for m, k in (("generate", "answer"), ("likelihood", "likelihood_answer")) if mode in (m, "both")}
     return {"metrics": metrics[mode] if mode != "both" else metrics, "predictions": preds}
@@ -126,6 +128,7 @@ class EvalConfig:
     max_new_tokens: int = 8           # greedy tokens per answer at most
     max_len: int = 256                # prompt tokens; a longer row's text is cut to fit
     mode: Literal["generate", "likelihood", "both"] = "generate"   # greedy answers, label log-likelihood, or both
+    share_prefix: bool = True         # compute the prompts' shared prefix once per run (off: every row in full)
     out: str = "runs/eval"            # folder for metrics.json, predictions.jsonl, report.md
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype)
@@ -134,14 +137,12 @@ class EvalConfig:
     log: bool = True                  # progress bar and the report on the terminal
 
     def __post_init__(self):
-        for name, ok, rule in (("limit", self.limit is None or self.limit >= 1, "a positive number of rows"),
-                               ("batch_size", self.batch_size >= 1, "at least 1"),
-                               ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
-                               ("max_len", self.max_len >= 2, "at least 2 tokens"),
-                               ("compare_base", not self.compare_base or self.adapter,
-                                "used with adapter (it compares the base model with base + adapter)")):
-            if not ok:
-                raise SettingError("EvalConfig", name, f"must be {rule}, got {getattr(self, name)!r}")
+        check(self, {"limit": (self.limit is None or self.limit >= 1, "a positive number of rows"),
+                     "batch_size": (self.batch_size >= 1, "at least 1"),
+                     "max_new_tokens": (self.max_new_tokens >= 1, "at least 1"),
+                     "max_len": (self.max_len >= 2, "at least 2 tokens"),
+                     "compare_base": (not self.compare_base or bool(self.adapter),
+                                      "used with adapter (it compares the base model with base + adapter)")})
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -154,14 +155,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     model = load_model(model_id, dtype=cfg.dtype, device=cfg.device, revision=revision, quantize=cfg.quantize)
     if cfg.adapter:
         load_adapter(model, cfg.adapter, base=model_id)
-    kw = dict(max_len=cfg.max_len, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode,
-              log=cfg.log)
     runs: dict[str, dict] = {}
     t0 = time.time()
     if cfg.compare_base:
         with lora_disabled(model):
-            runs["base"] = evaluate_rows(model, tok, rows, task, **kw)
-    runs["adapter" if cfg.adapter else "base"] = evaluate_rows(model, tok, rows, task, **kw)
+            runs["base"] = evaluate_rows(model, tok, rows, task, cfg)
+    runs["adapter" if cfg.adapter else "base"] = evaluate_rows(model, tok, rows, task, cfg)
     seconds = time.time() - t0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
