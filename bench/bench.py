@@ -31,14 +31,16 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import minicalm
-from minicalm.tasks import data
-from minicalm.tasks.data import IGNORE_INDEX
-from minicalm.tools.evaluate import evaluate_rows
+from minicalm.config import LoraConfig
 from minicalm.io.files import write_json
-from minicalm.loss import answer_loss, micro_step, shared_prefix_len
-from minicalm.tasks.task import MARC_JA
 from minicalm.io.tokenizer import train_tokenizer
-from minicalm.train import TrainConfig, setup, step_batch, train_step
+from minicalm.lora import trainable_parameters
+from minicalm.loss import IGNORE_INDEX, answer_loss, shared_prefix_len
+from minicalm.tasks import data
+from minicalm.tasks.task import MARC_JA
+from minicalm.tools.evaluate import evaluate_rows
+from minicalm.tools.run import Processes
+from minicalm.train import TrainConfig, global_batch, setup, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -94,7 +96,7 @@ def build_models(shape: dict, device, dtype, folder: Path, vocab_size: int = 503
                  dropout: float = LORA["dropout"], use_dora: bool = False):
     """The same random weights on both sides, with LoRA (DoRA); returns (minicalm model, peft model). The checkpoint
     folder (with tokenizer.json) stays for train_lora.py's step."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
@@ -104,11 +106,12 @@ def build_models(shape: dict, device, dtype, folder: Path, vocab_size: int = 503
     GPTNeoXForCausalLM(cfg).save_pretrained(folder)
     shutil.copy(tokenizer, folder / "tokenizer.json")
     ours = minicalm.load_model(folder, dtype=dtype, device=device)
-    minicalm.apply_lora(ours, LORA["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=dropout, use_dora=use_dora)
+    minicalm.apply_lora(ours, targets=LORA["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=dropout,
+                        use_dora=use_dora)
     hf = GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-    theirs = get_peft_model(hf, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout,
-                                           target_modules=list(LORA["targets"]), task_type="CAUSAL_LM",
-                                           use_dora=use_dora))
+    theirs = get_peft_model(hf, PeftLoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout,
+                                               target_modules=list(LORA["targets"]), task_type="CAUSAL_LM",
+                                               use_dora=use_dora))
     with torch.no_grad():   # identical adapters: copy our random A and DoRA's m (B is zero on both sides)
         mine = dict(ours.named_parameters())
         for name, p in theirs.named_parameters():
@@ -119,20 +122,19 @@ def build_models(shape: dict, device, dtype, folder: Path, vocab_size: int = 503
 
 
 def train_lora_run(folder: Path, out: Path, device, batch_size: int, micro_batch_size: int, share: bool):
-    """train_lora.py's set-up (minicalm.train.setup) on the bench checkpoint and the real reviews; its
-    train_step(run, batch) is the whole step the script times (micro-batches, clipping, AdamW)."""
+    """train_lora.py's set-up (minicalm.train.setup, one process on `device`) on the bench checkpoint and the real
+    reviews; its train_step(run, batch) is the whole step the script times (micro-batches, clipping, AdamW)."""
     cfg = TrainConfig(model=str(folder), train_file=str(REVIEWS / "train.jsonl"), valid_file="none", out=str(out),
                       limit_train=512, batch_size=batch_size, micro_batch_size=micro_batch_size, max_steps=10_000,
-                      lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      lora_targets=LORA["targets"], share_prefix=share, device=device.type,
+                      lora=LoraConfig(**LORA), share_prefix=share, device=device.type,
                       dtype="float32" if device.type == "cpu" else "bfloat16", log=False)
-    return setup(cfg)
+    return setup(cfg, Processes(rank=0, world=1, device=device))
 
 
 def median_batch(run) -> list[int]:
     """The global batch of the first epoch with the median padded length: a typical step, not the shortest or
     longest reviews."""
-    batches = [step_batch(run, i) for i in range(run.steps_per_epoch)]
+    batches = [global_batch(run, i) for i in range(run.steps_per_epoch)]
     return sorted(batches, key=lambda b: max(len(run.train_set[j].input_ids) for j in b))[len(batches) // 2]
 
 
@@ -180,7 +182,8 @@ class Bench:
 
 def proxy_tokenizer(b: Bench) -> minicalm.Tokenizer:
     """A 4,000-token BPE trained on the reviews, as the miniature trains its own (made once per run): the prompt's
-    head is 59 of a mean 121 tokens (README: the shared prompt head), the less flattering of the two tokenizers."""
+    shared prefix is 59 of a mean 121 tokens (README: the shared prompt prefix), the less flattering of the two
+    tokenizers."""
     path = b.tmp / "bpe" / "tokenizer.json"
     if path.is_file():
         return minicalm.load_tokenizer(path)
@@ -191,7 +194,7 @@ def proxy_tokenizer(b: Bench) -> minicalm.Tokenizer:
 def proxy_7b(b: Bench) -> list[dict]:
     """The main job's step where the LM head is a small share of the work (7B-shaped proxy, 4,000-token vocabulary):
     minicalm's public API against transformers + peft (the same body), and train_lora.py's step with the shared
-    head against --no-share-prefix."""
+    prefix against --no-share-prefix."""
     bpe = proxy_tokenizer(b)
     ours, theirs = build_models(PROXY_7B, b.device, b.dtype, b.tmp / "proxy", vocab_size=4000, tokenizer=bpe.path)
     runs = {share: train_lora_run(b.tmp / "proxy", b.tmp / f"run-{share}", b.device, 16, 16, share)
@@ -209,8 +212,8 @@ def proxy_7b(b: Bench) -> list[dict]:
     theirs_step = hf_global_step(theirs.train(), adamw(theirs), [(x, y)])
     return [b.paired(f"7B-shaped proxy: LoRA step through the public API (model(x), cross-entropy), no sharing, "
                      f"{x.shape[0]} prompts", public_api_step(ours, x, y), theirs_step, n_tokens, "tokens/s"),
-            b.paired(f"7B-shaped proxy: train_lora.py step, batch {x.shape[0]} in one micro-batch, shared head ({P} of "
-                     f"{x.shape[1]} tokens) vs --no-share-prefix", same_step(runs[True], batch),
+            b.paired(f"7B-shaped proxy: train_lora.py step, batch {x.shape[0]} in one micro-batch, shared prefix "
+                     f"({P} of {x.shape[1]} tokens) vs --no-share-prefix", same_step(runs[True], batch),
                      same_step(runs[False], batch), n_tokens, "tokens/s", names=("shared", "no-share-prefix"))]
 
 
@@ -275,19 +278,20 @@ def qlora_7b(b: Bench) -> list[dict]:
     """QLoRA on the 7B-shaped proxy, the public API step: minicalm's NF4 base (nf4.py, double-quantized scales)
     against its full-precision base, and against transformers + peft on bitsandbytes' NF4 Linear4bit (double
     quantization, compute in the run's dtype), the same random weights and adapters."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, GPTNeoXForCausalLM
 
     bpe = proxy_tokenizer(b)
     full, _ = build_models(PROXY_7B, b.device, b.dtype, b.tmp / "qlora", vocab_size=4000, tokenizer=bpe.path)
     ours = minicalm.load_model(b.tmp / "qlora", dtype=b.dtype, device=b.device, quantize="nf4")
-    minicalm.apply_lora(ours, LORA["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
+    minicalm.apply_lora(ours, targets=LORA["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=b.dtype)
     hf = GPTNeoXForCausalLM.from_pretrained(b.tmp / "qlora", quantization_config=q, dtype=b.dtype,
                                             device_map=b.device.type)
-    theirs = get_peft_model(hf, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                           target_modules=list(LORA["targets"]), task_type="CAUSAL_LM"))
+    theirs = get_peft_model(hf, PeftLoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
+                                               lora_dropout=LORA["dropout"], target_modules=list(LORA["targets"]),
+                                               task_type="CAUSAL_LM"))
     with torch.no_grad():
         mine = dict(full.named_parameters())
         for model in (ours, theirs):
@@ -333,8 +337,8 @@ def pissa_init_time(b: Bench, out_features: int, in_features: int, name: str) ->
     linear = torch.nn.Linear(in_features, out_features, bias=False, device=b.device, dtype=b.dtype)
     times = {}
     for how, reps in (("pissa", 1), ("pissa_niter_4", b.args.reps)):   # the full SVD takes minutes on one thread
-        times[how] = statistics.median(timed(lambda: init_lora(LoRALinear(linear, 8, 16), how), b.device)[0]
-                                       for _ in range(reps))
+        times[how] = statistics.median(timed(lambda: init_lora(LoRALinear(linear, LoraConfig(r=8, alpha=16)), how),
+                                             b.device)[0] for _ in range(reps))
     b.info.setdefault("pissa_init_seconds", {})[name] = times
     return {"work": f"PiSSA initialisation of OpenCALM-7B's {name} ({out_features} x {in_features}, r 8)",
             "text": f"full SVD {times['pissa']:.1f} s, randomized SVD (4 iterations) {times['pissa_niter_4']:.2f} s"}
@@ -352,31 +356,35 @@ class Small:
 def small_models(b: Bench) -> Small:
     tok = minicalm.load_tokenizer(TOKENIZER)
     ours, theirs = build_models(SIZES[b.args.size], b.device, b.dtype, b.tmp / "small")
-    b.info["params"], b.info["attn_implementation"] = ours.num_params(), theirs.config._attn_implementation
+    b.info["params"], b.info["attn_implementation"] = trainable_parameters(ours)[1], theirs.config._attn_implementation
     return Small(ours, theirs, tok, data.PromptEncoder(tok, max_len=256))
 
 
 def small_train_step(b: Bench, m: Small) -> tuple[dict, dict]:
     """A LoRA training step on a length-grouped batch of real prompts, as train.py batches them: minicalm's
-    micro_step (the shared head once, the LM head only at the answer) against transformers + peft's labels=...
-    loss; and the FLOP/s minicalm's step achieves against a bare matmul of a representative size."""
+    answer_loss(...).backward() (the shared prefix once, the LM head only at the answer) against transformers +
+    peft's labels=... loss; and the FLOP/s minicalm's step achieves against a bare matmul of a representative
+    size."""
     examples, _ = data.encode_rows(m.enc, data.read_jsonl(REVIEWS / "train.jsonl", limit=256))
     idx = data.length_batches([len(e.input_ids) for e in examples], b.args.batch_size, seed=0)[0]
     x, y = (t.to(b.device) for t in data.collate([examples[i] for i in idx], m.tok.pad_token_id))
     n_target, n_tokens = scored(y), sum(len(examples[i].input_ids) for i in idx)
-    shared = shared_prefix_len(x.cpu())   # the prompt head, computed once per micro-batch as train() does
+    shared = shared_prefix_len(x.cpu())   # the prompt's shared prefix, computed once per micro-batch as train() does
     b.info["train_batch"] = {"shape": list(x.shape), "real_tokens": n_tokens, "answer_tokens": n_target,
                              "shared_tokens": shared}
     with torch.no_grad():   # the same loss on both sides (dropout off), so both do the same work
         m.ours.eval(), m.theirs.eval()
-        b.info["train_loss"] = {"minicalm": answer_loss(m.ours, x, y, shared).item() / n_target,
+        b.info["train_loss"] = {"minicalm": answer_loss(m.ours, x, y, prefix=shared).item() / n_target,
                                 "transformers": m.theirs(input_ids=x, labels=y).loss.item()}
     m.ours.train(), m.theirs.train()
     opt_ours, opt_theirs = adamw(m.ours), adamw(m.theirs)
 
+    def backward_ours():   # train_step's micro-batch: the summed answer loss over the batch's scored tokens
+        (answer_loss(m.ours, x, y, prefix=shared) / n_target).backward()
+
     def step_ours():
         opt_ours.zero_grad(set_to_none=True)
-        micro_step(m.ours, x, y, n_target, shared)
+        backward_ours()
         opt_ours.step()
 
     def step_theirs():
@@ -384,10 +392,10 @@ def small_train_step(b: Bench, m: Small) -> tuple[dict, dict]:
         m.theirs(input_ids=x, labels=y).loss.backward()   # full (B, T, V) logits, mean over labelled tokens
         opt_theirs.step()
 
-    row = b.paired(f"LoRA training step, {x.shape[0]} prompts, shared head", step_ours, step_theirs, n_tokens,
+    row = b.paired(f"LoRA training step, {x.shape[0]} prompts, shared prefix", step_ours, step_theirs, n_tokens,
                    "tokens/s")
     with FlopCounterMode(display=False) as counter:
-        micro_step(m.ours, x, y, n_target, shared)
+        backward_ours()
     opt_ours.zero_grad(set_to_none=True)
     m.ours.eval(), m.theirs.eval()
     (B, T), C = x.shape, m.ours.config.hidden_size
@@ -414,7 +422,7 @@ def left_padded_batches(prompts: list[list[int]], pad_id: int, device, size: int
 
 def small_evaluation(b: Bench, m: Small) -> list[dict]:
     """Evaluation of the post's prompt: minicalm's evaluate_rows with its own batching (length-sorted, the shared
-    head computed once) against transformers' generate on batches of 16, left padded, (a) on the same
+    prefix computed once) against transformers' generate on batches of 16, left padded, (a) on the same
     length-sorted batches, (b) in file order, as a plain evaluation loop (and the post's) batches them."""
     reviews = data.read_jsonl(REVIEWS / "valid.jsonl", limit=b.args.eval_reviews)
     in_order = [ids for ids, _ in m.enc.encode_prompts(reviews)]

@@ -5,9 +5,10 @@
 
 1. train() on an open-calm-small-shaped random checkpoint (real reviews, the GPT-NeoX tokenizer), bf16 base,
    a few steps: the loss is finite and falls, and the run's peak accelerator memory (metrics.jsonl,
-   torch.cuda.max_memory_allocated) is compared with minicalm.plan's figure for the same settings;
+   torch.cuda.max_memory_allocated) is compared with the planner's figure (minicalm.tools.plan) for the same
+   settings;
 2. the decoding and evaluation paths in bf16 (greedy_generate with and without the KV cache agree);
-3. train_lora.py's step (minicalm.train.train_step) timed four ways: the shared prompt head or --no-share-prefix,
+3. train_lora.py's step (minicalm.train.train_step) timed four ways: the shared prompt prefix or --no-share-prefix,
    eager or --compile (after warm-up steps, which include compiling), tokens/s of each.
 Then run `python bench/bench.py --device cuda --reps 3` for the README's GPU table.
 """
@@ -23,13 +24,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]   # minicalm, and the tests' reference decoder
-from minicalm.tasks import data, greedy_generate, load_model  # noqa: E402
 from minicalm.config import CalmConfig  # noqa: E402
-from minicalm.model import CalmForCausalLM  # noqa: E402
-from minicalm.tools.plan import GiB, plan  # noqa: E402
+from minicalm.generate import greedy_generate  # noqa: E402
 from minicalm.io.tokenizer import load_tokenizer  # noqa: E402
-from minicalm.train import TrainConfig, common_prefix, setup, step_batch, train, train_step  # noqa: E402
-from minicalm.io.weights import save_checkpoint  # noqa: E402
+from minicalm.io.weights import load_model, save_checkpoint  # noqa: E402
+from minicalm.model import CalmForCausalLM  # noqa: E402
+from minicalm.tasks import data  # noqa: E402
+from minicalm.tools.plan import GiB, PlanConfig, plan  # noqa: E402
+from minicalm.tools.run import processes  # noqa: E402
+from minicalm.train import TrainConfig, global_batch, setup, train, train_step  # noqa: E402
 from reference import greedy_no_cache  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -58,7 +61,8 @@ def main():
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0], "loss did not fall"
     if a.device.startswith("cuda"):
         measured = max(r["peak_memory_bytes"] for r in rows)
-        planned = plan(cfg, 16, 256, shared_tokens=shared_head(tc), dtype=torch.bfloat16, answer_tokens=4).peak_bytes
+        planned = plan(PlanConfig(model=tc.model, micro_batch_size=16, max_len=256, shared_prefix=shared_prefix(tc),
+                                  lora=tc.lora, dtype="bfloat16", answer_tokens=4), cfg).peak_bytes
         print(f"   peak memory: measured {measured / GiB:.2f} GiB, planned {planned / GiB:.2f} GiB "
               f"({measured / planned - 1:+.1%}; the planner leaves out kernel workspaces and fragmentation)")
 
@@ -72,23 +76,25 @@ def main():
 
     print("3. train_lora.py's step, batch 16 in one micro-batch (tokens/s after 2 warm-up steps):")
     for share, compiled in ((True, False), (False, False), (True, True), (False, True)):
-        run = setup(replace(tc, out=str(tmp / f"t-{share}-{compiled}"), limit_train=16 * 8, max_steps=8,
-                            share_prefix=share, compile=compiled, log=False))
-        rates = []
-        for _ in range(7):
-            tokens = sum(len(run.train_set[j].input_ids) for j in step_batch(run, run.step))
-            t0 = time.perf_counter()
-            train_step(run)   # ends with .item() on the loss and grad norm: the GPU has finished
-            rates.append(tokens / (time.perf_counter() - t0))
-        print(f"   {'shared head' if share else '--no-share-prefix'}, {'--compile' if compiled else 'eager'}: "
+        with processes(a.device) as proc:
+            run = setup(replace(tc, out=str(tmp / f"t-{share}-{compiled}"), limit_train=16 * 8, max_steps=8,
+                                share_prefix=share, compile=compiled, log=False), proc)
+            rates = []
+            for _ in range(7):
+                batch = global_batch(run, run.step)
+                tokens = sum(len(run.train_set[j].input_ids) for j in batch)
+                t0 = time.perf_counter()
+                train_step(run, batch)   # ends with .item() on the loss and grad norm: the GPU has finished
+                rates.append(tokens / (time.perf_counter() - t0))
+        print(f"   {'shared prefix' if share else '--no-share-prefix'}, {'--compile' if compiled else 'eager'}: "
               f"{sorted(rates[2:])[2]:.0f} tokens/s (median of 5; first step {rates[0]:.0f})")
     print("next: python bench/bench.py --device cuda --reps 3")
 
 
-def shared_head(tc: TrainConfig) -> int:
-    """The prompt head every training example starts with (what train() shares), for the plan."""
+def shared_prefix(tc: TrainConfig) -> int:
+    """The prompt prefix every training example starts with (what train() shares), for the plan."""
     enc = data.PromptEncoder(load_tokenizer(tc.model), tc.max_len)
-    return common_prefix(data.encode_rows(enc, data.read_jsonl(tc.train_file, limit=tc.limit_train))[0])
+    return data.shared_prefix_tokens(data.encode_rows(enc, data.read_jsonl(tc.train_file, limit=tc.limit_train))[0])
 
 
 if __name__ == "__main__":

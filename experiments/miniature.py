@@ -8,37 +8,66 @@
 6. evaluate again and print the before/after table (beside the post's, for marc-ja).
 Everything runs through minicalm's own train() and evaluate_rows(); nothing here re-implements them. Data: the
 task's own (for marc-ja a fixed 10,000 / 1,000-row sample of MARC-ja from the hub, cached), or --train-file and
---valid-file, which is how it runs offline. `--sweep-ranks 1,2,4,...` trains one adapter per rank on one base.
+--valid-file, which is how it runs offline. `--sweep-ranks 1,2,4,...` trains one adapter per rank on one base,
+`--sweep-variants lora,dora,...` one per variant of LoRA. The flags are MiniatureConfig's fields (--help lists them).
 
 An experiment, not a part of the library: it imports minicalm as a user would (pip install -e . first).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from minicalm.tasks import data
+from minicalm.config import BLOCK_LINEARS, CalmConfig, LoraConfig
 from minicalm.io.adapter import load_adapter
-from minicalm.config import CalmConfig
-from minicalm.tools.evaluate import evaluate_rows, table
 from minicalm.io.files import read_records, write_json, write_text
-from minicalm.config import BLOCK_LINEARS
-from minicalm.model import CalmForCausalLM
-from minicalm.nf4 import trainable_parameters
-from minicalm.tools.plot import draw_if_possible, plot_dora_analysis, plot_losses, plot_sweep
-from minicalm.progress import fmt_time
-from minicalm.tasks.task import MARC_JA, load_task
 from minicalm.io.tokenizer import load_tokenizer, train_tokenizer
-from minicalm.train import TrainConfig, train
 from minicalm.io.weights import load_model, save_checkpoint
+from minicalm.lora import DoRALinear, trainable_parameters
+from minicalm.model import CalmForCausalLM
+from minicalm.tasks import data
+from minicalm.tasks.task import MARC_JA, load_task
+from minicalm.tools.cli import command
+from minicalm.tools.evaluate import evaluate_rows, table
+from minicalm.tools.plot import draw_if_possible, plot_dora_analysis, plot_losses, plot_sweep
+from minicalm.tools.run import fmt_time
+from minicalm.train import TrainConfig, train
 
+PROG = "experiments/miniature.py"
 SAMPLE = {"train": 10_000, "validation": 1_000}   # rows of the task's own data the miniature uses by default
+
+
+@dataclass
+class MiniatureConfig:
+    """The miniature's settings; each field is a flag of experiments/miniature.py (lora_r -> --lora-r)."""
+    out: str = "runs/micro"                  # the output folder (a sweep: one subfolder per adapter)
+    task: str = "marc-ja"                    # built-in task (marc-ja, jnli) or a task JSON file
+    train_file: str | None = None            # JSON lines of the task's rows; default: a fixed sample of the task's
+                                             # own training data from the hub
+    valid_file: str | None = None            # JSON lines; default: a fixed sample of its validation data
+    pretrain_steps: int = 3000               # steps of 16 x 128 tokens
+    pretrain_minutes: float | None = None    # also stop pretraining after this long
+    lora_epochs: float = 3.0                 # LoRA's passes over the training set
+    lora_steps: int | None = None            # stop LoRA after this many steps (a quick run)
+    seed: int = 1337                         # the weights' initialisation, data order, LoRA's A, dropout
+    sweep_ranks: str | None = None           # comma-separated LoRA ranks (e.g. 1,2,4,8,16,64): train and evaluate
+                                             # one adapter per rank on one pretrained base instead of the
+                                             # before/after story
+    sweep_variants: str | None = None        # comma-separated variants of lora, dora, rslora, pissa, olora,
+                                             # loraplus, qlora: one adapter each, at --lora-r or at each of
+                                             # --sweep-ranks, on one pretrained base
+    lora_r: int = 16                         # the variant sweep's rank (alpha is 2r)
+    use_rslora: bool = False                 # the rank sweep with rsLoRA's alpha / sqrt(r)
+    lora_targets: tuple[str, ...] = BLOCK_LINEARS   # the sweep's targets, of query_key_value, dense,
+                                                    # dense_h_to_4h, dense_4h_to_h
+    base: str | None = None                  # the sweep's pretrained base (e.g. runs/micro/pretrain/model);
+                                             # default: pretrain one first
 
 
 def micro_config(vocab_size: int) -> CalmConfig:
@@ -55,75 +84,78 @@ def task_files(task, train_file: str | None, valid_file: str | None) -> tuple[st
     return tuple(str(data.task_data(task, split, subset=SAMPLE[split])) for split in ("train", "validation"))
 
 
-def start(out: str, spec, train_file: str | None, valid_file: str | None, log: bool):
-    """What run and sweep begin with: the task, its files, the output folder and a stage printer."""
-    t0, task = time.time(), load_task(spec)
-    train_file, valid_file = task_files(task, train_file, valid_file)
-    out_dir = Path(out)
+def start(cfg: MiniatureConfig, log: bool):
+    """What run and sweep begin with: the task, cfg with its data files found (the given ones or the task's own),
+    the output folder and a stage printer."""
+    t0, task = time.time(), load_task(cfg.task)
+    train_file, valid_file = task_files(task, cfg.train_file, cfg.valid_file)
+    out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = lambda msg: log and print(f"\n[{fmt_time(time.time() - t0)}] {msg}", file=sys.stderr, flush=True)
-    return t0, str(spec), task, train_file, valid_file, out_dir, stage
+    cfg = replace(cfg, task=str(cfg.task), train_file=train_file, valid_file=valid_file)
+    return t0, cfg, task, out_dir, stage
 
 
-def pretrain(out_dir: Path, spec: str, train_file: str, valid_file: str, steps: int, minutes: float | None,
-             vocab_size: int, seed: int, log: bool, stage) -> tuple[Path, dict]:
-    """Steps 1-3: a BPE on the training text, a tiny GPT-NeoX pretrained on it, saved as a checkpoint folder."""
-    task = load_task(spec)
-    stage(f"1/6 tokenizer: byte-level BPE, {vocab_size} tokens, on {train_file}")
-    texts = [r.text for r in data.read_jsonl(train_file, task)]
+def pretrain(out_dir: Path, cfg: MiniatureConfig, vocab_size: int, log: bool, stage) -> tuple[Path, dict]:
+    """Steps 1-3: a BPE on the training text, a tiny GPT-NeoX pretrained on it, saved as a checkpoint folder
+    (cfg's task, data files, pretrain_steps, pretrain_minutes and seed)."""
+    task, steps, minutes = load_task(cfg.task), cfg.pretrain_steps, cfg.pretrain_minutes
+    stage(f"1/6 tokenizer: byte-level BPE, {vocab_size} tokens, on {cfg.train_file}")
+    texts = [r.text for r in data.read_jsonl(cfg.train_file, task)]
     # The prompt's English header is ordinary text for OpenCALM's tokenizer; let ours know it too.
     empty = task.format({f: "" for f in task.fields})
     tok = train_tokenizer(texts + [empty] * 100, out_dir / "tokenizer" / "tokenizer.json", vocab_size)
 
     stage("2/6 pretraining a tiny GPT-NeoX from random weights on the raw text")
     init = out_dir / "init"
-    save_checkpoint(CalmForCausalLM(micro_config(tok.vocab_size)).init_weights(seed=seed), init,
+    save_checkpoint(CalmForCausalLM(micro_config(tok.vocab_size)).init_weights(seed=cfg.seed), init,
                     tokenizer_dir=tok.path.parent)
     pre = train(TrainConfig(
-        model=str(init), task=spec, train_file=train_file, valid_file=valid_file, out=str(out_dir / "pretrain"),
-        full=True, text=True, max_len=128, batch_size=16, micro_batch_size=16, lr=2e-3, weight_decay=0.1,
-        warmup_steps=min(100, max(1, steps // 10)), max_steps=steps, max_time=minutes and minutes * 60,
-        eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=seed, log=log, resume=False))
+        model=str(init), task=cfg.task, train_file=cfg.train_file, valid_file=cfg.valid_file,
+        out=str(out_dir / "pretrain"), full=True, text=True, max_len=128, batch_size=16, micro_batch_size=16, lr=2e-3,
+        weight_decay=0.1, warmup_steps=min(100, max(1, steps // 10)), max_steps=steps,
+        max_time=minutes and minutes * 60, eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=cfg.seed,
+        log=log, resume=False))
     return out_dir / "pretrain" / "model", pre   # 3. an ordinary checkpoint folder, written by train()
 
 
-def finetune(base: Path, out: Path, spec: str, train_file: str, valid_file: str, r: int, targets, epochs: float,
-             steps: int | None, seed: int, log: bool, on_step=None, **variant) -> dict:
-    """Step 5: LoRA on the base through train_lora.py's code path (alpha = 2 r, lr 5e-4, batch 16); `variant` sets
-    TrainConfig's use_dora, use_rslora, lora_init, loraplus_lr_ratio."""
+def finetune(base: Path, out: Path, cfg: MiniatureConfig, setting: dict, log: bool, on_step=None) -> dict:
+    """Step 5: LoRA on the base through train_lora.py's code path (alpha = 2 r, lr 5e-4, batch 16) on cfg's task,
+    data files, lora_targets, lora_epochs, lora_steps and seed. `setting` is {"r": rank} and a variant's TrainConfig
+    settings (VARIANTS): its "lora" ones (use_dora, use_rslora, init) go into the LoraConfig, the others
+    (loraplus_lr_ratio, quantize) into TrainConfig."""
+    r, steps = setting["r"], cfg.lora_steps
+    lora = LoraConfig(r=r, alpha=2 * r, dropout=0.05, targets=tuple(cfg.lora_targets), **setting.get("lora", {}))
+    variant = {k: v for k, v in setting.items() if k not in ("r", "variant", "lora")}
     return train(TrainConfig(
-        model=str(base), task=spec, train_file=train_file, valid_file=valid_file, out=str(out), epochs=epochs,
-        max_steps=steps, lr=5e-4, batch_size=16, micro_batch_size=16, max_len=256,
-        warmup_steps=50 if steps is None else max(1, steps // 10), lora_r=r, lora_alpha=2 * r, lora_dropout=0.05,
-        lora_targets=tuple(targets), eval_every=0, eval_limit=200, save_every=0, device="cpu", seed=seed, log=log,
-        **variant), on_step=on_step)
+        model=str(base), task=cfg.task, train_file=cfg.train_file, valid_file=cfg.valid_file, out=str(out),
+        epochs=cfg.lora_epochs, max_steps=steps, lr=5e-4, batch_size=16, micro_batch_size=16, max_len=256,
+        warmup_steps=50 if steps is None else max(1, steps // 10), lora=lora, eval_every=0, eval_limit=200,
+        save_every=0, device="cpu", seed=cfg.seed, log=log, **variant), on_step=on_step)
 
 
-def run(out: str, train_file: str | None = None, valid_file: str | None = None, task: str = "marc-ja",
-        pretrain_steps: int = 3000, pretrain_minutes: float | None = None, lora_epochs: float = 3.0,
-        lora_steps: int | None = None, eval_limit: int | None = None, vocab_size: int = 4000, seed: int = 1337,
-        log: bool = True) -> dict:
-    t0, spec, task, train_file, valid_file, out_dir, stage = start(out, task, train_file, valid_file, log)
-    base, pre = pretrain(out_dir, spec, train_file, valid_file, pretrain_steps, pretrain_minutes, vocab_size, seed,
-                         log, stage)
+def run(cfg: MiniatureConfig, eval_limit: int | None = None, vocab_size: int = 4000, log: bool = True) -> dict:
+    """The before/after story (steps 1-6) in cfg.out: results.json and report.md. eval_limit: the held-out rows
+    evaluated (default all); vocab_size: the BPE's."""
+    t0, cfg, task, out_dir, stage = start(cfg, log)
+    base, pre = pretrain(out_dir, cfg, vocab_size, log, stage)
 
-    valid = data.read_jsonl(valid_file, task, limit=eval_limit)
+    valid = data.read_jsonl(cfg.valid_file, task, limit=eval_limit)
     tok, kw = load_tokenizer(base), dict(max_len=256, batch_size=32, mode="both", log=log)
     stage(f"4/6 evaluating the pretrained model on {len(valid)} rows with the task's prompt")
     model = load_model(base)
     before = evaluate_rows(model, tok, valid, task, **kw)
 
     stage("5/6 LoRA fine-tuning (r 16, alpha 32, all four linear layers) with the train_lora.py code path")
-    tuned = finetune(base, out_dir / "lora", spec, train_file, valid_file, 16, BLOCK_LINEARS, lora_epochs, lora_steps,
-                     seed,
-                 log)
+    # the story's adapter whatever the sweep's flags (--lora-r, --lora-targets) say
+    tuned = finetune(base, out_dir / "lora", replace(cfg, lora_targets=BLOCK_LINEARS), {"r": 16}, log)
 
     stage("6/6 evaluating base + adapter")
     load_adapter(model, out_dir / "lora" / "adapter")   # onto the same base model evaluated before
     after = evaluate_rows(model, tok, valid, task, **kw)
 
     seconds = time.time() - t0
-    res = {"seconds": round(seconds, 1), "params": model.num_params(),
+    res = {"seconds": round(seconds, 1), "params": trainable_parameters(model)[1],
            "pretrain": {k: pre[k] for k in ("step", "loss", "val_loss", "seconds")},
            "lora": {k: tuned[k] for k in ("step", "loss", "val_loss", "seconds")},
            "before": before["metrics"], "after": after["metrics"], "n_valid": len(valid), "task": task.name}
@@ -135,29 +167,29 @@ def run(out: str, train_file: str | None = None, valid_file: str | None = None, 
     return res
 
 
-# LoRA's variants as the sweep names them: TrainConfig settings (variants.py has their formulas and papers).
-VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "pissa": {"lora_init": "pissa"},
-            "olora": {"lora_init": "olora"}, "loraplus": {"loraplus_lr_ratio": 16.0}, "qlora": {"quantize": "nf4"}}
+# LoRA's variants as the sweep names them: TrainConfig settings, the adapter's own under "lora" (LoraConfig's
+# fields); variants.py has their formulas and papers.
+VARIANTS = {"lora": {}, "dora": {"lora": {"use_dora": True}}, "rslora": {"lora": {"use_rslora": True}},
+            "pissa": {"lora": {"init": "pissa"}}, "olora": {"lora": {"init": "olora"}},
+            "loraplus": {"loraplus_lr_ratio": 16.0}, "qlora": {"quantize": "nf4"}}
 
 
-def sweep(out: str, settings: dict[str, dict], targets=BLOCK_LINEARS, base: str | None = None,
-          train_file: str | None = None, valid_file: str | None = None, task: str = "marc-ja",
-          pretrain_steps: int = 3000, lora_epochs: float = 3.0, lora_steps: int | None = None,
-          eval_limit: int | None = None, vocab_size: int = 4000, seed: int = 1337, log: bool = True) -> list[dict]:
-    """One adapter per setting ({label: {"r": ..., and variant settings}}) on one pretrained base (pretrained here,
-    or --base): accuracy, invalid rate, macro-F1, trainable parameters and time per step of each, and each run's
-    loss curve; for LoRA and DoRA also the magnitude and direction changes of one layer at every step (DoRA's
-    section 3.2). Writes sweep.json, sweep.md and the pictures (when matplotlib is there)."""
-    t0, spec, task, train_file, valid_file, out_dir, stage = start(out, task, train_file, valid_file, log)
+def sweep(cfg: MiniatureConfig, settings: dict[str, dict], eval_limit: int | None = None, vocab_size: int = 4000,
+          log: bool = True) -> list[dict]:
+    """One adapter per setting ({label: {"r": ..., and variant settings}}, as sweep_settings makes them) on cfg's
+    targets (lora_targets) and one pretrained base (cfg.base, or pretrained here): accuracy, invalid rate, macro-F1,
+    trainable parameters and time per step of each, and each run's loss curve; for LoRA and DoRA also the magnitude
+    and direction changes of one layer at every step (DoRA's section 3.2). Writes sweep.json, sweep.md and the
+    pictures (when matplotlib is there)."""
+    t0, cfg, task, out_dir, stage = start(cfg, log)
+    base, targets = cfg.base, cfg.lora_targets
     if base is None:
-        base = pretrain(out_dir, spec, train_file, valid_file, pretrain_steps, None, vocab_size, seed, log, stage)[0]
-    tok, valid, rows = load_tokenizer(base), data.read_jsonl(valid_file, task, limit=eval_limit), []
+        base = pretrain(out_dir, cfg, vocab_size, log, stage)[0]
+    tok, valid, rows = load_tokenizer(base), data.read_jsonl(cfg.valid_file, task, limit=eval_limit), []
     for label, setting in settings.items():
         stage(f"{label}: LoRA r {setting['r']} (alpha {2 * setting['r']}) on {', '.join(targets)}")
         tracker = DirectionAndMagnitude(TRACKED) if label in ("lora", "dora") else None
-        res = finetune(Path(base), out_dir / label, spec, train_file, valid_file, setting["r"], targets, lora_epochs,
-                       lora_steps, seed, log, on_step=tracker,
-                       **{k: v for k, v in setting.items() if k not in ("r", "variant")})
+        res = finetune(Path(base), out_dir / label, cfg, setting, log, on_step=tracker)
         m = evaluate_rows(res["model"], tok, valid, task, max_len=256, batch_size=32, log=log)["metrics"]
         rows.append({"label": label, **setting, "alpha": 2 * setting["r"],
                      "trainable": trainable_parameters(res["model"])[0], "accuracy": m["accuracy"],
@@ -185,7 +217,7 @@ class DirectionAndMagnitude:
         layer = run.model.get_submodule(self.name)
         W = layer.weight.float()
         merged = W + layer.delta()                            # W + s B A: LoRA's, and DoRA's direction
-        length = merged.norm(dim=1) if layer.lora_magnitude_vector is None else layer.lora_magnitude_vector.float()
+        length = layer.lora_magnitude_vector.float() if isinstance(layer, DoRALinear) else merged.norm(dim=1)
         dM = (length - W.norm(dim=1)).abs().mean().item()
         dD = (1 - F.cosine_similarity(merged, W, dim=1)).mean().item()
         self.points.append({"step": record["step"], "dM": dM, "dD": dD})
@@ -226,46 +258,21 @@ def format_report(res: dict) -> str:
         f"{res['lora']['step']} steps, answer loss {res['lora']['loss']:.4f}. Total {fmt_time(res['seconds'])}.", ""])
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="experiments/miniature.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/micro")
-    p.add_argument("--task", default="marc-ja", help="built-in task (marc-ja, jnli) or a task JSON file")
-    p.add_argument("--train-file", default=None, help="JSON lines of the task's rows; default: a fixed sample of "
-                   "the task's own training data from the hub")
-    p.add_argument("--valid-file", default=None, help="JSON lines; default: a fixed sample of its validation data")
-    p.add_argument("--pretrain-steps", type=int, default=3000, help="steps of 16 x 128 tokens")
-    p.add_argument("--pretrain-minutes", type=float, default=None, help="also stop pretraining after this long")
-    p.add_argument("--lora-epochs", type=float, default=3.0)
-    p.add_argument("--lora-steps", type=int, default=None, help="stop LoRA after this many steps (a quick run)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--sweep-ranks", default=None, help="comma-separated LoRA ranks (e.g. 1,2,4,8,16,64): train and "
-                   "evaluate one adapter per rank on one pretrained base instead of the before/after story")
-    p.add_argument("--sweep-variants", default=None, help=f"comma-separated variants of {', '.join(VARIANTS)}: one "
-                   "adapter each, at --lora-r or at each of --sweep-ranks, on one pretrained base")
-    p.add_argument("--lora-r", type=int, default=16, help="the variant sweep's rank (alpha is 2r)")
-    p.add_argument("--use-rslora", action="store_true", help="the rank sweep with rsLoRA's alpha / sqrt(r)")
-    p.add_argument("--lora-targets", default=",".join(BLOCK_LINEARS), help=f"the sweep's targets, of {BLOCK_LINEARS}")
-    p.add_argument("--base", default=None, help="the sweep's pretrained base (e.g. runs/micro/pretrain/model); "
-                   "default: pretrain one first")
-    return p
+def miniature(cfg: MiniatureConfig):
+    """The command: the before/after story, or with --sweep-ranks or --sweep-variants a sweep."""
+    if cfg.sweep_ranks or cfg.sweep_variants:
+        return sweep(cfg, sweep_settings(cfg))
+    return run(cfg)
 
 
-def main(argv=None):
-    a = parser().parse_args(argv)
-    try:
-        if a.sweep_ranks or a.sweep_variants:
-            sweep(a.out, sweep_settings(a), tuple(t.strip() for t in a.lora_targets.split(",")), a.base,
-                  a.train_file, a.valid_file, a.task, a.pretrain_steps, a.lora_epochs, a.lora_steps, seed=a.seed)
-        else:
-            run(a.out, a.train_file, a.valid_file, a.task, a.pretrain_steps, a.pretrain_minutes, a.lora_epochs,
-                a.lora_steps, seed=a.seed)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"experiments/miniature.py: error: {e}")
+def main(argv: list[str] | None = None):
+    """Flags from MiniatureConfig's fields; a bad setting or input ends it with one line and exit status 1."""
+    return command(MiniatureConfig, miniature, PROG, __doc__, argv)
 
 
-def sweep_settings(a) -> dict[str, dict]:
-    """--sweep-ranks and/or --sweep-variants as {label: settings}: every variant at every rank."""
+def sweep_settings(a: MiniatureConfig) -> dict[str, dict]:
+    """--sweep-ranks and/or --sweep-variants as {label: {"r": rank, "variant": name} | VARIANTS[name]}: every
+    variant at every rank."""
     names = a.sweep_variants.split(",") if a.sweep_variants else ["rslora" if a.use_rslora else "lora"]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:

@@ -6,15 +6,17 @@ import pytest
 from conftest import REVIEWS, need
 
 from experiments import miniature
-from experiments.miniature import run
+from experiments.miniature import MiniatureConfig, run
 from hub import use_hub
 from minicalm.io.weights import load_model
+from minicalm.tools.cli import Flags
 
 
 def test_micro_pipeline_lora_teaches_the_answer_format(tmp_path):
     need(REVIEWS)
-    res = run(str(tmp_path), str(REVIEWS / "train.jsonl"), str(REVIEWS / "valid.jsonl"), pretrain_steps=120,
-              lora_steps=60, eval_limit=64, vocab_size=1000, log=False)
+    res = run(MiniatureConfig(out=str(tmp_path), train_file=str(REVIEWS / "train.jsonl"),
+                              valid_file=str(REVIEWS / "valid.jsonl"), pretrain_steps=120, lora_steps=60),
+              eval_limit=64, vocab_size=1000, log=False)
     # 3. the pretrained model is an ordinary checkpoint folder
     saved = {p.name for p in (tmp_path / "pretrain" / "model").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= saved
@@ -35,15 +37,15 @@ def test_micro_with_a_task_file(tmp_path, monkeypatch):
     from test_task import three_class_files
     (tmp_path / "files").mkdir()
     task, train, valid = three_class_files(tmp_path / "files", monkeypatch)
-    res = run(str(tmp_path / "run"), train, valid, task=task, pretrain_steps=60, lora_steps=30, eval_limit=30,
-              vocab_size=1000, log=False)
+    res = run(MiniatureConfig(out=str(tmp_path / "run"), train_file=train, valid_file=valid, task=task,
+                              pretrain_steps=60, lora_steps=30), eval_limit=30, vocab_size=1000, log=False)
     assert res["task"] == "amazon-ja-3" and res["before"]["generate"]["n"] == 30
     assert set(res["after"]["generate"]["confusion"]) == {"positive", "neutral", "negative"}
     report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
     assert "task amazon-ja-3" in report and "(post)" not in report
 
 
-def test_micro_without_data_says_what_to_pass(standin_hub, tmp_path, monkeypatch):
+def test_micro_without_data_says_what_to_pass(standin_hub, tmp_path, monkeypatch, capsys):
     """Outside this workplace there is no ../shared: the default is the task's own data from the hub, and when that
     cannot be had (offline, nothing cached), one line says so and what to pass instead."""
     use_hub(monkeypatch, standin_hub, tmp_path / "hf_home", offline=True)
@@ -51,7 +53,9 @@ def test_micro_without_data_says_what_to_pass(standin_hub, tmp_path, monkeypatch
     standin_hub.log.clear()
     with pytest.raises(SystemExit) as e:
         miniature.main(["--out", str(tmp_path / "run")])
-    msg = str(e.value.code)
+    err = capsys.readouterr().err   # the command's one line on stderr, exit status 1 (minicalm.tools.cli)
+    assert e.value.code == 1 and err.endswith("\n")
+    msg = err[:-1]
     assert msg.startswith("experiments/miniature.py: error: HF_HUB_OFFLINE is set and dataset shunk031/JGLUE "
                           "(revision refs/convert/parquet) file MARC-ja/jglue-train.parquet is not in the hub cache")
     assert msg.endswith("or pass --train-file and --valid-file (JSON lines with sentence, label)") and "\n" not in msg
@@ -82,11 +86,11 @@ def test_rank_sweep_on_one_base(base, tmp_path):
 def test_sweep_settings_cross_ranks_and_variants():
     """--sweep-ranks with --sweep-variants trains every variant at every rank (rsLoRA against LoRA across ranks);
     either alone keeps its own labels; an unknown variant is named."""
-    settings = lambda *argv: miniature.sweep_settings(miniature.parser().parse_args(list(argv)))
+    settings = lambda *argv: miniature.sweep_settings(Flags(MiniatureConfig, miniature.PROG).parse(list(argv)))
     assert settings("--sweep-ranks", "1,4", "--sweep-variants", "lora,rslora") == {
         "lora-r1": {"r": 1, "variant": "lora"}, "lora-r4": {"r": 4, "variant": "lora"},
-        "rslora-r1": {"r": 1, "variant": "rslora", "use_rslora": True},
-        "rslora-r4": {"r": 4, "variant": "rslora", "use_rslora": True}}
+        "rslora-r1": {"r": 1, "variant": "rslora", "lora": {"use_rslora": True}},
+        "rslora-r4": {"r": 4, "variant": "rslora", "lora": {"use_rslora": True}}}
     assert list(settings("--sweep-ranks", "2,8", "--use-rslora")) == ["r2-rslora", "r8-rslora"]
     assert settings("--sweep-variants", "qlora", "--lora-r", "8") == {"qlora": {"r": 8, "variant": "qlora",
                                                                                 "quantize": "nf4"}}

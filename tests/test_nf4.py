@@ -137,7 +137,7 @@ def test_load_model_quantizes_the_blocks_and_nothing_else(checkpoint):
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_lora_on_nf4_equals_lora_on_the_dequantized_base(checkpoint, use_dora):
     """QLoRA: the adapters in full precision beside the 4-bit base compute what they compute beside its dequantized
-    weights: the logits, the loss with the shared head, every gradient; merging makes the layers dense."""
+    weights: the logits, the loss with the shared prefix, every gradient; merging makes the layers dense."""
     folder, _ = checkpoint
     q = load_model(folder, quantize="nf4")
     twin = dense_twin(folder, q)
@@ -150,7 +150,7 @@ def test_lora_on_nf4_equals_lora_on_the_dequantized_base(checkpoint, use_dora):
     from minicalm.loss import answer_loss
     x, y = IDS.clone(), IDS.clone()
     y[:, :3] = -100
-    x[1, :3] = x[0, :3]   # a shared head of 3 tokens
+    x[1, :3] = x[0, :3]   # a shared prefix of 3 tokens
     losses = [answer_loss(m.train(), x, y, prefix=3) for m in (q, twin)]
     for loss in losses:
         loss.backward()

@@ -40,13 +40,13 @@ print(json.dumps(peak))
 
 SMALL = dict(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)
 MICRO = dict(vocab_size=4000, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512)
-CASES = {  # name: (config, micro-batch, length, grad checkpoint, full/train-on-inputs, shared head)
+CASES = {  # name: (config, micro-batch, length, grad checkpoint, full/train-on-inputs, shared prefix)
     "lora": (SMALL, 8, 128, False, False, 0),
     "lora-checkpointed": (SMALL, 8, 128, True, False, 0),
     "full-all-positions": (MICRO, 16, 128, False, True, 0),
-    "lora-shared-head": (SMALL, 8, 128, False, False, 60),
-    "lora-shared-head-checkpointed": (SMALL, 8, 128, True, False, 60),
-    "full-all-positions-shared-head": (MICRO, 16, 128, False, True, 60),
+    "lora-shared-prefix": (SMALL, 8, 128, False, False, 60),
+    "lora-shared-prefix-checkpointed": (SMALL, 8, 128, True, False, 60),
+    "full-all-positions-shared-prefix": (MICRO, 16, 128, False, True, 60),
 }
 TOLERANCE = 0.02   # stated: the plan is within 2% of the measured peak
 
@@ -103,9 +103,9 @@ def test_preflight_refuses_what_does_not_fit_and_names_what_does():
     assert ok.peak_bytes < 0.9 * 40 * 2**30
 
 
-def test_sharing_the_head_cuts_flops_and_memory_as_the_arithmetic_says():
-    """OpenCALM-7B, micro-batch 16 of 150-token rows whose first 75 are the shared head: the blocks' work per token
-    falls by (B-1)/B * 75/150 = 47% (attention over the head's keys stays, so a little less), and so does the
+def test_sharing_the_prefix_cuts_flops_and_memory_as_the_arithmetic_says():
+    """OpenCALM-7B, micro-batch 16 of 150-token rows whose first 75 are the shared prefix: the blocks' work per token
+    falls by (B-1)/B * 75/150 = 47% (attention over the prefix's keys stays, so a little less), and so does the
     activation memory of those tokens."""
     kw = dict(avg_tokens=150, max_len=256)
     shared, unshared = (plan(PlanConfig("open-calm-7b", 16, shared_prefix=s, **kw)) for s in (75, 0))

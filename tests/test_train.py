@@ -35,7 +35,7 @@ from minicalm.tasks.task import MARC_JA
 from minicalm.config import LoraConfig
 from minicalm.train import TrainConfig, lr_factor, train
 
-MAX_LEN = 128   # the prompt's head is ~60 tokens with this tokenizer; reviews are cut to fit
+MAX_LEN = 128   # the prompt's shared prefix is ~60 tokens with this tokenizer; reviews are cut to fit
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Weights after a few AdamW steps, computed two ways (another micro-batch split, another process count): Adam divides
 # each gradient by its own running RMS, so an element whose gradient is small turns the last-bit differences of the
@@ -397,7 +397,7 @@ def test_bad_input_fails_before_training(base, tmp_path, monkeypatch, case):
         err, match = FileNotFoundError, re.escape(f"{f}: no such file")
     elif case == "batch_split":
         kw.update(batch_size=12, micro_batch_size=8)
-        err, match = ValueError, re.escape("TrainConfig.batch_size: must be a multiple of micro_batch_size 8, got 12")
+        err, match = ValueError, re.escape("TrainConfig.batch_size: must be a positive multiple of micro_batch_size 8, got 12")
     elif case == "other_run":
         train(config(folder, out, max_steps=1))
         err, match = FileExistsError, "already holds a run's checkpoint .*pass --resume"
@@ -522,16 +522,16 @@ def test_train_lora_reports_bad_input_without_a_traceback(base, tmp_path, capsys
     cfg = config(folder, tmp_path / "run", micro_batch_size=8)
     with pytest.raises(SystemExit) as e:
         cli(flags(cfg) + ["--batch-size", "12"])   # the later flag wins
-    assert e.value.code == 1 and "train_lora.py: error: --batch-size: must be a multiple of micro_batch_size 8, got 12" \
+    assert e.value.code == 1 and "train_lora.py: error: --batch-size: must be a positive multiple of micro_batch_size 8, got 12" \
         in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- the shared prompt head
+# ----------------------------------------------------------------------------- the shared prompt prefix
 
 @pytest.mark.parametrize("train_on_inputs", [False, True], ids=["answer-only", "train-on-inputs"])
 @pytest.mark.parametrize("kind", ["qkv", "all-four", "full"])
-def test_shared_head_gives_the_same_loss_and_gradients(base, kind, train_on_inputs):
-    """A micro-batch of 6 real prompts: the loss and every trainable gradient with the head computed once equal
+def test_shared_prefix_gives_the_same_loss_and_gradients(base, kind, train_on_inputs):
+    """A micro-batch of 6 real prompts: the loss and every trainable gradient with the prefix computed once equal
     those of running every row in full (dropout 0, fp32), and the loss is transformers' on the same batch."""
     folder, tok = base
     model = load_model(folder).train()
@@ -548,7 +548,7 @@ def test_shared_head_gives_the_same_loss_and_gradients(base, kind, train_on_inpu
     examples, _ = encode_rows(enc, read_jsonl(REVIEWS / "train.jsonl", limit=6), train_on_inputs)
     x, y = collate(examples, tok.pad_token_id)
     P = shared_prefix_len(x)
-    assert len(enc.prefix_ids) <= P < min(len(e.input_ids) for e in examples)   # the head: most of each prompt
+    assert len(enc.prefix_ids) <= P < min(len(e.input_ids) for e in examples)   # the prefix: most of each prompt
     runs = {}
     for shared in (0, P):
         model.zero_grad()
@@ -572,7 +572,7 @@ def test_shared_head_gives_the_same_loss_and_gradients(base, kind, train_on_inpu
 
 def test_train_lora_losses_with_and_without_sharing(base, tmp_path):
     """A few train_lora.py steps (2 micro-batches each, validation included): the same per-step losses whether the
-    prompt head is computed once per micro-batch (the default) or in every row (--no-share-prefix)."""
+    prompt prefix is computed once per micro-batch (the default) or in every row (--no-share-prefix)."""
     folder, _ = base
     kw = dict(batch_size=16, micro_batch_size=8, max_steps=4, eval_every=2, valid_file=str(REVIEWS / "valid.jsonl"),
               eval_limit=12)
