@@ -116,11 +116,14 @@ def words(command: str, cwd: Path, env: dict) -> list[str]:
 
 
 def program(argv: list[str]) -> tuple[str, list[str]]:
-    """("train_lora.py", its args) for "python train_lora.py ...", ("minicalm.plot", args) for "python -m ..."."""
+    """("train_lora.py", its args) for "python train_lora.py ...", ("minicalm plot", args) for "python -m minicalm plot
+    ...", ("minicalm.generate", args) for "python -m minicalm.generate ..."."""
     while "=" in argv[0]:   # NAME=value before the command
         argv = argv[1:]
     assert argv[0] == "python", f"the README's commands run python: {argv}"
-    return (argv[2], argv[3:]) if argv[1] == "-m" else (argv[1], argv[2:])
+    if argv[1] != "-m":
+        return argv[1], argv[2:]
+    return (f"minicalm {argv[3]}", argv[4:]) if argv[2] == "minicalm" else (argv[2], argv[3:])
 
 
 def check_train(r: Ran) -> None:
@@ -216,9 +219,9 @@ def check_plan(r: Ran) -> None:
     assert "plan for" in r.stdout and "fits in" in r.stdout, r.stdout
 
 
-CHECKS = {"train_lora.py": check_train, "eval.py": check_eval, "minicalm.generate": check_generate,
-          "minicalm.plot": check_plot, "minicalm.adapter_stats": check_stats, "minicalm.adapter": check_merge,
-          "minicalm.weights": lambda r: check_checkpoint(r.path(r.args[1])), "minicalm.plan": check_plan,
+CHECKS = {"train_lora.py": check_train, "eval.py": check_eval, "minicalm generate": check_generate,
+          "minicalm plot": check_plot, "minicalm stats": check_stats, "minicalm merge": check_merge,
+          "minicalm convert": lambda r: check_checkpoint(r.path(r.args[1])), "minicalm plan": check_plan,
           "experiments/miniature.py": check_miniature}
 
 

@@ -9,7 +9,6 @@ import os
 import resource
 import signal
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..io.files import atomic_write, read_records, write_json, write_text
+from .cli import flatten
 
 
 # ----------------------------------------------------------------------------- processes
@@ -124,7 +124,7 @@ class RunFolder:
     def load_state(self, cfg) -> dict:
         """state.pt, refusing settings that would change the run (RESUME_FIXED)."""
         state = torch.load(self.state_file, map_location="cpu", weights_only=True)   # our own file; still no pickles
-        now, then = (dotted(json.loads(json.dumps(c))) for c in (asdict(cfg), state["config"]))   # tuples as lists
+        now, then = flatten(asdict(cfg)), flatten(state["config"])   # lora.r, ... with lists as tuples on both sides
         changed = {k: (then.get(k), v) for k, v in now.items() if k.split(".")[0] in RESUME_FIXED and then.get(k) != v}
         if changed:
             raise ValueError(f"--resume: {self.state_file} was trained with other settings: " +
@@ -149,14 +149,6 @@ class RunFolder:
         atomic_write(self.state_file, lambda p: torch.save(state, p))
 
 
-def dotted(d: dict, prefix: str = "") -> dict:
-    """{"lora": {"r": 8}} -> {"lora.r": 8}."""
-    out = {}
-    for k, v in d.items():
-        out |= dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
-    return out
-
-
 def say(enabled: bool, *msg) -> None:
     """A message on stderr (the log of the run), when enabled."""
     if enabled:
@@ -166,7 +158,3 @@ def say(enabled: bool, *msg) -> None:
 def fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def elapsed(t0: float) -> float:
-    return round(time.time() - t0, 2)
