@@ -505,6 +505,20 @@ def test_train_lora_help_lists_every_flag(capsys):
         assert f"  {flag}" in text, flag
 
 
+def test_config_file_reruns_a_run_from_its_train_config(base, tmp_path):
+    """--config RUN/train_config.json takes every setting the run used (the nested LoRA ones included); flags given
+    with it override: the same settings into another folder give the same losses."""
+    folder, _ = base
+    first = config(folder, tmp_path / "a", lora_dropout=0.1, max_steps=3)
+    cli(flags(first) + ["--lora-r", "4", "--lora-alpha", "8"])
+    recorded = json.loads((tmp_path / "a" / "train_config.json").read_text())
+    assert (recorded["lora"]["r"], recorded["lora"]["alpha"], recorded["lora"]["dropout"]) == (4, 8.0, 0.1)
+    cli(["--config", str(tmp_path / "a" / "train_config.json"), "--out", str(tmp_path / "b")])
+    again = json.loads((tmp_path / "b" / "train_config.json").read_text())
+    assert again == recorded | {"out": str(tmp_path / "b")}
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 3
+
+
 def test_resume_refuses_changed_settings(base, tmp_path):
     """A resumed run must keep what decides its data order and schedule; a changed setting is named and nothing
     is trained. Settings that only change how a step is computed (micro-batch size) may change."""

@@ -88,7 +88,7 @@ class Flags:
             convert = comma_list if typing.get_origin(inner) is tuple else (type(choices[0]) if choices else inner)
             shown = ",".join(default) if isinstance(default, tuple) else default
             self.parser.add_argument(flag, dest=dest, type=convert, default=default, choices=choices,
-                                     metavar=None if choices else f.name.upper(),
+                                     metavar=None if choices else flag[2:].replace("-", "_").upper(),
                                      help=help + ("" if default is None else f" (default: {shown})"))
 
     def parse(self, argv: list[str] | None = None):

@@ -156,11 +156,11 @@ COMMANDS = {   # name: (config, function, what it does)
 
 def main(argv: list[str] | None = None) -> None:
     """python -m minicalm COMMAND [flags]."""
+    from . import plan as planner
     from .adapter_stats import StatsConfig, stats
-    from .plan import PlanConfig, show
     from .plot import PlotConfig, plot
     table = COMMANDS | {
-        "plan": (PlanConfig, show, (show.__module__ and sys.modules[show.__module__].__doc__) or ""),
+        "plan": (planner.PlanConfig, planner.show, planner.__doc__),
         "plot": (PlotConfig, plot, "Draw a run's metrics.jsonl (loss, lr, gradient norm, tokens/s) into "
                                    "RUN_DIR/plots/*.png; works while the run is still going."),
         "stats": (StatsConfig, stats, "What a LoRA adapter changed: update norms, spectra, amplification, and "
