@@ -16,6 +16,7 @@ import torch
 from .io.files import read_json   # the border: a config is read from a file
 
 POST_MODEL = "cyberagent/open-calm-7b"   # the blog post's model, the scripts' default
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # the commands' default device
 
 # hidden_act spellings we accept, mapped to torch's GELU `approximate` argument.
 GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_tanh": "tanh"}

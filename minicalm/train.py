@@ -24,7 +24,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .config import POST_MODEL, CalmConfig, LoraConfig, SettingError, check, resolve_dtype
+from .config import DEVICE, POST_MODEL, CalmConfig, LoraConfig, SettingError, check, resolve_dtype
 from .lora import apply_lora, trainable_parameters
 from .loss import answer_loss, shared_prefix_len
 from .model import eval_mode
@@ -71,7 +71,7 @@ class TrainConfig:
     max_time: float | None = None            # seconds; stop and save once exceeded
     limit_train: int | None = None           # use only the first N training rows
     seed: int = 1337                         # data order, LoRA's A, dropout
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = DEVICE                     # cuda if this torch has it, else cpu
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype);
                                              # float16 (GPUs without bf16: T4, V100) trains with a dynamic loss scale
     resume: bool = False                     # continue the run checkpointed in out
@@ -117,7 +117,7 @@ class Run:
     total_steps: int
     model: torch.nn.Module
     opt: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LambdaLR | None
+    schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler            # enabled for fp16 only
     step: int = 0
     order: dict = field(default_factory=dict)   # {epoch: its global batches}, drawn once an epoch
@@ -153,23 +153,21 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     groups = ([p for p in model.parameters() if p.requires_grad] if cfg.loraplus_lr_ratio is None else
               loraplus_groups(model, cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay))
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    run = Run(cfg, proc, folder, tok, task, train_set, valid_set, accuracy_rows, steps_per_epoch, total_steps, model,
-              opt, None, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-    if state is not None:
-        restore(run, state)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step = 0 if state is None else restore(state, model, opt, scaler)
     # the learning rate, a function of the step (so that resuming needs only the step): each group's initial lr
     # times lr_factor, so that LoRA+'s groups keep their ratio
-    run.schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total_steps, cfg),
-                                                     last_epoch=run.step - 1)
-    trainable, total = trainable_parameters(model)
-    say(cfg.log and proc.rank == 0, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; "
-        f"{len(train_set):,} examples, {run.total_steps:,} steps of {cfg.batch_size}, {proc.world} process(es), {dtype}")
-    if run.total_steps <= cfg.warmup_steps:
-        say(cfg.log and proc.rank == 0, f"warning: warmup_steps {cfg.warmup_steps} >= the run's {run.total_steps} "
-                                        f"steps: the learning rate never reaches lr {cfg.lr}")
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg), last_epoch=step - 1)
+    loud, (trainable, total) = cfg.log and proc.rank == 0, trainable_parameters(model)
+    say(loud and state is not None, f"resumed from {folder.state_file} at step {step}")
+    say(loud, f"model {cfg.model}: {total:,} parameters, {trainable:,} trainable; {len(train_set):,} examples, "
+              f"{total_steps:,} steps of {cfg.batch_size}, {proc.world} process(es), {dtype}")
+    say(loud and total_steps <= cfg.warmup_steps, f"warning: warmup_steps {cfg.warmup_steps} >= the run's "
+                                                  f"{total_steps} steps: the learning rate never reaches lr {cfg.lr}")
     if proc.rank == 0:
-        folder.start(cfg, task, run.step)
-    return run
+        folder.start(cfg, task, step)
+    return Run(cfg, proc, folder, tok, task, train_set, valid_set, accuracy_rows, steps_per_epoch, total_steps, model,
+               opt, schedule, scaler, step)
 
 
 def trainable_model(cfg: TrainConfig, checkpoint, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -197,13 +195,12 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
 
 
-def restore(run: Run, state: dict) -> None:
-    """The trainable tensors, AdamW's state, the loss scale and the step of a checkpoint."""
-    run.model.load_state_dict(state["trainable"], strict=False)
-    run.opt.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.step = state["step"]
-    say(run.cfg.log and run.proc.rank == 0, f"resumed from {run.folder.state_file} at step {run.step}")
+def restore(state: dict, model, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> int:
+    """A checkpoint's trainable tensors, AdamW's state and the loss scale; its step."""
+    model.load_state_dict(state["trainable"], strict=False)
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return state["step"]
 
 
 # ----------------------------------------------------------------------------- one step
@@ -297,7 +294,8 @@ def train(cfg: TrainConfig, on_step: Callable[[Run, dict], None] | None = None) 
     on_step(run, record), if given, sees the model after every optimizer step (experiments record what moved)."""
     with processes(cfg.device) as proc, StopSignals() as stop:
         run, t0, rec, val = setup(cfg, proc), time.time(), {"loss": math.nan}, None
-        bar = tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not (cfg.log and proc.rank == 0))
+        loud = cfg.log and proc.rank == 0
+        bar = tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not loud)
         while run.step < run.total_steps:
             rec = train_step(run, global_batch(run, run.step)) | {"elapsed_s": round(time.time() - t0, 2)}
             if on_step is not None:
@@ -316,10 +314,9 @@ def train(cfg: TrainConfig, on_step: Callable[[Run, dict], None] | None = None) 
                 break
         bar.close()
     if stop.reason and run.step < run.total_steps:
-        say(cfg.log and proc.rank == 0, f"stopped ({stop.reason}): checkpoint at step {run.step} in {cfg.out}; "
-                                        f"continue with --resume")
+        say(loud, f"stopped ({stop.reason}): checkpoint at step {run.step} in {cfg.out}; continue with --resume")
     else:
-        say(cfg.log and proc.rank == 0, f"done: {run.step} steps in {fmt_time(time.time() - t0)}, last loss "
+        say(loud, f"done: {run.step} steps in {fmt_time(time.time() - t0)}, last loss "
             f"{rec['loss']:.4f}" + (f", validation loss {val:.4f}" if val is not None else "") +
             f"; checkpoint in {cfg.out}")
     return {"step": run.step, "total_steps": run.total_steps, "loss": rec["loss"], "val_loss": val, "out": cfg.out,

@@ -101,13 +101,16 @@ class Flags:
         return self.build(values)
 
     def build(self, values: dict):
-        nested: dict[str, dict] = {}
-        top = {}
+        """The config from the parser's values: "lora.r" and its siblings become the nested LoraConfig."""
+        settings: dict = {}
         for key, v in values.items():
             head, _, rest = key.partition(".")
-            (nested.setdefault(head, {}).__setitem__(rest, v) if rest else top.__setitem__(key, v))
+            if rest:
+                settings.setdefault(head, {})[rest] = v
+            else:
+                settings[key] = v
         hints = typing.get_type_hints(self.cls)
-        return self.cls(**top, **{k: hints[k](**v) for k, v in nested.items()})
+        return self.cls(**{k: hints[k](**v) if isinstance(v, dict) else v for k, v in settings.items()})
 
     def flag(self, e: SettingError) -> str:
         return self.flags.get((e.owner, e.name), e.name)

@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
-from ..config import resolve_dtype
+from ..config import DEVICE, resolve_dtype
 from ..generate import decode_n_tokens, greedy, prefill, sampler
 from ..io.adapter import base_for, load_adapter, save_merged
 from ..io.files import write_text
@@ -21,9 +21,6 @@ from ..tasks.data import PromptEncoder, Row
 from ..tasks.task import find_task
 from .cli import command
 from .evaluate import Answers
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 
 # ----------------------------------------------------------------------------- generate
 
@@ -43,7 +40,7 @@ class GenerateConfig:
     top_k: int | None = None                 # --raw: sample among the k likeliest tokens
     seed: int = 0                            # --raw: the sampling seed
     max_len: int = 256                       # prompt tokens; a longer text is cut
-    device: str = DEVICE
+    device: str = DEVICE                     # cuda if this torch has it, else cpu
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype)
 
 

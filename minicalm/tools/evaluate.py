@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from ..config import check
+from ..config import DEVICE, check
 from ..generate import decode_n_tokens, left_pad, prefill, score_continuations
 from ..io.adapter import base_for, load_adapter
 from ..io.files import write_json, write_text
@@ -130,7 +130,7 @@ class EvalConfig:
     mode: Literal["generate", "likelihood", "both"] = "generate"   # greedy answers, label log-likelihood, or both
     share_prefix: bool = True         # compute the prompts' shared prefix once per run (off: every row in full)
     out: str = "runs/eval"            # folder for metrics.json, predictions.jsonl, report.md
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = DEVICE              # cuda if this torch has it, else cpu
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype)
     quantize: Literal["nf4"] | None = None   # the base's block weights in 4-bit NF4 (nf4.py)
     compare_base: bool = False        # also evaluate the base model without the adapter, in the same run

@@ -107,7 +107,8 @@ RESUME_FIXED = ("task", "lr", "batch_size", "max_len", "lora", "loraplus_lr_rati
 
 class RunFolder:
     """A run's --out: train_config.json and task.json (what it was asked), metrics.jsonl (one line per step),
-    state.pt (what resuming needs), adapter/ (or model/ for full training). Every file is written atomically."""
+    state.pt (what resuming needs), adapter/ (or model/ for full training). Every file is written atomically but
+    metrics.jsonl, which grows by a line per step (start() cuts a torn or rerun tail)."""
 
     def __init__(self, out: str | os.PathLike):
         self.path = Path(out)
