@@ -34,7 +34,7 @@ from ..model import CalmForCausalLM
 from ..nf4 import NF4Linear
 from ..variants import as_plain_lora
 from .files import atomic_write, read_json, write_json
-from .weights import read_tensors, save_checkpoint
+from .weights import check_finite, read_tensors, save_checkpoint
 
 PEFT_PREFIX = "base_model.model."   # PeftModel.base_model (LoraModel) .model (the causal LM)
 LORA_KEYS = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")   # A, B, and DoRA's m
@@ -109,6 +109,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
         module = name.removesuffix(suffix or "")
         if not key.startswith(PEFT_PREFIX) or suffix is None or module.rpartition(".")[2] not in cfg.targets:
             raise ValueError(f"{file}: unexpected tensor {key!r} (targets {list(cfg.targets)})")
+        check_finite(file, key, t)
         parts.setdefault(module, [None, None, None])[LORA_KEYS.index(suffix)] = t
     if not parts:
         raise ValueError(f"{file}: holds no LoRA tensors")

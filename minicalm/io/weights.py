@@ -95,6 +95,16 @@ def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         del sd
 
 
+def check_finite(file: Path, name: str, t: torch.Tensor) -> None:
+    """A NaN or inf in a stored weight would only show up later as a NaN loss or garbage text: name it at loading."""
+    # a NaN or inf makes the sum one; a sum allocates nothing, where isfinite holds temporaries of the tensor's size
+    if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32)):
+        n = t.numel() - int(torch.isfinite(t).sum())   # 0 if only the sum overflowed
+        if n:
+            raise ValueError(f"{file}: tensor {name!r} holds {n} non-finite values (nan/inf); the checkpoint is damaged "
+                             f"or was saved from a diverged run: download or copy it again, or use an earlier one")
+
+
 def stored_dtype(folder: Path) -> torch.dtype | None:
     """The dtype a checkpoint's config.json says its weights are stored in (torch_dtype, or transformers 5.x's
     dtype), if it says one."""
@@ -134,6 +144,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, the config "
                                  f"({folder / 'config.json'}) implies {tuple(expected[name].shape)}")
+            check_finite(file, name, t)   # as stored; not the legacy buffers skipped above (-1e9 is -inf in fp16)
             t = t.to(device=device, dtype=dtype)   # one tensor at a time, never an fp32 model copy
             state[name] = NF4Weight(t) if quantize and BLOCK_LINEAR.fullmatch(name.removesuffix(".weight")) else t
             del t

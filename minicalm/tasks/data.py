@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..io import hub
-from ..io.files import write_text
+from ..io.files import text_lines, write_text
 from ..loss import IGNORE_INDEX
 from .task import MARC_JA, Task
 
@@ -51,22 +51,28 @@ def parse_row(row, task: Task, line: int) -> Row:
 
 
 def read_jsonl(path: str | Path, task: Task = MARC_JA, limit: int | None = None) -> list[Row]:
-    """Rows of a JSON-lines file (the task's fields and label, optionally an id); blank lines are skipped."""
+    """Rows of a JSON-lines file (the task's fields and label, optionally an id); blank lines are skipped. A JSON
+    array (the other common layout) is refused with the command that converts it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (JSON lines of task {task.name} rows expected)")
     rows: list[Row] = []
-    with path.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if line.strip():
-                try:
-                    rows.append(parse_row(json.loads(line), task, n))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-                except ValueError as e:
-                    raise ValueError(f"{path}:{n}: {e}") from None
+    for n, line in text_lines(path):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not line.strip():
+            continue
+        if not rows and line.lstrip().startswith("["):   # the first row: a JSON array's opening bracket
+            out = path.with_suffix(".jsonl") if path.suffix != ".jsonl" else path.with_suffix(".lines.jsonl")
+            raise ValueError(f"{path}: a JSON array; minicalm reads JSON lines (one object per line): convert it with "
+                             f"python -X utf8 -c \"import json, sys; [print(json.dumps(r, ensure_ascii=False)) for r in "
+                             f"json.load(open(sys.argv[1], encoding='utf-8-sig'))]\" {path} > {out}")
+        try:
+            rows.append(parse_row(json.loads(line), task, n))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
     if not rows and limit != 0:
         raise ValueError(f"{path}: no rows in the file")
     return rows

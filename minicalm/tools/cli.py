@@ -15,15 +15,14 @@ import ast
 import dataclasses
 import inspect
 import io
-import json
 import sys
 import textwrap
 import tokenize
 import types
 import typing
-from pathlib import Path
 
 from ..config import SettingError
+from ..io.files import read_json
 
 ERRORS = (ValueError, OSError, ImportError, MemoryError, FloatingPointError)   # bad input or a stopped run
 
@@ -146,12 +145,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def read_settings(path: str, cls) -> dict:
     """A config's settings from a JSON file; a key the config does not have is named."""
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--config {path}: not a readable JSON file ({e})") from None
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known) if isinstance(d, dict) else ["(not a JSON object)"]
+    d = read_json(path, f"--config: {cls.__name__}'s settings as JSON")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"--config {path}: {', '.join(unknown)} not among {cls.__name__}'s settings")
     return d
