@@ -85,6 +85,10 @@ def test_a_builtin_task_written_as_a_file_keeps_its_data_source(tmp_path):
     (THREE | {"labels": ["positive", "negative"]}, "at least two labels"),
     (THREE | {"labels": {"a": "同じ", "b": "同じ"}}, "labels 'a' and 'b' have the same answer word '同じ'"),
     (THREE | {"labels": {"a": "x", "b": ""}}, "non-empty answer words"),
+    (THREE | {"prompt": "{text:>99999999}"}, "prompt field {text:>99999999} takes no format spec or conversion; "
+                                             "write {text}"),
+    (THREE | {"prompt": "x {text!r}"}, "prompt field {text!r} takes no format spec"),
+    (THREE | {"labels": {"a": "良い\n悪い", "b": "y"}}, "label 'a''s answer word '良い\\n悪い' holds a line break"),
 ])
 def test_bad_task_file_gets_one_clear_line(tmp_path, content, message):
     path = write_json(tmp_path / "bad.json", content)

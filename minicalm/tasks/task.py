@@ -47,6 +47,12 @@ class Task:
             parts = list(string.Formatter().parse(self.prompt))
         except ValueError as e:
             raise ValueError(f"{where}: the prompt is not a valid template ({e}; write literal braces as {{{{ }}}})")
+        styled = [(name, f"{'!' + conv if conv else ''}{':' + spec if spec else ''}") for _, name, spec, conv in parts
+                  if spec or conv]
+        if styled:   # the row's text goes in as it is: a width or !r would change (or blow up) every prompt
+            name, style = styled[0]
+            raise ValueError(f"{where}: prompt field {{{name}{style}}} takes no format spec or conversion; write "
+                             f"{{{name}}}")
         self.segments = [(literal, name) for literal, name, _, _ in parts]   # [(text, field after it or None)]
         self.fields = [name for _, name in self.segments if name is not None]
         if not self.fields:
@@ -58,6 +64,10 @@ class Task:
             raise ValueError(f"{where}: a task needs at least two labels (name -> answer word), got {self.labels!r}")
         if not all(isinstance(k, str) and isinstance(w, str) and w.strip() for k, w in self.labels.items()):
             raise ValueError(f"{where}: labels must map names to non-empty answer words, got {self.labels!r}")
+        multiline = [label for label, word in self.labels.items() if "\n" in word.strip()]
+        if multiline:   # the answer rule reads the generation's first line: such a word could never be answered
+            raise ValueError(f"{where}: label {multiline[0]!r}'s answer word {self.labels[multiline[0]]!r} holds a "
+                             f"line break; an answer is one line")
         seen: dict[str, str] = {}
         for label, word in self.labels.items():
             if word in seen:
