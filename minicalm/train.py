@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
 
@@ -38,7 +39,7 @@ from .tasks.data import Example, collate, length_batches, run_data, shared_prefi
 from .tasks.task import load_task
 from .tools.evaluate import evaluate_rows
 from .tools.plan import preflight
-from .tools.run import Processes, RunFolder, StopSignals, fmt_time, peak_memory, processes, say
+from .tools.run import Processes, RunFolder, StopSignals, data_digest, fmt_time, peak_memory, processes, say
 from tqdm import tqdm
 
 
@@ -87,6 +88,9 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.lora, dict):      # as train_config.json holds it
             self.lora = LoraConfig(**self.lora)
+        for name in ("model", "task", "train_file", "valid_file"):   # local paths recorded whole: the adapter names
+            if getattr(self, name) and Path(getattr(self, name)).exists():   # its base, found from any folder
+                setattr(self, name, str(Path(getattr(self, name)).resolve()))
         positive = lambda x: x is None or x > 0 and math.isfinite(x)   # noqa: E731 (None: unset)
         check(self, {"epochs": (positive(self.epochs), "positive"), "lr": (positive(self.lr), "positive"),
                      "micro_batch_size": (self.micro_batch_size >= 1, "at least 1"),
@@ -140,6 +144,8 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     state = folder.load_state(cfg) if cfg.resume else None
     task, tok = load_task(cfg.task), load_tokenizer(cfg.model, revision=cfg.revision)
     train_set, valid_set, accuracy_rows = run_data(cfg, task, tok)
+    if state is not None:
+        folder.check_data(state, data_digest(train_set))
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
 
@@ -292,7 +298,7 @@ def validate(run: Run) -> dict:
 def train(cfg: TrainConfig, on_step: Callable[[Run, dict], None] | None = None) -> dict:
     """Fine-tune (LoRA, or every parameter with cfg.full) and write everything under cfg.out. Returns a summary.
     on_step(run, record), if given, sees the model after every optimizer step (experiments record what moved)."""
-    with processes(cfg.device) as proc, StopSignals() as stop:
+    with processes(cfg.device) as proc, RunFolder(cfg.out).locked(proc.rank == 0), StopSignals() as stop:
         run, t0, rec, val = setup(cfg, proc), time.time(), {"loss": math.nan}, None
         loud = cfg.log and proc.rank == 0
         bar = tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not loud)
@@ -331,6 +337,7 @@ def save(run: Run) -> None:
     cfg, model = run.cfg, run.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     run.folder.save_state({"step": run.step, "config": asdict(cfg), "optimizer": run.opt.state_dict(),
+                           "data": data_digest(run.train_set),
                            "scaler": run.scaler.state_dict(),
                            "trainable": {k: v for k, v in model.state_dict().items() if k in trainable}})
     out = (save_checkpoint(model, run.folder.path / "model", tokenizer_dir=run.tok.path.parent) if cfg.full

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import minicalm.train as T
 from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale
@@ -278,7 +281,7 @@ runpy.run_path("train_lora.py", run_name="__main__")
 """
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(base, tmp_path):
+def test_kill_and_resume_equals_an_uninterrupted_run(base, tmp_path, capsys):
     folder, _ = base
     kw = dict(max_steps=8, save_every=3, lora_dropout=0.1)   # 32 examples / 8: 4 steps an epoch, 2 epochs
     train(config(folder, tmp_path / "a", **kw))
@@ -291,6 +294,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(base, tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=ef)
         try:
             wait_for_step(proc, cfg.out, 4, err)
+            with pytest.raises(FileExistsError, match=rf"{cfg.out} is in use by another run \(pid {proc.pid} on "):
+                train(replace(cfg, resume=True))   # one run per folder: the second is refused, the first goes on
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(timeout=60) == -signal.SIGKILL
         finally:
@@ -299,8 +304,11 @@ def test_kill_and_resume_equals_an_uninterrupted_run(base, tmp_path):
     seen = metrics(cfg.out)[-1]["step"]
     assert 4 <= seen <= 6 and saved_step(cfg.out) == 3   # metrics ran past the last checkpoint
     assert not list(Path(cfg.out).rglob(".*.tmp*"))       # no half-written files left behind
+    assert json.loads((Path(cfg.out) / "run.lock").read_text())["pid"] == proc.pid   # the killed run's lock
 
-    cli(flags(cfg) + ["--resume"])
+    cli(flags(cfg) + ["--resume"])   # takes over the dead process's lock (and says so), and releases it at the end
+    assert f"taking over the lock of process {proc.pid}, which is no longer running" in capsys.readouterr().err
+    assert not (Path(cfg.out) / "run.lock").exists()
     got = losses(cfg.out)   # steps 4..seen were dropped on resume and ran again: each step is logged once
     assert len(got) == 8 and saved_step(cfg.out) == 8
     # Exact: the resumed steps run the same ops on the same shapes from the saved fp32 state, with the same kernels
@@ -437,26 +445,24 @@ def test_peak_memory_reads_ru_maxrss_in_the_platform_s_unit(monkeypatch):
         assert R.peak_memory(torch.device("cpu")) == expected
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monkeypatch):
     folder, _ = base
     out = tmp_path / "run"
     train(config(folder, out, max_steps=2, save_every=2))
     kept = tree(out)
 
-    poisoned = tmp_path / "poisoned"   # the same base with one inf weight: the loss of the next step is not finite
-    shutil.copytree(folder, poisoned)
-    w = load_file(poisoned / "model.safetensors")
-    w["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"][0, 0] = float("inf")
-    save_file(w, poisoned / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(FloatingPointError, match=r"non-finite loss (nan|inf) at step 3; the last good checkpoint"):
-        train(config(poisoned, out, max_steps=4, save_every=1, resume=True))
+    loss = T.answer_loss   # from now on every loss is inf (as after a weight overflowed)
+    monkeypatch.setattr(T, "answer_loss", lambda *a, **k: loss(*a, **k) * math.inf)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss inf at step 3; the last good checkpoint is kept in"):
+        train(config(folder, out, max_steps=4, save_every=1, resume=True))
     now = tree(out)
     assert now.pop("train_config.json") != kept.pop("train_config.json")   # rewritten on resume (the new settings)
     assert now == kept and saved_step(out) == 2 and len(metrics(out)) == 2
 
-    with pytest.raises(FloatingPointError, match="at step 1"):     # poisoned from the start: nothing saved
-        train(config(poisoned, tmp_path / "fresh", save_every=1))
+    with pytest.raises(FloatingPointError, match="at step 1; no checkpoint was written yet"):   # nothing saved
+        train(config(folder, tmp_path / "fresh", save_every=1))
     assert not (tmp_path / "fresh" / "state.pt").exists() and metrics(tmp_path / "fresh") == []
+    monkeypatch.setattr(T, "answer_loss", loss)
 
     # lr 1e6 on every parameter: finite at first, then the loss blows up; the run stops at the first bad step
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+);.*lower lr") as e:
@@ -520,16 +526,96 @@ def test_config_file_reruns_a_run_from_its_train_config(base, tmp_path):
     assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 3
 
 
-def test_resume_refuses_changed_settings(base, tmp_path):
-    """A resumed run must keep what decides its data order and schedule; a changed setting is named and nothing
-    is trained. Settings that only change how a step is computed (micro-batch size) may change."""
+@pytest.mark.parametrize("change, named", [
+    (dict(lr=2e-2), "--lr 0.01 now 0.02"), (dict(weight_decay=0.5), "--weight-decay 0.0 now 0.5"),
+    (dict(lora=LoraConfig(dropout=0.1)), "--lora-dropout 0.0 now 0.1"), (dict(seed=1), "--seed 0 now 1"),
+    (dict(batch_size=16, micro_batch_size=8), "--batch-size 8 now 16"), (dict(grad_clip=0.5), "--grad-clip 1.0 now 0.5"),
+    (dict(revision="v2"), "--revision None now 'v2'"), ("model", "--model '"), ("rows", "the training examples differ"),
+])
+def test_resume_refuses_what_it_cannot_honour(base, tmp_path, monkeypatch, change, named):
+    """A resumed run keeps the base, the data, the adapter's and the optimizer's settings, the seed and the batch
+    size of its checkpoint: a change is named, before the model loads, and nothing is written."""
+    folder, _ = base
+    out, kw = tmp_path / "run", {}
+    if change == "rows":   # the same path, other rows in it
+        kw["train_file"] = rows = tmp_path / "rows.jsonl"
+        lines = (REVIEWS / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        rows.write_text("".join(lines), encoding="utf-8")
+        change = {}
+    train(config(folder, out, max_steps=2, save_every=1, **kw))
+    if kw:
+        rows.write_text("".join(lines[::-1]), encoding="utf-8")
+    if change == "model":   # the same weights in another folder: still another --model
+        change = dict(model=str(shutil.copytree(folder, tmp_path / "copy")))
+    before = tree(out)
+    monkeypatch.setattr(T, "load_model", lambda *a, **k: pytest.fail("the model was loaded: the error came too late"))
+    kw |= dict(max_steps=4, resume=True) | change
+    with pytest.raises(ValueError, match="--resume: ") as e:
+        train(config(kw.pop("model", folder), out, **kw))
+    assert named in str(e.value) and "\n" not in str(e.value) and tree(out) == before
+
+
+def test_resume_may_change_where_and_how_long_and_how_a_step_is_computed(base, tmp_path):
+    """The data file may move (the same rows elsewhere), the micro-batch size and the run's length may change; the
+    run's train_config.json then says what the resumed run used."""
     folder, _ = base
     train(config(folder, tmp_path / "run", max_steps=2, save_every=1))
-    with pytest.raises(ValueError, match=r"--resume: .*state\.pt was trained with other settings: lr 0\.01 now 0\.02"):
-        train(config(folder, tmp_path / "run", max_steps=4, resume=True, lr=2e-2))
-    assert saved_step(tmp_path / "run") == 2
-    res = train(config(folder, tmp_path / "run", max_steps=2, resume=True, micro_batch_size=4))
-    assert res["step"] == 2
+    moved = str(shutil.copy(REVIEWS / "train.jsonl", tmp_path / "moved.jsonl"))
+    res = train(config(folder, tmp_path / "run", max_steps=3, resume=True, micro_batch_size=4, train_file=moved,
+                       eval_every=1))
+    assert res["step"] == 3 and saved_step(tmp_path / "run") == 3
+    used = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (used["max_steps"], used["micro_batch_size"], used["train_file"]) == (3, 4, moved)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "foreign"])
+def test_a_damaged_state_pt_is_one_line_before_the_model_loads(base, tmp_path, monkeypatch, damage):
+    folder, _ = base
+    out = tmp_path / "run"
+    train(config(folder, out, max_steps=1))
+    state = out / "state.pt"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    elif damage == "empty":
+        state.write_bytes(b"")
+    elif damage == "garbage":
+        state.write_bytes(os.urandom(1000))
+    else:
+        torch.save({"weights": torch.zeros(3)}, state)   # a readable torch file, but not a run's checkpoint
+    monkeypatch.setattr(T, "load_model", lambda *a, **k: pytest.fail("the model was loaded: the error came too late"))
+    with pytest.raises(ValueError) as e:
+        train(config(folder, out, max_steps=2, resume=True))
+    msg = str(e.value)
+    assert msg.startswith(f"--resume: {state} cannot be read (") and "start the run over in another --out" in msg
+    assert "\n" not in msg and "weights_only" not in msg
+
+
+def test_one_run_per_folder(tmp_path, capsys):
+    """run.lock: taken atomically with this process's pid and host, released on exit; a live holder or one on another
+    host is refused naming it; a dead holder's lock and its killed saves' temporary files are cleaned up."""
+    from minicalm.tools.run import RunFolder
+    folder = RunFolder(tmp_path / "run")
+    with folder.locked():
+        held = json.loads(folder.lock_file.read_text())
+        assert (held["pid"], held["host"]) == (os.getpid(), socket.gethostname())
+        with pytest.raises(FileExistsError, match=rf"run is in use by another run \(pid {os.getpid()} on "), \
+                RunFolder(tmp_path / "run").locked():
+            pass
+    assert not folder.lock_file.exists() and not folder.path.exists()   # made for the run, left empty: removed
+    folder.path.mkdir()
+    folder.lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
+    with pytest.raises(FileExistsError, match=r"\(pid 1 on elsewhere, since then\).*delete .*run\.lock"), \
+            folder.locked():
+        pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder.lock_file.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    (folder.path / "adapter").mkdir()
+    torn = folder.path / "adapter" / f".adapter_model.safetensors.tmp{int(dead.stdout)}"
+    torn.write_bytes(b"")
+    with folder.locked():
+        assert json.loads(folder.lock_file.read_text())["pid"] == os.getpid() and not torn.exists()
+    err = capsys.readouterr().err
+    assert f"taking over the lock of process {int(dead.stdout)}" in err and f"removed {torn}" in err
 
 
 def test_train_lora_reports_bad_input_without_a_traceback(base, tmp_path, capsys):

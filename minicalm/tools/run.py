@@ -4,11 +4,15 @@ run, the run folder (its settings, metrics.jsonl, state.pt) and resuming from it
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import resource
 import signal
+import socket
 import sys
+import time
+from array import array
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..io.files import atomic_write, read_records, write_json, write_text
-from .cli import flatten
+from ..io.files import atomic_write, read_records, remove_stale_temps, running, write_json, write_text
+from .cli import flag_name, flatten
 
 
 # ----------------------------------------------------------------------------- processes
@@ -99,20 +103,79 @@ def peak_memory(device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------- the run folder
 
-# Settings a resumed run must share with its checkpoint: they decide the data order, the adapter or the schedule's
-# shape. Paths may change (a moved model or data file); so may the epochs / max_steps, to extend or cut a run.
-RESUME_FIXED = ("task", "lr", "batch_size", "max_len", "lora", "loraplus_lr_ratio", "quantize", "warmup_steps",
-                "schedule", "limit_train", "seed", "train_on_inputs", "full", "text")
+# What a resumed run may change: where it writes and how long it runs, how often and on what it validates, how often
+# it saves, and how a step is computed (the same examples, the same gradient to rounding). Everything else in
+# TrainConfig (the base and its revision, the task, the LoRA and optimizer settings, the seed, the batch size, the
+# dtype) must be the checkpoint's; the training file may move, but its examples must be the same (data_digest).
+RESUME_MAY_CHANGE = ("out", "resume", "log", "epochs", "max_steps", "max_time", "eval_every", "eval_limit",
+                     "eval_accuracy", "save_every", "device", "micro_batch_size", "grad_checkpoint", "compile",
+                     "train_file", "valid_file")
+STATE_KEYS = ("step", "config", "optimizer", "scaler", "trainable")
+
+
+def data_digest(examples: list) -> str:
+    """A fingerprint of the training examples (token ids and labels): what the run trains on, wherever the file is."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(array("q", e.input_ids).tobytes() + b"|" + array("q", e.labels).tobytes() + b";")
+    return h.hexdigest()
 
 
 class RunFolder:
     """A run's --out: train_config.json and task.json (what it was asked), metrics.jsonl (one line per step),
-    state.pt (what resuming needs), adapter/ (or model/ for full training). Every file is written atomically but
-    metrics.jsonl, which grows by a line per step (start() cuts a torn or rerun tail)."""
+    state.pt (what resuming needs), adapter/ (or model/ for full training), and run.lock while a run works in it.
+    Every file is written atomically but metrics.jsonl, which grows by a line per step (start() cuts a torn or rerun
+    tail)."""
 
     def __init__(self, out: str | os.PathLike):
         self.path = Path(out)
         self.state_file = self.path / "state.pt"
+        self.lock_file = self.path / "run.lock"
+
+    @contextmanager
+    def locked(self, enabled: bool = True):
+        """One run at a time in this folder: run.lock holds the pid and host of the run working here, taken
+        atomically (O_EXCL) and removed on exit. A lock whose process is gone (kill -9, a crashed machine) is
+        reported and taken over; on another host it cannot be checked, so it is refused. The temporary files of a
+        killed save are removed once the lock is held. A folder made here and left empty is removed again."""
+        if not enabled:
+            yield
+            return
+        made = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                self.take_stale()
+        else:
+            raise FileExistsError(f"{self.path} is in use: could not take {self.lock_file}")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        try:
+            for tmp in remove_stale_temps(self.path):
+                say(True, f"removed {tmp}, left by a save that was killed")
+            yield
+        finally:
+            self.lock_file.unlink(missing_ok=True)
+            if made and not any(self.path.iterdir()):
+                self.path.rmdir()
+
+    def take_stale(self) -> None:
+        """Remove run.lock if its process is dead; otherwise refuse, naming the process."""
+        try:
+            held = json.loads(self.lock_file.read_text(encoding="utf-8"))
+            pid, host, since = int(held["pid"]), str(held["host"]), held.get("started", "?")
+        except (OSError, ValueError, KeyError, TypeError):   # torn by a kill while it was written: nobody holds it
+            pid, host, since = None, socket.gethostname(), "?"
+        if host == socket.gethostname() and (pid is None or not running(pid)):
+            say(True, f"{self.lock_file}: taking over the lock of process {pid}, which is no longer running")
+            self.lock_file.unlink(missing_ok=True)
+            return
+        raise FileExistsError(f"{self.path} is in use by another run (pid {pid} on {host}, since {since}); wait for "
+                              f"it or choose another --out (if that process is gone, delete {self.lock_file})")
 
     def check(self, resume: bool) -> None:
         """Refuse a folder that holds another run (without resume), and resume without a run."""
@@ -123,19 +186,36 @@ class RunFolder:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.path} (expected {self.state_file})")
 
     def load_state(self, cfg) -> dict:
-        """state.pt, refusing settings that would change the run (RESUME_FIXED)."""
-        state = torch.load(self.state_file, map_location="cpu", weights_only=True)   # our own file; still no pickles
+        """state.pt, read before the model loads: a file that is not a whole checkpoint is one line, and a setting
+        that differs from the checkpoint's (any but RESUME_MAY_CHANGE) is refused, each difference named."""
+        try:
+            state = torch.load(self.state_file, map_location="cpu", weights_only=True)   # our own file; no pickles
+        except Exception:   # empty, cut short, not torch's: torch raises several kinds, none naming the file
+            state = None
+        if not isinstance(state, dict) or not set(STATE_KEYS) <= state.keys():
+            why = ("an empty file" if self.state_file.stat().st_size == 0 else "cut short, or not a torch file"
+                   if state is None else "a torch file, but not a minicalm training checkpoint")
+            raise ValueError(f"--resume: {self.state_file} cannot be read ({why}); start the run over in another --out, "
+                             f"or delete this folder's state.pt to start over here") from None
         now, then = flatten(asdict(cfg)), flatten(state["config"])   # lora.r, ... with lists as tuples on both sides
-        changed = {k: (then.get(k), v) for k, v in now.items() if k.split(".")[0] in RESUME_FIXED and then.get(k) != v}
+        changed = [f"{flag_name(*k.rpartition('.')[::2])} {then.get(k)!r} now {v!r}" for k, v in now.items()
+                   if k not in RESUME_MAY_CHANGE and then.get(k) != v]
         if changed:
-            raise ValueError(f"--resume: {self.state_file} was trained with other settings: " +
-                             ", ".join(f"{k} {a!r} now {b!r}" for k, (a, b) in changed.items()))
+            raise ValueError(f"--resume: {self.state_file} was trained with other settings: {', '.join(changed)} "
+                             f"(a resumed run may change only {', '.join(flag_name('', k) for k in RESUME_MAY_CHANGE[3:])})")
         return state
+
+    def check_data(self, state: dict, digest: str) -> None:
+        """Refuse to resume on other training examples than the checkpoint's (a data file edited or swapped)."""
+        if state.get("data", digest) != digest:
+            raise ValueError(f"--resume: the training examples differ from those {self.state_file} was trained on "
+                             f"(--train-file {state['config']['train_file']} then): resume on the same data, or start "
+                             f"a new run in another --out")
 
     def start(self, cfg, task, step: int) -> None:
         """The settings and the task, and metrics.jsonl cut back to the checkpoint's step (those steps run again)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.path / "train_config.json", asdict(cfg))
+        write_json(self.path / "train_config.json", asdict(cfg))   # what is used now (a resume's new limits too)
         write_json(self.path / "task.json", task.to_dict())
         metrics = self.path / "metrics.jsonl"
         if metrics.exists():   # a line torn by a crash is dropped too
