@@ -339,6 +339,13 @@ def test_run_eval_likelihood_only_and_without_matplotlib(tiny, tmp_path, monkeyp
     assert "answer" not in preds[0] and "likelihood_answer" in preds[0]
     assert "Greedy answers" not in report and "Label likelihood" in report
 
+    merged = shutil.copytree(tiny[0], tmp_path / "merged")   # a merged (or fully trained) checkpoint has its task.json
+    (merged / "task.json").write_text(json.dumps(MARC_JA.to_dict(), ensure_ascii=False), encoding="utf-8")
+    run_eval(EvalConfig(model=str(merged), data=str(REVIEWS / "valid.jsonl"), limit=2, mode="likelihood",
+                        max_len=MAX_LEN, out=str(out), device="cpu"))
+    report = read_outputs(out)[2]
+    assert "- merged (fine-tuned checkpoint): accuracy" in report and "before fine-tuning" not in report
+
 
 def run_script(*args, cwd=ROOT):
     return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], cwd=cwd, capture_output=True,

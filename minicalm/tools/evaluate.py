@@ -221,7 +221,9 @@ def class_tables(name: str, m: dict) -> list[str]:
 
 def format_report(cfg: EvalConfig, model_id: str, task: Task, metrics: dict, runs: dict) -> str:
     model = Path(model_id.rstrip("/")).name   # the title line gives the full path or id
-    names = {"base": f"{model} before fine-tuning", "adapter": f"{model} + LoRA ({cfg.adapter})"}
+    tuned = (Path(model_id) / "task.json").is_file()   # merge and full training write the run's task beside it
+    names = {"base": f"{model} (fine-tuned checkpoint)" if tuned else f"{model} before fine-tuning",
+             "adapter": f"{model} + LoRA ({cfg.adapter})"}
     first = first_mode(next(iter(runs.values()))["metrics"])
     post = task.name == MARC_JA.name   # the blog post's own rows belong beside its task only
     revision = f" (revision {metrics['revision']})" if metrics["revision"] else ""
