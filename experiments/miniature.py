@@ -46,7 +46,9 @@ SAMPLE = {"train": 10_000, "validation": 1_000}   # rows of the task's own data 
 @dataclass
 class MiniatureConfig:
     """The miniature's settings; each field is a flag of experiments/miniature.py (lora_r -> --lora-r)."""
-    out: str = "runs/micro"                  # the output folder (a sweep: one subfolder per adapter)
+    out: str = "runs/micro"                  # the output folder (a sweep: one subfolder per adapter); refused if
+                                             # an earlier run left there what this one writes (nothing is reused):
+                                             # choose another or delete it
     task: str = "marc-ja"                    # built-in task (marc-ja, jnli) or a task JSON file
     train_file: str | None = None            # JSON lines of the task's rows; default: a fixed sample of the task's
                                              # own training data from the hub
@@ -84,9 +86,17 @@ def task_files(task, train_file: str | None, valid_file: str | None) -> tuple[st
     return tuple(str(data.task_data(task, split, subset=SAMPLE[split])) for split in ("train", "validation"))
 
 
-def start(cfg: MiniatureConfig, log: bool):
+PRETRAINED = ("tokenizer", "init", "pretrain")   # what pretrain() writes in the output folder
+
+
+def start(cfg: MiniatureConfig, log: bool, writes: list[str]):
     """What run and sweep begin with: the task, cfg with its data files found (the given ones or the task's own),
-    the output folder and a stage printer."""
+    the output folder and a stage printer. Refuses an output folder that already holds any of `writes` before
+    anything is read or written: nothing is reused, and this run's files would overwrite and mix with the earlier's."""
+    used = [name for name in writes if (Path(cfg.out) / name).exists()]
+    if used:
+        raise FileExistsError(f"--out {cfg.out} already holds {', '.join(used)} from an earlier run; choose another "
+                              f"--out or delete it")
     t0, task = time.time(), load_task(cfg.task)
     train_file, valid_file = task_files(task, cfg.train_file, cfg.valid_file)
     out_dir = Path(cfg.out)
@@ -137,7 +147,7 @@ def finetune(base: Path, out: Path, cfg: MiniatureConfig, setting: dict, log: bo
 def run(cfg: MiniatureConfig, eval_limit: int | None = None, vocab_size: int = 4000, log: bool = True) -> dict:
     """The before/after story (steps 1-6) in cfg.out: results.json and report.md. eval_limit: the held-out rows
     evaluated (default all); vocab_size: the BPE's."""
-    t0, cfg, task, out_dir, stage = start(cfg, log)
+    t0, cfg, task, out_dir, stage = start(cfg, log, [*PRETRAINED, "lora", "results.json", "report.md"])
     base, pre = pretrain(out_dir, cfg, vocab_size, log, stage)
 
     valid = data.read_jsonl(cfg.valid_file, task, limit=eval_limit)
@@ -181,7 +191,8 @@ def sweep(cfg: MiniatureConfig, settings: dict[str, dict], eval_limit: int | Non
     trainable parameters and time per step of each, and each run's loss curve; for LoRA and DoRA also the magnitude
     and direction changes of one layer at every step (DoRA's section 3.2). Writes sweep.json, sweep.md and the
     pictures (when matplotlib is there)."""
-    t0, cfg, task, out_dir, stage = start(cfg, log)
+    t0, cfg, task, out_dir, stage = start(cfg, log, [*(PRETRAINED if cfg.base is None else ()), *settings,
+                                                     "sweep.json", "sweep.md"])
     base, targets = cfg.base, cfg.lora_targets
     if base is None:
         base = pretrain(out_dir, cfg, vocab_size, log, stage)[0]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import assert_close_to_scale, hf_tiny
+from conftest import ROOT, assert_close_to_scale, hf_tiny
 from minicalm import greedy_generate, load_model
 from minicalm.tasks.data import Row
 from minicalm.tools.evaluate import evaluate_rows
@@ -172,7 +174,7 @@ def test_command_answers_each_text_as_evaluation_does(base, capsys, monkeypatch)
     texts = ["良い商品です。", "二度と買いません。"]
     main(["--model", str(folder), "--device", "cpu", *texts])
     lines = capsys.readouterr().out.splitlines()
-    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{texts[0]}\n\n{texts[1]}\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"{texts[0]}\r\n\n{texts[1]}\n".encode())))
     main(["--model", str(folder), "--device", "cpu"])
     assert capsys.readouterr().out.splitlines() == lines
     rows = [Row({"sentence": t}, "positive", str(i)) for i, t in enumerate(texts)]
@@ -205,3 +207,55 @@ def test_command_refuses_a_text_without_the_task_s_fields_in_one_line(base, caps
     err = capsys.readouterr().err
     assert e.value.code == 1 and err == ("python -m minicalm.generate: error: task jnli needs 2 tab-separated fields "
                                          "(sentence1, sentence2), got 1 in '前提だけ'\n")
+
+
+def generate_cli(folder, *args, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    """python -m minicalm generate in its own process: what a user sees, exit status and all."""
+    return subprocess.run([sys.executable, "-m", "minicalm", "generate", "--model", str(folder), "--device", "cpu",
+                           *args], cwd=ROOT, input=stdin, capture_output=True, check=False, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+LONG = "良い商品です。" * 200   # some 1,400 characters: more tokens than the test model's 256 positions
+
+
+@pytest.mark.parametrize("args, stdin, flag, says", [
+    (["--max-new-tokens", "0", "良い"], b"", "--max-new-tokens", "must be at least 1, got 0"),
+    (["--raw", "--max-new-tokens", "100000000", "この商品は"], b"", "--max-new-tokens",
+     "plus 100000000 more exceed the model's 256 positions (max_position_embeddings); --raw cuts nothing"),
+    (["--raw", LONG], b"", "--max-new-tokens", f"(text {LONG[:30]!r}...) plus 100 more exceed the model's 256"),
+    (["--max-new-tokens", "300", "良い"], b"", "--max-new-tokens",
+     "plus 300 more exceed the model's 256 positions (max_position_embeddings); lower --max-len"),
+    ([], "良い\n\n".encode() + b"\xff bad\n", "stdin:3", "not UTF-8 text (invalid start byte at byte 1 of the line)"),
+], ids=["zero-new-tokens", "huge-budget", "raw-text-too-long", "answer-budget", "stdin-not-utf8"])
+def test_command_refuses_what_would_go_silently_wrong_in_one_line(base, args, stdin, flag, says):
+    """A setting or an input the model cannot honour ends the command before any output: exit status 1, one line
+    naming the flag (or stdin and its line), no traceback. (A budget past the model's positions would make it write
+    on at positions it never saw; a huge one would first allocate its cache.)"""
+    done = generate_cli(base[0], *args, stdin=stdin)
+    err = done.stderr.decode()
+    assert (done.returncode, done.stdout) == (1, b""), err
+    assert err.startswith(f"python -m minicalm generate: error: {flag}: ") and err.count("\n") == 1, err
+    assert says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value, says", [("--temperature", "-1", "must be finite and >= 0 (0: greedy), got -1.0"),
+                                               ("--temperature", "nan", "must be finite and >= 0 (0: greedy), got nan"),
+                                               ("--top-k", "0", "must be at least 1, got 0"),
+                                               ("--max-len", "0", "must be at least 1 token, got 0")])
+def test_command_checks_its_settings_before_loading(flag, value, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "no/such-model", flag, value, "良い"])   # refused before the model is looked for
+    assert e.value.code == 1 and capsys.readouterr().err == f"python -m minicalm.generate: error: {flag}: {says}\n"
+
+
+def test_command_raw_budget_fills_the_model_s_positions_exactly(base, capsys):
+    """The prompt plus the new tokens may take every one of the model's positions, not one more."""
+    folder, tok = base
+    text = "この商品は"
+    room = 256 - len(tok.encode(text))
+    main(["--model", str(folder), "--device", "cpu", "--raw", "--max-new-tokens", str(room), text])
+    assert capsys.readouterr().out.startswith(text)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(folder), "--device", "cpu", "--raw", "--max-new-tokens", str(room + 1), text])
+    assert e.value.code == 1 and f"tokens (text '{text}') plus {room + 1} more exceed" in capsys.readouterr().err

@@ -62,12 +62,27 @@ def test_micro_without_data_says_what_to_pass(standin_hub, tmp_path, monkeypatch
     assert not (tmp_path / "run").exists() and standin_hub.log == []   # offline: not one request
 
 
-def test_rank_sweep_on_one_base(base, tmp_path):
-    """--sweep-ranks: one adapter per rank on the same base; trainable parameters grow as r (in + out) per layer."""
+def test_micro_refuses_an_out_an_earlier_run_used(tmp_path, capsys):
+    """A second run into the same --out would train over the first one's files: it is refused at the start, in one
+    line naming the folder, what is there and what to do, before anything is read or written."""
+    (tmp_path / "run" / "pretrain").mkdir(parents=True)
+    (tmp_path / "run" / "pretrain" / "state.pt").write_bytes(b"")   # an earlier run's checkpoint
+    with pytest.raises(SystemExit) as e:
+        miniature.main(["--out", str(tmp_path / "run"), "--train-file", "no-such.jsonl", "--valid-file", "no.jsonl"])
+    assert e.value.code == 1 and capsys.readouterr().err == (
+        f"experiments/miniature.py: error: --out {tmp_path / 'run'} already holds pretrain from an earlier run; "
+        f"choose another --out or delete it\n")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["pretrain"]
+
+
+def test_rank_sweep_on_one_base(base, tmp_path, capsys):
+    """--sweep-ranks: one adapter per rank on the same base; trainable parameters grow as r (in + out) per layer.
+    The same sweep again into the same --out is refused (each adapter's folder holds a run)."""
     folder, _ = base
-    miniature.main(["--out", str(tmp_path / "sweep"), "--sweep-ranks", "1,4", "--base", str(folder),
-                    "--train-file", str(REVIEWS / "train.jsonl"), "--valid-file", str(REVIEWS / "valid.jsonl"),
-                    "--lora-epochs", "0.004", "--lora-targets", "query_key_value,dense_4h_to_h"])
+    argv = ["--out", str(tmp_path / "sweep"), "--sweep-ranks", "1,4", "--base", str(folder),
+            "--train-file", str(REVIEWS / "train.jsonl"), "--valid-file", str(REVIEWS / "valid.jsonl"),
+            "--lora-epochs", "0.004", "--lora-targets", "query_key_value,dense_4h_to_h"]
+    miniature.main(argv)
     res = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     per_rank = 2 * ((64 + 3 * 64) + (128 + 64))   # two layers: query_key_value 64 -> 192, dense_4h_to_h 128 -> 64
     assert [(x["label"], x["r"], x["alpha"], x["trainable"]) for x in res["runs"]] == [
@@ -81,6 +96,12 @@ def test_rank_sweep_on_one_base(base, tmp_path):
     assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 4
     assert (tmp_path / "sweep" / "r4" / "adapter").is_dir()
     assert not (tmp_path / "sweep" / "pretrain").exists()   # the given base was reused, nothing pretrained
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        miniature.main(argv)
+    assert e.value.code == 1 and capsys.readouterr().err == (
+        f"experiments/miniature.py: error: --out {tmp_path / 'sweep'} already holds r1, r4, sweep.json, sweep.md from "
+        f"an earlier run; choose another --out or delete it\n")
 
 
 def test_sweep_settings_cross_ranks_and_variants():

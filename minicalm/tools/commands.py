@@ -3,6 +3,7 @@ a config dataclass (its flags, tools/cli.py) and a function.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
-from ..config import DEVICE, resolve_dtype
+from ..config import DEVICE, SettingError, check, resolve_dtype
 from ..generate import decode_n_tokens, greedy, prefill, sampler
 from ..io.adapter import base_for, load_adapter, save_merged
 from ..io.files import write_text
@@ -26,8 +27,8 @@ from .evaluate import Answers
 
 @dataclass
 class GenerateConfig:
-    text: list[str]                          # texts (default: one per line of stdin); a task with several fields
-                                             # (jnli) takes them tab-separated
+    text: list[str]                          # texts (default: one per non-blank line of stdin, read as UTF-8); a
+                                             # task with several fields (jnli) takes them tab-separated
     model: str | None = None                 # hub id or folder (also a merged checkpoint); default: the --adapter's
                                              # base, else cyberagent/open-calm-7b
     revision: str | None = None              # hub revision; default: the --adapter's, for its base
@@ -35,35 +36,73 @@ class GenerateConfig:
     task: str | None = None                  # built-in task or task file; default: the task.json beside --adapter
                                              # (or in --model's folder), else marc-ja
     raw: bool = False                        # let the model continue the text itself, no prompt
-    max_new_tokens: int | None = None        # new tokens at most; default: 8 for answers, 100 with --raw
+    max_new_tokens: int | None = None        # new tokens at most; default: 8 for answers, 100 with --raw; a prompt
+                                             # plus these must fit the model's positions (max_position_embeddings)
     temperature: float = 0.0                 # --raw: 0 is greedy, above 0 samples
-    top_k: int | None = None                 # --raw: sample among the k likeliest tokens
+    top_k: int | None = None                 # --raw: sample among the k likeliest tokens; default: among all
     seed: int = 0                            # --raw: the sampling seed
-    max_len: int = 256                       # prompt tokens; a longer text is cut
+    max_len: int = 256                       # answers: tokens of the prompt with the answer word and eos; a longer
+                                             # text is cut. --raw cuts nothing: a text too long for the model is
+                                             # refused
     device: str = DEVICE                     # cuda if this torch has it, else cpu
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype)
+
+    def __post_init__(self):
+        check(self, {"max_new_tokens": (self.max_new_tokens is None or self.max_new_tokens >= 1, "at least 1"),
+                     "temperature": (0 <= self.temperature < math.inf, "finite and >= 0 (0: greedy)"),
+                     "top_k": (self.top_k is None or self.top_k >= 1, "at least 1"),
+                     "max_len": (self.max_len >= 1, "at least 1 token")})
+
+
+def stdin_lines() -> list[str]:
+    """The non-blank lines of stdin, decoded as UTF-8 whatever the locale says; a line that is not names itself."""
+    lines = []
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"stdin:{n}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") from None
+        if line.strip():
+            lines.append(line)
+    return lines
+
+
+def check_fits(model, prompt: list[int], more: int, text: str, fix: str) -> None:
+    """Refuse a prompt that, with `more` tokens after it, would run past the model's positions: the model would go on
+    at positions it was never trained at and write garbage without a word (and a huge count would first allocate a
+    cache for all of them)."""
+    positions = model.config.max_position_embeddings
+    if len(prompt) + more > positions:
+        shown = repr(text[:30]) + ("..." if len(text) > 30 else "")
+        raise SettingError("GenerateConfig", "max_new_tokens", f"the prompt's {len(prompt)} tokens (text {shown}) "
+                           f"plus {more} more exceed the model's {positions} positions (max_position_embeddings); "
+                           f"{fix}")
 
 
 def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_tokens: int) -> Iterator[str]:
     """One line per text: the task's greedy answer (or `invalid`), what the model wrote, each label word's
-    probability after the prompt, the text. A task with several fields takes them tab-separated, in its order."""
+    probability after the prompt, the text. A task with several fields takes them tab-separated, in its order.
+    Every text is checked before the first answer, so a bad one stops the command before it prints."""
     enc = PromptEncoder(tok, max_len, task)
     answers = Answers(model, tok, enc, max_new_tokens, likelihood=True)
+    more = max(max_new_tokens, *map(len, enc.answer_ids.values()))   # the answer written, or a label word scored
+    prompts = []
     for text in texts:
         values = text.split("\t") if len(task.fields) > 1 else [text]
         if len(values) != len(task.fields):
             raise ValueError(f"task {task.name} needs {len(task.fields)} tab-separated fields "
                              f"({', '.join(task.fields)}), got {len(values)} in {text!r}")
-        prompt, _ = enc.encode_prompt(Row(dict(zip(task.fields, values)), next(iter(task.labels)), "0"))
+        prompts.append(enc.encode_prompt(Row(dict(zip(task.fields, values)), next(iter(task.labels)), "0"))[0])
+        check_fits(model, prompts[-1], more, text, "lower --max-len (a longer text is cut to it) or --max-new-tokens")
+    for prompt, text in zip(prompts, texts):
         (p,) = answers([prompt])
         probs = " ".join(f"p({label})={torch.tensor(p[f'logprob_{label}']).exp():.3f}" for label in task.labels)
         yield f"{p['answer'] or 'invalid'}\t{p['continuation']!r}\t{probs}\t{text}"
 
 
 @torch.inference_mode()
-def continue_text(model, tok, text: str, max_new_tokens: int, pick: Callable) -> Iterator[str]:
-    """The model's own continuation of text (until EOS), as pieces of text to print as they come."""
-    ids = tok.encode(text) or [tok.eos_token_id]   # an empty text starts after EOS, as a new document
+def continue_text(model, tok, ids: list[int], max_new_tokens: int, pick: Callable) -> Iterator[str]:
+    """The model's own continuation of a text's ids (until EOS), as pieces of text to print as they come."""
     device = model.gpt_neox.embed_in.weight.device
     logits, state = prefill(model, torch.tensor([ids], device=device), extra=max_new_tokens)
     new, shown = [], ""
@@ -78,23 +117,27 @@ def continue_text(model, tok, text: str, max_new_tokens: int, pick: Callable) ->
 
 
 def generate(a: GenerateConfig) -> None:
-    texts = a.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = a.text or stdin_lines()
     model_id, revision = base_for(a.adapter, a.model, a.revision)
     tok = load_tokenizer(model_id, revision=revision)
     task = None if a.raw else find_task(a.task, a.adapter, model_id)
     model = load_model(model_id, dtype=a.dtype, device=a.device, revision=revision)
     if a.adapter:
         load_adapter(model, a.adapter, base=model_id)
+    n = a.max_new_tokens or (100 if a.raw else 8)   # None: the default (0 is refused)
     if not a.raw:
         with eval_mode(model), torch.inference_mode():
-            for line in answer_texts(model, tok, task, texts, a.max_len, a.max_new_tokens or 8):
+            for line in answer_texts(model, tok, task, texts, a.max_len, n):
                 print(line, flush=True)
         return
+    ids = [tok.encode(text) or [tok.eos_token_id] for text in texts]   # an empty text starts after EOS, a new document
+    for prompt, text in zip(ids, texts):   # all before the first is continued
+        check_fits(model, prompt, n, text, "--raw cuts nothing: shorten the text or lower --max-new-tokens")
     g = torch.Generator(a.device).manual_seed(a.seed)
     pick = greedy if a.temperature <= 0 else sampler(a.temperature, a.top_k, g)
-    for text in texts:
+    for prompt, text in zip(ids, texts):
         print(text, end="", flush=True)
-        for piece in continue_text(model, tok, text, a.max_new_tokens or 100, pick):
+        for piece in continue_text(model, tok, prompt, n, pick):
             print(piece, end="", flush=True)
         print()
 
