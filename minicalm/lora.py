@@ -12,6 +12,7 @@ dtype (train.py states the dtype policy).
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -179,6 +180,10 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, **settings) -
     found = adaptable(model, config.targets)
     if not found:
         raise ValueError(f"apply_lora: the model has no block layer named like {list(config.targets)}")
+    narrow = min(min(m.in_features, m.out_features) for m in found.values())
+    if config.r > narrow:   # legal, but not what anyone means
+        warnings.warn(f"apply_lora: r {config.r} exceeds a target layer's smaller side ({narrow}); its update's rank "
+                      f"is at most {narrow}, so the extra rank adds parameters and learns nothing new", stacklevel=2)
     quantized = next((n for n, m in found.items() if not isinstance(m, nn.Linear)), None)
     if config.residual and quantized:
         raise ValueError(f"apply_lora: init {config.init} decomposes a dense weight; {quantized} is quantized")

@@ -95,6 +95,9 @@ def test_dense_means_attention_dense_only(tiny_checkpoint):
         apply_lora(model)
     with pytest.raises(ValueError, match="dense_h_to_4h"):   # the message lists the valid names
         apply_lora(load_model(tiny_checkpoint[0]), targets=("q_proj",))
+    hidden = load_model(tiny_checkpoint[0]).config.hidden_size
+    with pytest.warns(UserWarning, match=rf"r {hidden + 1} exceeds a target layer's smaller side \({hidden}\)"):
+        apply_lora(load_model(tiny_checkpoint[0]), r=hidden + 1)
 
 
 def test_only_adapters_train(tiny_checkpoint):
