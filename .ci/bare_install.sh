@@ -8,7 +8,9 @@ trap 'rm -rf "$bare"' EXIT
 python3 -m venv "$bare/venv"
 "$bare/venv/bin/pip" install -q --upgrade pip
 "$bare/venv/bin/pip" install -q torch==2.13.0
-"$bare/venv/bin/pip" install -q "$repo"
+mkdir "$bare/src"   # built from a copy: setuptools would leave build/ in the checkout
+cp -r "$repo/minicalm" "$repo/pyproject.toml" "$repo/README.md" "$bare/src/"
+"$bare/venv/bin/pip" install -q "$bare/src"
 cd "$bare"   # the installed package, not the source tree
 OMP_NUM_THREADS=1 venv/bin/python - "$repo/../shared" <<'PY'
 import sys
