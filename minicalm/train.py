@@ -48,7 +48,8 @@ class TrainConfig:
     model: str = POST_MODEL                  # hub id (cyberagent/open-calm-small ... -7b) or local checkpoint folder
     revision: str | None = None              # hub branch, tag or commit (refs/pr/5: 7b's safetensors); recorded in
                                              # the adapter, so evaluation loads the same one
-    task: str = "marc-ja"                    # built-in task (marc-ja, jnli) or a task JSON file: prompt, label words
+    task: str = "marc-ja"                    # built-in task (marc-ja, jnli, alpaca, jsquad), a task JSON file (a
+                                             # prompt with label words or a free-form answer) or an llm-jp-eval file
     train_file: str | None = None            # JSON lines of the task's rows; default: its train split from the hub
     valid_file: str | None = None            # JSON lines; default: the task's validation split; "none" skips it
     out: str = "runs/open-calm-7b-lora"      # run folder: adapter/, state.pt, metrics.jsonl, train_config.json
@@ -66,7 +67,8 @@ class TrainConfig:
     grad_clip: float = 1.0                   # largest gradient norm (0: no clipping)
     eval_every: int = 500                    # steps between validation losses (0: only at the end)
     eval_limit: int = 500                    # validation rows for the loss
-    eval_accuracy: int = 0                   # validation rows for greedy-answer accuracy (0: none)
+    eval_accuracy: int = 0                   # validation rows answered greedily: accuracy, or exact match and
+                                             # char F1 for free-form answers (0: none)
     save_every: int = 500                    # steps between checkpoints (0: only at the end)
     max_steps: int | None = None             # stop after this many steps (instead of epochs)
     max_time: float | None = None            # seconds; stop and save once exceeded
@@ -283,13 +285,15 @@ def validation_loss(model, examples: list[Example], micro_batch_size: int, pad_i
 
 
 def validate(run: Run) -> dict:
-    """The validation loss, and the greedy answers' accuracy on the first eval_accuracy rows (evaluation's path)."""
+    """The validation loss, and the greedy answers' accuracy (free-form: exact match, char F1) on the first
+    eval_accuracy rows (evaluation's path)."""
     cfg = run.cfg
     rec = {"val_loss": validation_loss(run.model, run.valid_set, cfg.micro_batch_size, run.tok.pad_token_id,
                                        run.proc.device, cfg.share_prefix)}
     if run.accuracy_rows:
-        rec["val_accuracy"] = evaluate_rows(run.model, run.tok, run.accuracy_rows, run.task, max_len=cfg.max_len,
-                                            batch_size=cfg.micro_batch_size, log=False)["metrics"]["accuracy"]
+        m = evaluate_rows(run.model, run.tok, run.accuracy_rows, run.task, max_len=cfg.max_len,
+                          batch_size=cfg.micro_batch_size, log=False)["metrics"]
+        rec |= {f"val_{k}": m[k] for k in ("accuracy", "exact_match", "char_f1") if k in m}   # labels / free-form
     return rec
 
 

@@ -42,12 +42,20 @@ class Tokenizer:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     @functools.cached_property   # one scan of the vocabulary per tokenizer
+    def texts(self) -> list[str]:
+        """Each token's own text."""
+        return [self.decode([i], False) for i in range(self.vocab_size)]
+
+    @functools.cached_property
     def line_end_ids(self) -> tuple[set[int], set[int]]:
         """(stop ids, blank ids) for a one-line answer: EOS and every token whose text holds a newline end it;
         the whitespace-only ones among them (blank lines) end it only once it has started."""
-        texts = {i: self.decode([i], False) for i in range(self.vocab_size)}
-        newline = {i for i, t in texts.items() if "\n" in t}
-        return {self.eos_token_id} | newline, {i for i in newline if not texts[i].strip()}
+        newline = self.ids_holding(["\n"])
+        return {self.eos_token_id} | newline, {i for i in newline if not self.texts[i].strip()}
+
+    def ids_holding(self, strings: list[str]) -> set[int]:
+        """The tokens whose text holds one of `strings` (a stop string within one token)."""
+        return {i for i, t in enumerate(self.texts) if any(s in t for s in strings)}
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Tokenizer:

@@ -25,29 +25,49 @@ from .task import MARC_JA, Task
 @dataclass
 class Row:
     fields: dict[str, str]   # the values of the task's prompt fields
-    label: str               # the label's name
+    label: str               # the label's name; free-form: the answer trained on (the first reference)
     id: str
+    references: tuple[str, ...] = ()   # free-form: every acceptable answer (scored: the best of them)
 
     @property
     def text(self) -> str:
         """The row's own text (its fields, one per line): raw text for pretraining and tokenizer training."""
-        return "\n".join(self.fields.values())
+        return "\n".join(v for v in self.fields.values() if v)
 
 
 def parse_row(row, task: Task, line: int) -> Row:
-    """One JSON row -> Row; a ValueError names the field or label that is wrong."""
+    """One JSON row -> Row (through the task's column map); a ValueError names the field or label that is wrong. A
+    field only the full template has (Alpaca's input) may be missing: it is empty."""
+    answer = task.answer_field or task.label_field
     if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object with fields {', '.join(task.fields + [task.label_field])}")
+        raise ValueError(f"expected a JSON object with fields {', '.join(map(task.key, task.fields + [answer]))}")
+    fields = {}
     for name in task.fields:
-        if name not in row:
-            raise ValueError(f"no field {name!r}, which task {task.name}'s prompt uses")
-        if not isinstance(row[name], str):
-            raise ValueError(f"{name} is {type(row[name]).__name__}, not a string")
-    if task.label_field not in row:
-        raise ValueError(f"no label field {task.label_field!r}")
+        key, value = task.key(name), row.get(task.key(name), "" if name in task.optional else None)
+        if value is None:
+            raise ValueError(f"no field {key!r}, which task {task.name}'s prompt uses")
+        if not isinstance(value, str):
+            raise ValueError(f"{key} is {type(value).__name__}, not a string")
+        fields[name] = value
+    if task.key(answer) not in row:
+        raise ValueError(f"no {'answer' if task.free_form else 'label'} field {task.key(answer)!r}")
     key = task.id_field
-    return Row({name: row[name] for name in task.fields}, task.label_name(row[task.label_field]),
-               str(row[key]) if key and row.get(key) is not None else str(line))
+    row_id = str(row[key]) if key and row.get(key) is not None else str(line)
+    if task.free_form:
+        refs = task.references(row[task.key(answer)])
+        return Row(fields, refs[0], row_id, tuple(refs))
+    return Row(fields, task.label_name(row[task.label_field]), row_id)
+
+
+def parse_rows(rows: list, task: Task, where: str, limit: int | None = None) -> list[Row]:
+    """Rows a task file holds (llm-jp-eval's samples or few_shots); an error names the file, the list and the row."""
+    out = []
+    for n, row in enumerate(rows[:limit]):
+        try:
+            out.append(parse_row(row, task, n))
+        except ValueError as e:
+            raise ValueError(f"{task.source}: {where}[{n}]: {e}") from None
+    return out
 
 
 def read_jsonl(path: str | Path, task: Task = MARC_JA, limit: int | None = None) -> list[Row]:
@@ -79,25 +99,37 @@ def read_jsonl(path: str | Path, task: Task = MARC_JA, limit: int | None = None)
 
 
 def parquet_to_jsonl(parquet_path: str | Path, out_path: str | Path, task: Task = MARC_JA) -> dict[str, int]:
-    """Convert a task's Parquet file (JGLUE's: int labels) to JSON lines, atomically; returns row counts per label."""
+    """Convert a task's Parquet file (JGLUE's: int labels; JSQuAD's answers a struct of lists) to JSON lines,
+    atomically; returns row counts (per label for a label task). Missing columns are named beside those found."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError('reading JGLUE\'s Parquet files needs pyarrow: pip install "minicalm[marc]"') from None
-    columns = task.fields + [task.label_field] + ([task.id_field] if task.id_field else [])
+    answer = task.answer_field or task.label_field
+    columns = [task.key(f) for f in task.fields + [answer]] + ([task.id_field] if task.id_field else [])
     try:
+        found = pq.ParquetFile(parquet_path).schema_arrow.names
+        missing = [c for c in columns if c not in found]
+        if missing:
+            raise ValueError(f"{parquet_path}: no column {', '.join(missing)} for task {task.name}; the file has "
+                             f"{', '.join(found)}")
         rows = pq.read_table(parquet_path, columns=columns).to_pylist()
-    except Exception as e:   # pyarrow's errors (missing column, not Parquet) share no useful base class
+    except ValueError:
+        raise
+    except Exception as e:   # pyarrow's errors (not Parquet, damaged) share no useful base class
         raise ValueError(f"{parquet_path}: not a Parquet file of task {task.name} ({e})") from None
-    lines, counts = [], {"rows": 0} | {label: 0 for label in task.labels}
+    lines, counts = [], {"rows": 0} | {label: 0 for label in task.labels or {}}
     for n, row in enumerate(rows):
         try:
             r = parse_row(row, task, n)
         except ValueError as e:
             raise ValueError(f"{parquet_path}: row {n}: {e}") from None
         counts["rows"] += 1
-        counts[r.label] += 1
-        out = r.fields | {task.label_field: r.label} | ({task.id_field: r.id} if task.id_field else {})
+        if not task.free_form:
+            counts[r.label] += 1
+        out = ({task.key(f): v for f, v in r.fields.items()} |
+               {task.key(answer): list(r.references) if task.free_form else r.label} |
+               ({task.id_field: r.id} if task.id_field else {}))
         lines.append(json.dumps(out, ensure_ascii=False))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +146,7 @@ def task_data(task: Task, split: str, cache_dir: str | Path | None = None, subse
     if split not in ("train", "validation"):
         raise ValueError(f"{task.name} split {split!r}: expected 'train' or 'validation' (test labels are not "
                          f"public)")
-    rows = f"JSON lines with {', '.join(task.fields + [task.label_field])}"
+    rows = f"JSON lines with {', '.join(map(task.key, task.fields + [task.answer_field or task.label_field]))}"
     if task.hub is None or split not in task.hub["files"]:
         raise FileNotFoundError(f"task {task.name} names no {split} data on the hub: pass {instead} ({rows})")
     folder = Path(cache_dir or Path("~/.cache/minicalm") / task.name).expanduser()
@@ -139,49 +171,80 @@ def task_data(task: Task, split: str, cache_dir: str | Path | None = None, subse
 
 class PromptEncoder:
     """Token ids of a task's prompts and training examples, segment by segment: the template's literal texts and
-    the row's fields [+ enc(answer word) + eos].
+    the row's fields [+ enc(answer) + eos]. A task with Alpaca's pair of templates takes the short one for rows whose
+    extra fields are empty; the shared prefix is then what both templates begin with.
 
-    Only the fields are ever truncated (their ends are cut, the longest first), to leave room for the longest
-    answer + eos within max_len; the cut does not depend on the label, so training and evaluation see the same
-    prompt. Refuses answer words whose tokens are a prefix of another's: greedy answers could not tell them apart.
+    Only the fields are ever truncated (those the task lets be cut; their ends, the longest first), to leave room for
+    the answer + eos within max_len: the longest label word, so the cut does not depend on the label and training
+    and evaluation see the same prompt. A free-form training example makes room for its own answer, and a row whose
+    uncut parts and answer do not fit is dropped; a free-form prompt to answer fills max_len alone (the answer comes
+    on top), and one that cannot be cut to fit is kept whole. Refuses answer words whose tokens are a prefix of
+    another's: greedy answers could not tell them apart.
     """
 
     def __init__(self, tokenizer, max_len: int = 256, task: Task = MARC_JA):
         self.tokenizer, self.max_len, self.task = tokenizer, max_len, task
         self.eos_id = tokenizer.eos_token_id
-        self.literal_ids = [tokenizer.encode(text) for text, _ in task.segments]
-        self.prefix_ids = self.literal_ids[0]   # the shared prefix: the same in every prompt
-        self.answer_ids = {label: tokenizer.encode(word) for label, word in task.labels.items()}   # without eos
+        self.templates = [self.template(segs) for segs in (task.segments, task.short_segments) if segs is not None]
+        self.literal_ids = self.templates[0][0]
+        firsts = [lits[0] for lits, _ in self.templates]
+        n = next((i for i in range(len(firsts[0])) if any(f[i:i + 1] != firsts[0][i:i + 1] for f in firsts)),
+                 len(firsts[0]))
+        self.prefix_ids = firsts[0][:n]   # the shared prefix: the same in every prompt
+        self.answer_ids = {} if task.free_form else {label: tokenizer.encode(word) for label, word in
+                                                     task.labels.items()}   # without eos
         for a, ids_a in self.answer_ids.items():
             for b, ids_b in self.answer_ids.items():
                 if a != b and ids_b[:len(ids_a)] == ids_a:
                     raise ValueError(f"{task.source}: task {task.name!r}: the answer word of {a!r} "
                                      f"({task.labels[a]!r}) is, in tokens, a prefix of that of {b!r} "
                                      f"({task.labels[b]!r}): an answer could not tell them apart")
-        fixed = sum(map(len, self.literal_ids)) + max(map(len, self.answer_ids.values())) + 1
+        # room left after the prompt: the longest label word and eos; a free-form prompt alone fills max_len (its
+        # answer comes on top in evaluation; in training, the row's own answer is made room for)
+        self.reserve = 0 if task.free_form else max(map(len, self.answer_ids.values())) + 1
+        fixed = max(sum(map(len, lits)) for lits, _ in self.templates) + self.reserve
         self.field_budget = max_len - fixed   # the most field tokens that fit
-        if self.field_budget < len(task.fields):
+        if self.field_budget < (1 if task.free_form else len(task.fields)):
             raise ValueError(f"max_len {max_len} leaves no room for the rows' text: the prompt's fixed text and the "
-                             f"longest answer + eos take {fixed} tokens with this tokenizer")
+                             f"{'answer' if task.free_form else 'longest answer + eos'} take {fixed} tokens with "
+                             f"this tokenizer")
 
-    def prompt_from_ids(self, field_ids: list[list[int]]) -> tuple[list[int], bool]:
-        """The prompt's ids from each field's ids (in the template's order), and whether a field was cut."""
-        keep = [len(f) for f in field_ids]
-        while sum(keep) > self.field_budget:   # cut the longest field down to the next longest, or to fit
-            i = max(range(len(keep)), key=keep.__getitem__)
-            rest = max((k for j, k in enumerate(keep) if j != i), default=0)
-            keep[i] -= min(sum(keep) - self.field_budget, max(keep[i] - rest, 1))
+    def template(self, segments) -> tuple[list[list[int]], list[int]]:
+        """A template's literal texts as ids, and the indexes (in task.fields) of the fields between them."""
+        return ([self.tokenizer.encode(text) for text, _ in segments],
+                [self.task.fields.index(name) for _, name in segments if name is not None])
+
+    def prompt_from_ids(self, field_ids: list[list[int]], short: bool = False,
+                        reserve: int | None = None) -> tuple[list[int], bool]:
+        """The prompt's ids from each field's ids (in task.fields' order) in the full template (or the short one),
+        and whether a field was cut to leave `reserve` tokens (default: self.reserve) within max_len."""
+        lits, idx = self.templates[short]
+        parts, cuttable = [field_ids[i] for i in idx], self.task.cut or self.task.fields
+        can = [j for j, i in enumerate(idx) if self.task.fields[i] in cuttable]
+        budget = self.max_len - sum(map(len, lits)) - (self.reserve if reserve is None else reserve)
+        keep = [len(f) for f in parts]
+        while sum(keep) > budget and any(keep[j] for j in can):   # cut the longest down to the next, or to fit
+            i = max(can, key=keep.__getitem__)
+            rest = max((keep[j] for j in can if j != i), default=0)
+            keep[i] -= min(sum(keep) - budget, max(keep[i] - rest, 1))
         ids = []
-        for lit, f, k in zip(self.literal_ids, field_ids + [[]], keep + [0]):
+        for lit, f, k in zip(lits, parts + [[]], keep + [0]):
             ids += lit + f[:k]
-        return ids, keep != [len(f) for f in field_ids]
+        return ids, keep != [len(f) for f in parts]
 
-    def example_from_ids(self, field_ids: list[list[int]], label: str,
-                         train_on_inputs: bool = False) -> tuple[list[int], list[int], bool]:
-        if label not in self.answer_ids:
-            raise ValueError(f"unknown label {label!r} (expected one of {sorted(self.answer_ids)})")
-        prompt, truncated = self.prompt_from_ids(field_ids)
-        answer = self.answer_ids[label] + [self.eos_id]
+    def example_from_ids(self, field_ids: list[list[int]], label: str, train_on_inputs: bool = False,
+                         short: bool = False) -> tuple[list[int], list[int], bool] | None:
+        """(input_ids, labels, truncated), or None for a free-form row whose answer cannot fit max_len."""
+        if self.task.free_form:
+            answer = self.tokenizer.encode(label) + [self.eos_id]
+            prompt, truncated = self.prompt_from_ids(field_ids, short, reserve=len(answer))
+            if len(prompt) + len(answer) > self.max_len:
+                return None
+        else:
+            if label not in self.answer_ids:
+                raise ValueError(f"unknown label {label!r} (expected one of {sorted(self.answer_ids)})")
+            prompt, truncated = self.prompt_from_ids(field_ids, short)
+            answer = self.answer_ids[label] + [self.eos_id]
         ids = prompt + answer
         labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt) + answer
         return ids, labels, truncated
@@ -193,15 +256,15 @@ class PromptEncoder:
 
     def encode_prompt(self, row: Row) -> tuple[list[int], bool]:
         """(ids of the prompt, whether a field was cut)."""
-        return self.prompt_from_ids(self.field_ids([row])[0])
+        return self.encode_prompts([row])[0]
 
     def encode_prompts(self, rows: list[Row]) -> list[tuple[list[int], bool]]:
-        return [self.prompt_from_ids(f) for f in self.field_ids(rows)]
+        return [self.prompt_from_ids(f, self.task.short(r.fields)) for r, f in zip(rows, self.field_ids(rows))]
 
-    def encode_example(self, row: Row, train_on_inputs: bool = False) -> tuple[list[int], list[int], bool]:
+    def encode_example(self, row: Row, train_on_inputs: bool = False) -> tuple[list[int], list[int], bool] | None:
         """(input_ids, labels, truncated). labels align with input_ids (the loss shifts them) and are -100
         except on the answer + eos; with train_on_inputs they equal input_ids (loss on the whole sequence)."""
-        return self.example_from_ids(self.field_ids([row])[0], row.label, train_on_inputs)
+        return self.example_from_ids(self.field_ids([row])[0], row.label, train_on_inputs, self.task.short(row.fields))
 
 
 @dataclass
@@ -215,32 +278,51 @@ class Example:
         return sum(t != IGNORE_INDEX for t in self.labels[1:])
 
 
-def read_examples(path: str | Path, task: Task, tokenizer, max_len: int, *, limit: int | None = None,
+def split_rows(task: Task, split: str, given: str | Path | None, instead: str) -> str | Path | list[Row]:
+    """Where a split's rows come from: the file given; else the rows the task file holds (an llm-jp-eval file's
+    samples, for training and evaluation alike); else the task's own split from the hub (task_data)."""
+    if given:
+        return given
+    if task.samples is not None:
+        return parse_rows(task.samples, task, "samples")
+    return task_data(task, split, instead=instead)
+
+
+def rows_of(source: str | Path | list[Row], task: Task, limit: int | None = None) -> list[Row]:
+    """The rows of a JSON-lines file, or of a list of rows (split_rows), the first `limit` of them."""
+    return source[:limit] if isinstance(source, list) else read_jsonl(source, task, limit=limit)
+
+
+def read_examples(source: str | Path | list[Row], task: Task, tokenizer, max_len: int, *, limit: int | None = None,
                   train_on_inputs: bool = False, text: bool = False) -> list[Example]:
-    """A file's rows as training examples: prompts with their answers, or (text=True, pretraining) the rows' text
-    packed into blocks of max_len. Says on stderr how many rows were cut to fit."""
-    rows = read_jsonl(path, task, limit=limit)
+    """A file's rows (or a list of rows) as training examples: prompts with their answers, or (text=True,
+    pretraining) the rows' text packed into blocks of max_len. Says on stderr how many rows were cut to fit, and
+    how many free-form rows were dropped (their uncut parts and answer alone exceed max_len)."""
+    rows = rows_of(source, task, limit)
     if text:
         return [Example(b.tolist(), b.tolist()) for b in pack_texts(tokenizer, [r.text for r in rows], max_len)]
     examples, truncated = encode_rows(PromptEncoder(tokenizer, max_len, task), rows, train_on_inputs)
-    if truncated:
-        print(f"{path}: {truncated} of {len(rows)} rows truncated to --max-len {max_len}", file=sys.stderr)
+    dropped = len(rows) - len(examples)
+    if truncated or dropped:
+        where = f"{task.source} samples" if isinstance(source, list) else source
+        print(f"{where}: {truncated} of {len(rows)} rows truncated to --max-len {max_len}" +
+              (f", {dropped} dropped (the parts that are never cut and the answer exceed it)" if dropped else ""),
+              file=sys.stderr)
     return examples
 
 
 def run_data(cfg, task: Task, tokenizer) -> tuple[list[Example], list[Example], list[Row]]:
     """A training run's data (cfg: its TrainConfig): the training examples, the validation examples for the loss and
-    the validation rows answered greedily for accuracy. Each split from the file given, or the task's own from the
-    hub ("none": no validation)."""
-    split = lambda name, given, flag: given or task_data(task, name, instead=flag)   # noqa: E731
-    read = lambda path, limit: read_examples(path, task, tokenizer, cfg.max_len, limit=limit,   # noqa: E731
-                                             train_on_inputs=cfg.train_on_inputs, text=cfg.text)
-    train = read(split("train", cfg.train_file, "--train-file"), cfg.limit_train)
+    the validation rows answered greedily for accuracy. Each split from the file given, the task file's own rows, or
+    the task's own from the hub ("none": no validation)."""
+    read = lambda source, limit: read_examples(source, task, tokenizer, cfg.max_len, limit=limit,   # noqa: E731
+                                               train_on_inputs=cfg.train_on_inputs, text=cfg.text)
+    train = read(split_rows(task, "train", cfg.train_file, "--train-file"), cfg.limit_train)
     if not train:
         raise ValueError("the training set is empty")
-    valid = None if cfg.valid_file == "none" else split("validation", cfg.valid_file, "--valid-file")
-    rows = read_jsonl(valid, task, limit=cfg.eval_accuracy) if valid and cfg.eval_accuracy else []
-    return train, read(valid, cfg.eval_limit) if valid else [], rows
+    valid = None if cfg.valid_file == "none" else split_rows(task, "validation", cfg.valid_file, "--valid-file")
+    rows = rows_of(valid, task, cfg.eval_accuracy) if valid is not None and cfg.eval_accuracy else []
+    return train, read(valid, cfg.eval_limit) if valid is not None else [], rows
 
 
 def shared_prefix_tokens(examples: list[Example]) -> int:
@@ -255,12 +337,14 @@ def shared_prefix_tokens(examples: list[Example]) -> int:
 
 def encode_rows(encoder: PromptEncoder, rows: list[Row],
                 train_on_inputs: bool = False) -> tuple[list[Example], int]:
-    """(examples, how many rows were truncated), tokenized in parallel batches."""
+    """(examples, how many rows were truncated), tokenized in parallel batches; the free-form rows that cannot fit
+    are left out (as many as len(rows) - len(examples))."""
     examples, n_truncated = [], 0
     for row, fids in zip(rows, encoder.field_ids(rows)):
-        ids, labels, truncated = encoder.example_from_ids(fids, row.label, train_on_inputs)
-        examples.append(Example(ids, labels))
-        n_truncated += truncated
+        made = encoder.example_from_ids(fids, row.label, train_on_inputs, encoder.task.short(row.fields))
+        if made is not None:
+            examples.append(Example(*made[:2]))
+            n_truncated += made[2]
     return examples, n_truncated
 
 

@@ -1,7 +1,10 @@
-"""Scoring: parse a generated answer and compute the metrics (label likelihoods come from generate.py)."""
+"""Scoring: parse a generated answer and compute the metrics (label likelihoods come from generate.py); free-form
+answers by exact match and character F1 against their references."""
 from __future__ import annotations
 
 import math
+import unicodedata
+from collections import Counter
 
 from .task import MARC_JA
 
@@ -76,3 +79,43 @@ def compute_metrics(golds: list[str], preds: list[str | None], labels=tuple(MARC
         "balanced_accuracy": sum(per_class[c]["recall"] for c in labels) / len(labels),
         "majority_label": majority, "majority_baseline": per_class[majority]["support"] / n,
     }
+
+
+# ----------------------------------------------------------------------------- free-form answers
+
+def free_answer(continuation: str, stop: list[str] | None = None) -> str:
+    """A free-form answer: the continuation (already cut at EOS) up to its first stop string, without surrounding
+    whitespace."""
+    for s in stop or []:
+        continuation = continuation.split(s, 1)[0]
+    return continuation.strip()
+
+
+def normalize(text: str) -> str:
+    """What both sides of a comparison are reduced to: NFKC (full-width letters and digits become ASCII, half-width
+    katakana full-width, compatibility characters their plain forms), then surrounding whitespace removed. Inner
+    whitespace and punctuation count."""
+    return unicodedata.normalize("NFKC", text).strip()
+
+
+def char_f1(answer: str, reference: str) -> float:
+    """SQuAD's F1 with characters as tokens (Japanese has no spaces between words): precision and recall of the
+    characters the two share, counted as multisets, after normalize(); two empty texts agree."""
+    a, r = normalize(answer), normalize(reference)
+    common = sum((Counter(a) & Counter(r)).values())
+    if not a or not r:
+        return float(a == r)
+    return 0.0 if common == 0 else 2 * common / (len(a) + len(r))
+
+
+def text_metrics(references: list[list[str]], answers: list[str]) -> dict:
+    """exact_match and char_f1, each row's best over its references (as SQuAD scores several golds), averaged; the
+    share of empty answers; a 95% interval of exact_match."""
+    if len(references) != len(answers) or not answers:
+        raise ValueError(f"need as many answers as reference lists (at least one): {len(answers)} vs "
+                         f"{len(references)}")
+    em = [max(normalize(a) == normalize(r) for r in refs) for refs, a in zip(references, answers)]
+    f1 = [max(char_f1(a, r) for r in refs) for refs, a in zip(references, answers)]
+    n = len(answers)
+    return {"n": n, "exact_match": sum(em) / n, "exact_match_ci95": wilson_interval(sum(em), n),
+            "char_f1": sum(f1) / n, "empty_rate": sum(not normalize(a) for a in answers) / n}

@@ -1,6 +1,7 @@
-"""A task: the prompt a model answers and the word it answers with, for any text classification.
+"""A task: the prompt a model answers and what it answers with: one of N label words (text classification) or a
+free-form text of the row's own (instructions, extractive QA).
 
-As a JSON file (`--task FILE`), or built in by name (`--task marc-ja`, the default, or `jnli`):
+As a JSON file (`--task FILE`), or built in by name (`--task marc-ja`, the default, `jnli`, `alpaca`, `jsquad`):
 
     {"name": "amazon-ja-3",
      "prompt": "...### Input:\\n{text}\\n\\n### Response:\\n",
@@ -10,22 +11,34 @@ As a JSON file (`--task FILE`), or built in by name (`--task marc-ja`, the defau
      "hub": {"repo": "owner/name", "revision": "main", "files": {"train": "train.parquet", "validation": ...}}}
 
 Fields in braces name the keys of the data's JSON rows (`{sentence1}`, `{sentence2}` for pairs; `{{` and `}}` are
-literal braces). The prompt ends where the answer begins: a training example is the prompt, the label's word,
-then EOS. `labels` maps each label name to its answer word, in the order that integer labels in the data index.
+literal braces). The prompt ends where the answer begins: a training example is the prompt, the answer, then EOS.
+`labels` maps each label name to its answer word, in the order that integer labels in the data index.
 `label_field` defaults to "label"; `id_field` is optional (a row without an id gets its line number); `hub`, also
 optional, names a hub dataset's Parquet files holding the task's rows (the built-in tasks have one). The text
-before the first field is the same in every prompt, the shared prefix: evaluation computes it once per run, training once
-per micro-batch.
+before the first field is the same in every prompt, the shared prefix: evaluation computes it once per run, training
+once per micro-batch.
+
+A free-form task names the row field holding its answer, `"answer_field": "output"`, instead of `labels`: a text, or
+a list of references (all are scored, the first is trained on). Its optional keys: `max_new_tokens` (the longest
+answer, in tokens; default 128), `stop` (strings that end an answer besides EOS, e.g. ["\\n"]), `prompt_no_input`
+(a second template for rows whose fields missing from it are empty: Alpaca's pair), `columns` (a field's key in the
+data where it differs: {"input": "context", "output": "response"} for Dolly), `cut` (the fields a long prompt may be
+cut in; default all), `few_shots` (solved rows for `--shots`), and `from` (a built-in task whose keys this file
+changes: {"from": "alpaca", "name": "dolly-ja", "columns": {...}}). An llm-jp-eval evaluation file (`instruction`,
+`output_length`, `metrics`, `few_shots`, `samples`) is read as a free-form task holding its rows.
 """
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..io.files import read_json
 
-KEYS = ("name", "prompt", "labels", "label_field", "id_field", "hub")
+KEYS = ("name", "prompt", "labels", "label_field", "id_field", "hub", "answer_field", "prompt_no_input", "columns",
+        "cut", "max_new_tokens", "stop", "few_shots")
+FREE_FORM_TOKENS = 128   # a free-form answer's default budget
 # JGLUE (github.com/yahoojapan/JGLUE) no longer ships MARC-ja's reviews; the hub holds JGLUE's tasks as Parquet on
 # this ref of the dataset shunk031/JGLUE, the files its loading script (JGLUE.py) falls back to.
 JGLUE = {"repo": "shunk031/JGLUE", "revision": "refs/convert/parquet"}
@@ -35,49 +48,68 @@ JGLUE = {"repo": "shunk031/JGLUE", "revision": "refs/convert/parquet"}
 class Task:
     name: str
     prompt: str                    # the template, up to where the answer begins
-    labels: dict[str, str]         # label name -> answer word, in the data's integer order
+    labels: dict[str, str] | None = None   # label name -> answer word, in the data's integer order (label tasks)
     label_field: str = "label"
     id_field: str | None = None
     hub: dict | None = None        # where the rows live on the hub: repo, revision, files[split] (data.task_data)
+    answer_field: str | None = None          # free-form: the row's answer (a text or a list of references)
+    prompt_no_input: str | None = None       # the template for rows whose fields missing from it are empty
+    columns: dict[str, str] | None = None    # field -> the data's key for it, where they differ
+    cut: list[str] | None = None             # the fields a long prompt may be cut in (default: all)
+    max_new_tokens: int | None = None        # free-form: the longest answer in tokens (default FREE_FORM_TOKENS)
+    stop: list[str] | None = None            # free-form: strings that end an answer, besides EOS
+    few_shots: list[dict] | None = None      # solved rows to draw --shots from (llm-jp-eval's few_shots)
+    samples: list[dict] | None = None        # the rows, when the task file holds them (llm-jp-eval); not saved
     source: str = "built-in"       # the file it came from, for error messages
 
     def __post_init__(self):
         where = f"{self.source}: task {self.name!r}"
-        try:
-            parts = list(string.Formatter().parse(self.prompt))
-        except ValueError as e:
-            raise ValueError(f"{where}: the prompt is not a valid template ({e}; write literal braces as {{{{ }}}})")
-        styled = [(name, f"{'!' + conv if conv else ''}{':' + spec if spec else ''}") for _, name, spec, conv in parts
-                  if spec or conv]
-        if styled:   # the row's text goes in as it is: a width or !r would change (or blow up) every prompt
-            name, style = styled[0]
-            raise ValueError(f"{where}: prompt field {{{name}{style}}} takes no format spec or conversion; write "
-                             f"{{{name}}}")
-        self.segments = [(literal, name) for literal, name, _, _ in parts]   # [(text, field after it or None)]
+        self.segments = parse_template(self.prompt, where)   # [(text, field after it or None)]
         self.fields = [name for _, name in self.segments if name is not None]
-        if not self.fields:
-            raise ValueError(f"{where}: the prompt has no field such as {{text}} for the rows' text")
-        bad = [f for f in self.fields if not f.isidentifier()]
-        if bad or len(set(self.fields)) < len(self.fields):
-            raise ValueError(f"{where}: prompt fields must be distinct names of the rows' keys, got {self.fields}")
-        if not isinstance(self.labels, dict) or len(self.labels) < 2:
-            raise ValueError(f"{where}: a task needs at least two labels (name -> answer word), got {self.labels!r}")
-        if not all(isinstance(k, str) and isinstance(w, str) and w.strip() for k, w in self.labels.items()):
-            raise ValueError(f"{where}: labels must map names to non-empty answer words, got {self.labels!r}")
-        multiline = [label for label, word in self.labels.items() if "\n" in word.strip()]
-        if multiline:   # the answer rule reads the generation's first line: such a word could never be answered
-            raise ValueError(f"{where}: label {multiline[0]!r}'s answer word {self.labels[multiline[0]]!r} holds a "
-                             f"line break; an answer is one line")
-        seen: dict[str, str] = {}
-        for label, word in self.labels.items():
-            if word in seen:
-                raise ValueError(f"{where}: labels {seen[word]!r} and {label!r} have the same answer word {word!r}")
-            seen[word] = label
+        self.short_segments = None if self.prompt_no_input is None else parse_template(self.prompt_no_input, where)
+        short = [n for _, n in self.short_segments or [] if n is not None]
+        if self.short_segments is not None and not set(short) < set(self.fields):
+            raise ValueError(f"{where}: prompt_no_input's fields {short} must be some of the prompt's {self.fields}")
+        self.optional = [f for f in self.fields if self.short_segments is not None and f not in short]
+        if (self.labels is None) == (self.answer_field is None):
+            raise ValueError(f"{where}: a task has labels (a classification) or answer_field (free-form answers), "
+                             f"one of the two")
+        if self.free_form:
+            limit = self.max_new_tokens
+            if limit is not None and not (isinstance(limit, int) and limit >= 1):
+                raise ValueError(f"{where}: max_new_tokens must be a positive number of tokens, got {limit!r}")
+            if self.stop is not None and not (isinstance(self.stop, list) and all(isinstance(t, str) and t
+                                                                                  for t in self.stop)):
+                raise ValueError(f"{where}: stop must be a list of non-empty strings, got {self.stop!r}")
+        else:
+            check_labels(self.labels, where)
+        if self.cut is not None and not set(self.cut) <= set(self.fields):
+            raise ValueError(f"{where}: cut names fields the prompt does not have: {sorted(set(self.cut) - set(self.fields))}")
+        if self.columns is not None and not (isinstance(self.columns, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items())):
+            raise ValueError(f"{where}: columns maps field names to the data's keys, got {self.columns!r}")
         hub = self.hub
         if hub is not None and not (isinstance(hub, dict) and isinstance(hub.get("repo"), str)
                                     and isinstance(hub.get("files"), dict)):
             raise ValueError(f"{where}: hub must be {{\"repo\": \"owner/name\", \"revision\": ..., \"files\": "
                              f"{{\"train\": PATH, \"validation\": PATH}}}}, got {hub!r}")
+
+    @property
+    def free_form(self) -> bool:
+        return self.answer_field is not None
+
+    @property
+    def answer_budget(self) -> int:
+        """New tokens an answer may take: the task's max_new_tokens for free-form answers, 8 for a label word."""
+        return (self.max_new_tokens or FREE_FORM_TOKENS) if self.free_form else 8
+
+    def key(self, field: str) -> str:
+        """The data's key for a field (the column map's, else the field's own name)."""
+        return (self.columns or {}).get(field, field)
+
+    def short(self, fields: dict[str, str]) -> bool:
+        """Whether a row takes prompt_no_input: the fields only the full prompt has are all empty."""
+        return bool(self.optional) and not any(fields.get(f, "").strip() for f in self.optional)
 
     @property
     def prefix(self) -> str:
@@ -86,7 +118,7 @@ class Task:
 
     def format(self, fields: dict[str, str]) -> str:
         """The prompt text for one row's fields (the model continues from here)."""
-        return self.prompt.format_map(fields)
+        return (self.prompt_no_input if self.short(fields) else self.prompt).format_map(fields)
 
     def label_name(self, value) -> str:
         """A label as the data spells it (a name, or an int indexing the labels' order) -> its name."""
@@ -98,18 +130,110 @@ class Task:
         raise ValueError(f"unknown label {value!r} (task {self.name} expects {', '.join(map(repr, names))} "
                          f"or 0..{len(names) - 1})")
 
+    def references(self, value) -> list[str]:
+        """A free-form answer as the data holds it (a text, a list of them, or SQuAD's {"text": [...]}) -> the
+        reference texts."""
+        refs = value.get("text") if isinstance(value, dict) else [value] if isinstance(value, str) else value
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"{self.answer_field} is {type(value).__name__}, not a text or a list of texts")
+        if not refs or not all(r.strip() for r in refs):
+            raise ValueError(f"empty answer in {self.key(self.answer_field)!r}")
+        return refs
+
+    def answer_text(self, label: str) -> str:
+        """What a row's answer is written as: its label's word, or (free-form) the answer itself."""
+        return label if self.free_form else self.labels[label]
+
+    def with_shots(self, shots: list) -> "Task":
+        """This task with solved rows (data.Row) written before every prompt, each in the template with its answer
+        and a blank line: part of the shared prefix, so computed once."""
+        text = "".join(self.format(r.fields) + self.answer_text(r.label) + "\n\n" for r in shots)
+        text = text.replace("{", "{{").replace("}", "}}")
+        return replace(self, prompt=text + self.prompt,
+                       prompt_no_input=None if self.prompt_no_input is None else text + self.prompt_no_input)
+
     def to_dict(self) -> dict:
-        """The task as a task file holds it: a run writes it beside its adapter (task.json), data source included."""
-        return {k: getattr(self, k) for k in KEYS if k != "hub" or self.hub is not None}
+        """The task as a task file holds it: a run writes it beside its adapter (task.json), data source included
+        (the rows an llm-jp-eval file holds are left out)."""
+        always = ("name", "prompt") + (() if self.free_form else ("labels", "label_field", "id_field"))
+        return {k: getattr(self, k) for k in KEYS if k in always or getattr(self, k) is not None and
+                not (self.free_form and k == "label_field")}
+
+
+def parse_template(template: str, where: str) -> list[tuple[str, str | None]]:
+    """[(literal text, the field after it or None)]; a field with a format spec or conversion is refused."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"{where}: the prompt is not a valid template ({e}; write literal braces as {{{{ }}}})")
+    styled = [(name, f"{'!' + conv if conv else ''}{':' + spec if spec else ''}") for _, name, spec, conv in parts
+              if spec or conv]
+    if styled:   # the row's text goes in as it is: a width or !r would change (or blow up) every prompt
+        name, style = styled[0]
+        raise ValueError(f"{where}: prompt field {{{name}{style}}} takes no format spec or conversion; write "
+                         f"{{{name}}}")
+    segments = [(literal, name) for literal, name, _, _ in parts]
+    fields = [name for _, name in segments if name is not None]
+    if not fields:
+        raise ValueError(f"{where}: the prompt has no field such as {{text}} for the rows' text")
+    bad = [f for f in fields if not f.isidentifier()]
+    if bad or len(set(fields)) < len(fields):
+        raise ValueError(f"{where}: prompt fields must be distinct names of the rows' keys, got {fields}")
+    return segments
+
+
+def check_labels(labels, where: str) -> None:
+    """At least two labels, each a distinct, non-empty, one-line answer word."""
+    if not isinstance(labels, dict) or len(labels) < 2:
+        raise ValueError(f"{where}: a task needs at least two labels (name -> answer word), got {labels!r}")
+    if not all(isinstance(k, str) and isinstance(w, str) and w.strip() for k, w in labels.items()):
+        raise ValueError(f"{where}: labels must map names to non-empty answer words, got {labels!r}")
+    multiline = [label for label, word in labels.items() if "\n" in word.strip()]
+    if multiline:   # the answer rule reads the generation's first line: such a word could never be answered
+        raise ValueError(f"{where}: label {multiline[0]!r}'s answer word {labels[multiline[0]]!r} holds a "
+                         f"line break; an answer is one line")
+    seen: dict[str, str] = {}
+    for label, word in labels.items():
+        if word in seen:
+            raise ValueError(f"{where}: labels {seen[word]!r} and {label!r} have the same answer word {word!r}")
+        seen[word] = label
 
 
 def task_from_dict(d: dict, source: str) -> Task:
-    if not isinstance(d, dict) or not {"name", "prompt", "labels"} <= d.keys():
-        raise ValueError(f"{source}: a task is a JSON object with at least name, prompt and labels")
+    """A task file's task: its own keys, a built-in's changed ("from"), or an llm-jp-eval evaluation file's."""
+    if isinstance(d, dict) and LLM_JP_EVAL <= d.keys() and "prompt" not in d:
+        return llm_jp_eval_task(d, source)
+    if isinstance(d, dict) and "from" in d:
+        if d["from"] not in BUILTIN:
+            raise ValueError(f"{source}: from {d['from']!r} is not a built-in task ({', '.join(BUILTIN)})")
+        d = BUILTIN[d["from"]].to_dict() | {k: v for k, v in d.items() if k != "from"}
+    if not isinstance(d, dict) or not {"name", "prompt"} <= d.keys() or not {"labels", "answer_field"} & d.keys():
+        raise ValueError(f"{source}: a task is a JSON object with at least name, prompt and labels (or answer_field)")
     unknown = sorted(set(d) - set(KEYS))
     if unknown:
-        raise ValueError(f"{source}: unknown key {unknown[0]!r} (a task has {', '.join(KEYS)})")
+        raise ValueError(f"{source}: unknown key {unknown[0]!r} (a task has {', '.join(KEYS)}, or from)")
     return Task(**d, source=source)
+
+
+# llm-jp-eval's evaluation files (github.com/llm-jp/llm-jp-eval): one task each, its rows in `samples`
+LLM_JP_EVAL = {"instruction", "output_length", "metrics", "few_shots"}
+TEXT_METRICS = ("exact_match", "char_f1")   # the free-form metrics minicalm computes (tasks/score.py)
+
+
+def llm_jp_eval_task(d: dict, source: str) -> Task:
+    """An llm-jp-eval file as a free-form task: its instruction in Alpaca's template (the post's), each sample's
+    input as the Input, output the answer, output_length the answer's budget; its rows and few_shots kept."""
+    samples = d.get("samples")
+    if not isinstance(samples, list) or not samples:
+        raise ValueError(f"{source}: an llm-jp-eval file without samples (a list of {{\"input\", \"output\"}} rows)")
+    unknown = [m for m in d["metrics"] if m not in TEXT_METRICS]
+    if unknown:
+        print(f"{source}: metrics {', '.join(map(str, unknown))} are not computed here (minicalm scores "
+              f"{' and '.join(TEXT_METRICS)})", file=sys.stderr)
+    instruction = str(d["instruction"]).replace("{", "{{").replace("}", "}}")
+    return Task(name=Path(source).stem, prompt=POST_HEADER + instruction + "\n\n### Input:\n{input}\n\n### Response:\n",
+                answer_field="output", cut=["input"], max_new_tokens=d["output_length"] or None,
+                few_shots=d["few_shots"] or None, samples=samples, source=source)
 
 
 POST_HEADER = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -134,7 +258,24 @@ JNLI = Task(
     labels={"entailment": "含意", "contradiction": "矛盾", "neutral": "中立"}, id_field="sentence_pair_id",
     hub=JGLUE | {"files": {"train": "JNLI/jglue-train.parquet", "validation": "JNLI/jglue-validation.parquet"}})
 
-BUILTIN = {t.name: t for t in (MARC_JA, JNLI)}
+# Stanford Alpaca's two templates (alpaca-lora trains with them): with an input section (the post's) and, for rows
+# whose input is empty, without one. Rows: instruction, input, output (Dolly's context and response: map them).
+ALPACA = Task(
+    name="alpaca", prompt=POST_HEADER + "{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+    prompt_no_input="Below is an instruction that describes a task. Write a response that appropriately completes "
+                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+    answer_field="output", cut=["input"], max_new_tokens=256)
+
+# JGLUE's JSQuAD: extractive QA over Japanese Wikipedia (context "title [SEP] paragraph"); the answer is a span of the
+# context, scored against every gold by exact match and character F1. Only the context is ever cut.
+JSQUAD = Task(
+    name="jsquad",
+    prompt=POST_HEADER + "文脈から質問の答えを抜き出して書いて。\n\n### Input:\n文脈: {context}\n質問: {question}\n\n"
+                       "### Response:\n",
+    answer_field="answers", id_field="id", cut=["context"], max_new_tokens=32, stop=["\n"],
+    hub=JGLUE | {"files": {"train": "JSQuAD/jglue-train.parquet", "validation": "JSQuAD/jglue-validation.parquet"}})
+
+BUILTIN = {t.name: t for t in (MARC_JA, JNLI, ALPACA, JSQUAD)}
 
 
 def load_task(task: "str | Path | Task") -> Task:

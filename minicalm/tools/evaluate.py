@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from ..config import DEVICE, check
+from ..config import DEVICE, SettingError, check
 from ..generate import decode_n_tokens, left_pad, prefill, score_continuations
 from ..io.adapter import base_for, load_adapter
 from ..io.files import write_json, write_text
@@ -27,7 +28,7 @@ from ..io.weights import load_model
 from ..lora import lora_disabled
 from ..model import eval_mode
 from ..tasks import data
-from ..tasks.score import INVALID, compute_metrics, parse_answer
+from ..tasks.score import INVALID, compute_metrics, free_answer, parse_answer, text_metrics
 from ..tasks.task import MARC_JA, Task, find_task
 from .plot import draw_if_possible, plot_confusion
 
@@ -44,15 +45,16 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
                   settings: "EvalConfig | None" = None, **changes) -> dict:
     """Answer every row; returns {"metrics": ..., "predictions": [...]} (metrics per mode when mode='both'). How:
     an EvalConfig's max_len, batch_size, max_new_tokens, mode, share_prefix and log (`settings`, with `changes` made
-    to it, e.g. evaluate_rows(model, tok, rows, batch_size=8, log=False)).
+    to it, e.g. evaluate_rows(model, tok, rows, batch_size=8, log=False)). A free-form task's answers are scored by
+    exact match and character F1 against each row's references, beside the answers' loss.
 
     Runs in eval mode (no dropout) and puts the model back in its mode afterwards, also on error.
     """
     cfg = dataclasses.replace(settings or EvalConfig(), **changes)
     enc = data.PromptEncoder(tok, cfg.max_len, task)
     with eval_mode(model):
-        answers = Answers(model, tok, enc, cfg.max_new_tokens if cfg.mode != "likelihood" else 0,
-                          cfg.mode != "generate")
+        budget = 0 if cfg.mode == "likelihood" else cfg.max_new_tokens or task.answer_budget
+        answers = Answers(model, tok, enc, budget, cfg.mode != "generate" and not task.free_form)
         P = answers.share_prefix() if cfg.share_prefix else 0
         prompts = [ids[P:] for ids, _ in enc.encode_prompts(rows)]
         order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
@@ -61,8 +63,16 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
             for b0 in range(0, len(order), cfg.batch_size):
                 batch = order[b0:b0 + cfg.batch_size]
                 for i, p in zip(batch, answers([prompts[i] for i in batch])):
-                    preds[i] = {"id": rows[i].id, "gold": rows[i].label} | p
+                    gold = list(rows[i].references) if task.free_form else rows[i].label
+                    preds[i] = {"id": rows[i].id, "gold": gold} | p
                 bar.update(len(batch))
+    if task.free_form:
+        examples = data.encode_rows(enc, rows)[0]
+        from ..train import validation_loss   # here: train.py imports this module
+        loss = validation_loss(model, examples, cfg.batch_size, tok.pad_token_id, model.gpt_neox.embed_in.weight.device,
+                               cfg.share_prefix) if examples else None
+        return {"metrics": text_metrics([p["gold"] for p in preds], [p["answer"] for p in preds]) | {"answer_loss": loss},
+                "predictions": preds}
     golds, labels, mode = [r.label for r in rows], list(task.labels), cfg.mode
     metrics = {m: compute_metrics(golds, [p[k] for p in preds], labels)
                for m, k in (("generate", "answer"), ("likelihood", "likelihood_answer")) if mode in (m, "both")}
@@ -70,14 +80,19 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
 
 
 class Answers:
-    """A task's answers to batches of prompts: each row's greedy continuation and the label it gives (when
-    max_new_tokens > 0), and each label word's log-likelihood (with likelihood)."""
+    """A task's answers to batches of prompts: each row's greedy continuation and the label it gives, or the free-form
+    answer it writes (when max_new_tokens > 0), and each label word's log-likelihood (with likelihood)."""
 
     def __init__(self, model, tok: Tokenizer, enc: data.PromptEncoder, max_new_tokens: int, likelihood: bool):
         self.model, self.tok, self.enc, self.max_new_tokens = model, tok, enc, max_new_tokens
-        self.labels = list(enc.task.labels)
+        self.task = task = enc.task
+        self.labels = list(task.labels or {})
         self.choices = [enc.answer_ids[label] for label in self.labels] if likelihood else []
         self.prefix, self.start = None, 0
+        # where a row stops: a label word ends at its line's end (leading blank lines skipped); a free-form answer at
+        # EOS or at a token holding one of its stop strings (a stop string spread over tokens: the text check below)
+        self.stops, self.leading = tok.line_end_ids if not task.free_form else (
+            {tok.eos_token_id} | tok.ids_holding(task.stop or []), set())
 
     def share_prefix(self) -> int:
         """Run the prompts' shared prefix once, into a one-row cache every batch continues from; its length."""
@@ -101,14 +116,28 @@ class Answers:
                 p.update({f"logprob_{lab}": round(s, 5) for lab, s in zip(self.labels, row)})
                 p["likelihood_answer"] = self.labels[max(range(len(row)), key=row.__getitem__)]
         if self.max_new_tokens:
-            stops, blank = tok.line_end_ids
-            new = list(decode_n_tokens(self.model, logits, state, self.max_new_tokens, stop_ids=stops,
-                                       leading_ids=blank, pad_id=tok.pad_token_id))
-            for r, p in enumerate(preds):
-                toks = [int(t[r]) for t in new]
-                p["continuation"] = tok.decode(toks[:toks.index(tok.eos_token_id)] if tok.eos_token_id in toks else toks)
-                p["answer"] = parse_answer(p["continuation"], self.enc.task.labels)   # a label, or None: invalid
+            new: list[torch.Tensor] = []
+            for token in decode_n_tokens(self.model, logits, state, self.max_new_tokens, stop_ids=self.stops,
+                                         leading_ids=self.leading, pad_id=tok.pad_token_id):
+                new.append(token)
+                if self.task.stop and all(map(self.done, torch.stack(new, 1).tolist())):
+                    break   # every row wrote EOS or a stop string: no more steps
+            for p, text in zip(preds, map(self.text, torch.stack(new, 1).tolist())):
+                p["continuation"] = text
+                if self.task.free_form:
+                    p["answer"] = free_answer(text, self.task.stop)
+                else:
+                    p["answer"] = parse_answer(text, self.task.labels)   # a label, or None: invalid
         return preds
+
+    def text(self, tokens: list[int]) -> str:
+        """A row's continuation, up to its EOS."""
+        eos = self.tok.eos_token_id
+        return self.tok.decode(tokens[:tokens.index(eos)] if eos in tokens else tokens)
+
+    def done(self, tokens: list[int]) -> bool:
+        """Whether a row has stopped: a stop token, or a stop string spread over several tokens."""
+        return any(t in self.stops for t in tokens) or any(s in self.text(tokens) for s in self.task.stop)
 
 
 # ----------------------------------------------------------------------------- the eval.py job
@@ -125,21 +154,27 @@ class EvalConfig:
     data: str | None = None           # JSON lines of the task's rows; default: its validation split from the hub
     limit: int | None = None          # evaluate only the first N rows
     batch_size: int = 16              # prompts per batch
-    max_new_tokens: int = 8           # greedy tokens per answer at most
-    max_len: int = 256                # prompt tokens; a longer row's text is cut to fit
+    max_new_tokens: int | None = None   # greedy tokens per answer at most; default: 8 for a label word, the
+                                      # task's max_new_tokens for a free-form answer
+    max_len: int = 256                # prompt tokens (with a label word and eos); a longer row's text is cut to fit
     mode: Literal["generate", "likelihood", "both"] = "generate"   # greedy answers, label log-likelihood, or both
     share_prefix: bool = True         # compute the prompts' shared prefix once per run (off: every row in full)
     out: str = "runs/eval"            # folder for metrics.json, predictions.jsonl, report.md
     device: str = DEVICE              # cuda if this torch has it, else cpu
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype)
     quantize: Literal["nf4"] | None = None   # the base's block weights in 4-bit NF4 (nf4.py)
+    shots: int = 0                    # k-shot: solved examples before each question, in the task's template
+    shots_file: str | None = None     # JSON lines to draw the shots from; default: the task file's few_shots, else
+                                      # the task's training split
+    seed: int = 0                     # which shots are drawn
     compare_base: bool = False        # also evaluate the base model without the adapter, in the same run
     log: bool = True                  # progress bar and the report on the terminal
 
     def __post_init__(self):
         check(self, {"limit": (self.limit is None or self.limit >= 1, "a positive number of rows"),
                      "batch_size": (self.batch_size >= 1, "at least 1"),
-                     "max_new_tokens": (self.max_new_tokens >= 1, "at least 1"),
+                     "max_new_tokens": (self.max_new_tokens is None or self.max_new_tokens >= 1, "at least 1"),
+                     "shots": (self.shots >= 0, ">= 0"),
                      "max_len": (self.max_len >= 2, "at least 2 tokens"),
                      "compare_base": (not self.compare_base or bool(self.adapter),
                                       "used with adapter (it compares the base model with base + adapter)")})
@@ -149,7 +184,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     """Load, evaluate, write metrics.json, predictions.jsonl and report.md under cfg.out; returns the results."""
     model_id, revision = base_for(cfg.adapter, cfg.model, cfg.revision)
     task = find_task(cfg.task, cfg.adapter, model_id)
-    rows = data.read_jsonl(cfg.data or data.task_data(task, "validation", instead="--data"), task, limit=cfg.limit)
+    if task.free_form and cfg.mode != "generate":
+        raise SettingError("EvalConfig", "mode", f"task {task.name} has free-form answers, scored by generating them "
+                                                 f"(exact match, char F1); likelihood needs label words")
+    rows = data.rows_of(data.split_rows(task, "validation", cfg.data, "--data"), task, cfg.limit)
+    if cfg.shots:
+        task = task.with_shots(draw_shots(cfg, task, rows))
     tok = load_tokenizer(model_id, revision=revision)
     data.PromptEncoder(tok, cfg.max_len, task)   # an ambiguous task or a too short --max-len fails before loading
     model = load_model(model_id, dtype=cfg.dtype, device=cfg.device, revision=revision, quantize=cfg.quantize)
@@ -165,14 +205,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"config": asdict(cfg), "model": model_id, "revision": revision, "task": task.to_dict(),
-               "n_rows": len(rows), "seconds": round(seconds, 2),
+               "n_rows": len(rows), "shots": cfg.shots, "seconds": round(seconds, 2),
                "rows_per_s": round(len(rows) * len(runs) / seconds, 2),
                **{name: r["metrics"] for name, r in runs.items()}}
     write_json(out / "metrics.json", metrics)
     write_text(out / "predictions.jsonl", "".join(json.dumps({"model": name, **p}, ensure_ascii=False) + "\n"
                                                   for name, r in runs.items() for p in r["predictions"]))
     pictures = {}   # each run's confusion matrix, of its greedy answers when there are any
-    for name, r in runs.items():
+    for name, r in runs.items() if not task.free_form else ():
         title = f"confusion matrix, {name}"
         for path in draw_if_possible(plot_confusion, first_mode(r["metrics"])["confusion"], list(task.labels),
                                      out / f"confusion_{name}.png", title, prog="eval"):
@@ -183,6 +223,22 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.log:
         print(report)
     return {"metrics": metrics, "runs": runs, "report": report}
+
+
+def draw_shots(cfg: EvalConfig, task: Task, asked: list[data.Row]) -> list[data.Row]:
+    """cfg.shots solved rows, drawn with cfg.seed from --shots-file, the task file's few_shots or the task's training
+    split; never a row being asked (same text)."""
+    if cfg.shots_file or not task.few_shots:
+        source = data.split_rows(dataclasses.replace(task, samples=None), "train", cfg.shots_file, "--shots-file")
+        where = cfg.shots_file or f"task {task.name}'s training split"
+    else:
+        source, where = data.parse_rows(task.few_shots, task, "few_shots"), f"{task.source}'s few_shots"
+    seen = {tuple(r.fields.values()) for r in asked}
+    pool = [r for r in data.rows_of(source, task) if tuple(r.fields.values()) not in seen]
+    if cfg.shots > len(pool):
+        raise SettingError("EvalConfig", "shots", f"{cfg.shots} shots asked, {len(pool)} examples available in "
+                                                  f"{where} (rows being asked excluded)")
+    return random.Random(cfg.seed).sample(pool, cfg.shots)
 
 
 def first_mode(m: dict) -> dict:
@@ -222,13 +278,16 @@ def class_tables(name: str, m: dict) -> list[str]:
 def format_report(cfg: EvalConfig, model_id: str, task: Task, metrics: dict, runs: dict) -> str:
     model = Path(model_id.rstrip("/")).name   # the title line gives the full path or id
     tuned = (Path(model_id) / "task.json").is_file()   # merge and full training write the run's task beside it
-    names = {"base": f"{model} (fine-tuned checkpoint)" if tuned else f"{model} before fine-tuning",
-             "adapter": f"{model} + LoRA ({cfg.adapter})"}
-    first = first_mode(next(iter(runs.values()))["metrics"])
-    post = task.name == MARC_JA.name   # the blog post's own rows belong beside its task only
+    shots = f", {cfg.shots}-shot" if cfg.shots else ""
+    names = {"base": (f"{model} (fine-tuned checkpoint)" if tuned else f"{model} before fine-tuning") + shots,
+             "adapter": f"{model} + LoRA ({cfg.adapter}){shots}"}
     revision = f" (revision {metrics['revision']})" if metrics["revision"] else ""
     lines = [f"# Evaluation of {model_id}{revision} on {cfg.data or f'{task.name} validation'} "
-             f"({metrics['n_rows']} rows, task {task.name})", ""]
+             f"({metrics['n_rows']} rows, task {task.name}{shots})", ""]
+    if task.free_form:
+        return "\n".join(lines + free_form_report(cfg, task, runs, names, metrics))
+    first = first_mode(next(iter(runs.values()))["metrics"])
+    post = task.name == MARC_JA.name and not cfg.shots   # the blog post's own rows belong beside its zero-shot task
     if cfg.mode != "likelihood":
         lines += [f"Greedy answers to the {'post' if post else 'task'}'s prompt:", "",
                   table([(names[k], r["metrics"]) for k, r in runs.items()], post=post), ""]
@@ -246,3 +305,24 @@ def format_report(cfg: EvalConfig, model_id: str, task: Task, metrics: dict, run
               f"first row's accuracy: {pct(lo)} to {pct(hi)}. {metrics['rows_per_s']} rows/s, "
               f"{metrics['seconds']} s.", ""]
     return "\n".join(lines)
+
+
+EXAMPLES = 5   # rows shown, gold beside answer, in a free-form report
+
+
+def free_form_report(cfg: EvalConfig, task: Task, runs: dict, names: dict, metrics: dict) -> list[str]:
+    """The table of exact match, character F1, the answers' loss and empty answers, then a few rows to read."""
+    stop = "".join(f", at {s!r}" for s in task.stop or [])
+    out = [f"Free-form answers, greedy (stopping at EOS{stop} or after {cfg.max_new_tokens or task.answer_budget} "
+           f"tokens), each scored against its best reference after NFKC and stripping surrounding whitespace:", "",
+           "| model | exact match | char F1 | answer loss | empty answers |", "|---|---|---|---|---|"]
+    for k, r in runs.items():
+        m = r["metrics"]
+        loss = "-" if m["answer_loss"] is None else f"{m['answer_loss']:.3f}"
+        out.append(f"| {names[k]} | {pct(m['exact_match'])} | {pct(m['char_f1'])} | {loss} | {pct(m['empty_rate'])} |")
+    out += ["", f"{metrics['rows_per_s']} rows/s, {metrics['seconds']} s.", "", "Examples (the first rows):", ""]
+    for i in range(min(EXAMPLES, metrics["n_rows"])):
+        golds = runs[next(iter(runs))]["predictions"][i]["gold"]
+        out.append(f"- gold {' / '.join(map(repr, golds))}: " +
+                   "; ".join(f"{names[k]} {r['predictions'][i]['answer']!r}" for k, r in runs.items()))
+    return out + [""]
