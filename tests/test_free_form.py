@@ -17,7 +17,6 @@ import torch
 
 from conftest import REVIEWS, ROOT, hf_tiny, need
 from minicalm import load_model
-from minicalm.io.tokenizer import load_tokenizer
 from minicalm.loss import IGNORE_INDEX
 from minicalm.tasks import data
 from minicalm.tasks.score import char_f1, free_answer, normalize, text_metrics

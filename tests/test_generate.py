@@ -186,6 +186,22 @@ def test_command_answers_each_text_as_evaluation_does(base, capsys, monkeypatch)
         assert probs == " ".join(f"p({k})={math.exp(pred[f'logprob_{k}']):.3f}" for k in MARC_JA.labels)
 
 
+def test_command_answers_free_text_for_a_free_form_task(base, capsys):
+    """--task alpaca: an instruction (and, after a tab, an input) in; the answer evaluation would write out, then the
+    text; the default budget is the task's."""
+    from dataclasses import replace
+
+    from minicalm.tasks.task import ALPACA
+    folder, tok = base
+    texts = ["この文章の最初の文を書いて。\t良い商品です。安かった。", "挨拶して。"]
+    main(["--model", str(folder), "--device", "cpu", "--task", "alpaca", "--max-new-tokens", "6", *texts])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [Row({"instruction": "この文章の最初の文を書いて。", "input": "良い商品です。安かった。"}, "x", "0", ("x",)),
+            Row({"instruction": "挨拶して。", "input": ""}, "x", "1", ("x",))]
+    preds = evaluate_rows(load_model(folder), tok, rows, replace(ALPACA, max_new_tokens=6), log=False)["predictions"]
+    assert lines == [f"{p['answer']}\t{t}".replace("\n", "\\n") for p, t in zip(preds, texts)]
+
+
 def test_command_raw_continues_the_text_greedily_or_sampled(base, capsys):
     folder, tok = base
     text = "この商品は"

@@ -28,7 +28,8 @@ from .evaluate import Answers
 @dataclass
 class GenerateConfig:
     text: list[str]                          # texts (default: one per non-blank line of stdin, read as UTF-8); a
-                                             # task with several fields (jnli) takes them tab-separated
+                                             # task with several fields takes them tab-separated (jnli: premise,
+                                             # hypothesis; alpaca: instruction and, if any, input)
     model: str | None = None                 # hub id or folder (also a merged checkpoint); default: the --adapter's
                                              # base, else cyberagent/open-calm-7b
     revision: str | None = None              # hub revision; default: the --adapter's, for its base
@@ -36,7 +37,8 @@ class GenerateConfig:
     task: str | None = None                  # built-in task or task file; default: the task.json beside --adapter
                                              # (or in --model's folder), else marc-ja
     raw: bool = False                        # let the model continue the text itself, no prompt
-    max_new_tokens: int | None = None        # new tokens at most; default: 8 for answers, 100 with --raw; a prompt
+    max_new_tokens: int | None = None        # new tokens at most; default: 8 for a label word, the task's budget
+                                             # for a free-form answer, 100 with --raw; a prompt
                                              # plus these must fit the model's positions (max_position_embeddings)
     temperature: float = 0.0                 # --raw: 0 is greedy, above 0 samples
     top_k: int | None = None                 # --raw: sample among the k likeliest tokens; default: among all
@@ -81,21 +83,26 @@ def check_fits(model, prompt: list[int], more: int, text: str, fix: str) -> None
 
 def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_tokens: int) -> Iterator[str]:
     """One line per text: the task's greedy answer (or `invalid`), what the model wrote, each label word's
-    probability after the prompt, the text. A task with several fields takes them tab-separated, in its order.
+    probability after the prompt, the text; for a free-form task the answer (newlines as \\n) and the text. A task
+    with several fields takes them tab-separated, in its order (Alpaca's input may be left out).
     Every text is checked before the first answer, so a bad one stops the command before it prints."""
     enc = PromptEncoder(tok, max_len, task)
-    answers = Answers(model, tok, enc, max_new_tokens, likelihood=True)
-    more = max(max_new_tokens, *map(len, enc.answer_ids.values()))   # the answer written, or a label word scored
+    answers = Answers(model, tok, enc, max_new_tokens, likelihood=not task.free_form)
+    more = max([max_new_tokens, *map(len, enc.answer_ids.values())])   # the answer written, or a label word scored
     prompts = []
     for text in texts:
         values = text.split("\t") if len(task.fields) > 1 else [text]
+        values += [""] * (len(task.fields) - len(values)) if set(task.fields[len(values):]) <= set(task.optional) else []
         if len(values) != len(task.fields):
             raise ValueError(f"task {task.name} needs {len(task.fields)} tab-separated fields "
                              f"({', '.join(task.fields)}), got {len(values)} in {text!r}")
-        prompts.append(enc.encode_prompt(Row(dict(zip(task.fields, values)), next(iter(task.labels)), "0"))[0])
+        prompts.append(enc.encode_prompt(Row(dict(zip(task.fields, values)), "", "0"))[0])
         check_fits(model, prompts[-1], more, text, "lower --max-len (a longer text is cut to it) or --max-new-tokens")
     for prompt, text in zip(prompts, texts):
         (p,) = answers([prompt])
+        if task.free_form:
+            yield f"{p['answer']}\t{text}".replace("\n", "\\n")
+            continue
         probs = " ".join(f"p({label})={torch.tensor(p[f'logprob_{label}']).exp():.3f}" for label in task.labels)
         yield f"{p['answer'] or 'invalid'}\t{p['continuation']!r}\t{probs}\t{text}"
 
@@ -124,7 +131,7 @@ def generate(a: GenerateConfig) -> None:
     model = load_model(model_id, dtype=a.dtype, device=a.device, revision=revision)
     if a.adapter:
         load_adapter(model, a.adapter, base=model_id)
-    n = a.max_new_tokens or (100 if a.raw else 8)   # None: the default (0 is refused)
+    n = a.max_new_tokens or (100 if a.raw else task.answer_budget)   # None: the default (0 is refused)
     if not a.raw:
         with eval_mode(model), torch.inference_mode():
             for line in answer_texts(model, tok, task, texts, a.max_len, n):
@@ -142,9 +149,10 @@ def generate(a: GenerateConfig) -> None:
         print()
 
 
-GENERATE = ("Answer each text (or each line of stdin) with a task's prompt: the greedy answer, whether it is a valid "
-            "one, and each label word's probability. With --raw the model continues the text itself, greedy or "
-            "sampled, streaming tokens as they come.")
+GENERATE = ("Answer each text (or each non-blank line of stdin) with a task's prompt: the greedy answer, whether it is "
+            "a valid one, and each label word's probability; for a free-form task (alpaca, jsquad, a free-form "
+            "adapter's) the answer it writes. With --raw the model continues the text itself, greedy or sampled, "
+            "streaming tokens as they come.")
 
 
 def generate_main(argv: list[str] | None = None) -> None:
