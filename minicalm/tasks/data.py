@@ -59,34 +59,33 @@ def parse_row(row, task: Task, line: int) -> Row:
     return Row(fields, task.label_name(row[task.label_field]), row_id)
 
 
-def parse_rows(rows: list, task: Task, where: str, limit: int | None = None) -> list[Row]:
-    """Rows a task file holds (llm-jp-eval's samples or few_shots); an error names the file, the list and the row."""
+def parse_rows(items: list, task: Task, where: str, limit: int | None = None) -> list[Row]:
+    """Rows given as a list (a JSON array file, an llm-jp-eval file's samples or few_shots); an error names `where`
+    and the element: `train.json[3]: no field 'instruction'...`."""
     out = []
-    for n, row in enumerate(rows[:limit]):
+    for n, item in enumerate(items[:limit]):
         try:
-            out.append(parse_row(row, task, n))
+            out.append(parse_row(item, task, n))
         except ValueError as e:
-            raise ValueError(f"{task.source}: {where}[{n}]: {e}") from None
+            raise ValueError(f"{where}[{n}]: {e}") from None
     return out
 
 
 def read_jsonl(path: str | Path, task: Task = MARC_JA, limit: int | None = None) -> list[Row]:
-    """Rows of a JSON-lines file (the task's fields and label, optionally an id); blank lines are skipped. A JSON
-    array (the other common layout) is refused with the command that converts it."""
+    """Rows of a JSON-lines file (the task's fields and label or answer, optionally an id); blank lines are skipped.
+    A file holding one JSON array of rows (Stanford Alpaca's layout) is read too; its errors name the row's index."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (JSON lines of task {task.name} rows expected)")
     rows: list[Row] = []
-    for n, line in text_lines(path):
+    lines = text_lines(path)
+    for n, line in lines:
         if limit is not None and len(rows) >= limit:
             break
         if not line.strip():
             continue
         if not rows and line.lstrip().startswith("["):   # the first row: a JSON array's opening bracket
-            out = path.with_suffix(".jsonl") if path.suffix != ".jsonl" else path.with_suffix(".lines.jsonl")
-            raise ValueError(f"{path}: a JSON array; minicalm reads JSON lines (one object per line): convert it with "
-                             f"python -X utf8 -c \"import json, sys; [print(json.dumps(r, ensure_ascii=False)) for r in "
-                             f"json.load(open(sys.argv[1], encoding='utf-8-sig'))]\" {path} > {out}")
+            return json_array_rows(path, line + "".join(rest for _, rest in lines), task, limit)
         try:
             rows.append(parse_row(json.loads(line), task, n))
         except json.JSONDecodeError as e:
@@ -96,6 +95,17 @@ def read_jsonl(path: str | Path, task: Task = MARC_JA, limit: int | None = None)
     if not rows and limit != 0:
         raise ValueError(f"{path}: no rows in the file")
     return rows
+
+
+def json_array_rows(path: Path, text: str, task: Task, limit: int | None) -> list[Row]:
+    """The rows of a file that holds one JSON array (ids default to the index); errors name the element."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}; a file that begins with [ is read as one JSON array)") from None
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: an empty JSON array, or not an array of rows")
+    return parse_rows(items, task, str(path), limit)
 
 
 def parquet_to_jsonl(parquet_path: str | Path, out_path: str | Path, task: Task = MARC_JA) -> dict[str, int]:
@@ -284,7 +294,7 @@ def split_rows(task: Task, split: str, given: str | Path | None, instead: str) -
     if given:
         return given
     if task.samples is not None:
-        return parse_rows(task.samples, task, "samples")
+        return parse_rows(task.samples, task, f"{task.source}: samples")
     return task_data(task, split, instead=instead)
 
 

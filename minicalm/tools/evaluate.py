@@ -232,7 +232,7 @@ def draw_shots(cfg: EvalConfig, task: Task, asked: list[data.Row]) -> list[data.
         source = data.split_rows(dataclasses.replace(task, samples=None), "train", cfg.shots_file, "--shots-file")
         where = cfg.shots_file or f"task {task.name}'s training split"
     else:
-        source, where = data.parse_rows(task.few_shots, task, "few_shots"), f"{task.source}'s few_shots"
+        source, where = data.parse_rows(task.few_shots, task, f"{task.source}: few_shots"), f"{task.source}'s few_shots"
     seen = {tuple(r.fields.values()) for r in asked}
     pool = [r for r in data.rows_of(source, task) if tuple(r.fields.values()) not in seen]
     if cfg.shots > len(pool):
