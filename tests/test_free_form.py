@@ -187,7 +187,9 @@ def test_alpaca_format_training_and_evaluation_end_to_end(base, tmp_path):
     folder, _ = base
     train_file = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(32))
     valid_file = write_jsonl(tmp_path / "valid.jsonl", alpaca_rows(6, offset=100))
-    res = train(TrainConfig(model=str(folder), task="alpaca", train_file=train_file, valid_file=valid_file,
+    task = tmp_path / "short.json"   # Alpaca with a budget that fits the tiny model's 256 positions
+    task.write_text(json.dumps({"from": "alpaca", "name": "alpaca-short", "max_new_tokens": 16}), encoding="utf-8")
+    res = train(TrainConfig(model=str(folder), task=str(task), train_file=train_file, valid_file=valid_file,
                             out=str(tmp_path / "run"), max_len=MAX_LEN, batch_size=8, micro_batch_size=8, lr=1e-2,
                             warmup_steps=0, max_steps=3, eval_every=0, eval_accuracy=4, seed=0, device="cpu",
                             dtype="float32", log=False))
@@ -198,7 +200,7 @@ def test_alpaca_format_training_and_evaluation_end_to_end(base, tmp_path):
     result = run_eval(EvalConfig(adapter=str(tmp_path / "run" / "adapter"), data=valid_file, out=str(out),
                                  max_len=MAX_LEN, max_new_tokens=16, compare_base=True, device="cpu", log=False))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["task"]["name"] == "alpaca"   # the adapter's task.json
+    assert metrics["task"]["name"] == "alpaca-short"   # the adapter's task.json
     for name in ("base", "adapter"):
         m = metrics[name]
         assert m["n"] == 6 and 0 <= m["exact_match"] <= m["char_f1"] <= 1 and m["answer_loss"] > 0
@@ -257,9 +259,9 @@ def test_an_llm_jp_eval_file_is_evaluated_as_given_and_trained_on(base, tmp_path
         ("marc_ja_sample", "output", 3, 6, 2)
     assert f"{path}: metrics pearson are not computed here (minicalm scores exact_match and char_f1)" in \
         capsys.readouterr().err
-    out = run_eval(EvalConfig(model=str(folder), task=str(path), shots=2, out=str(tmp_path / "e"), max_len=400,
+    out = run_eval(EvalConfig(model=str(folder), task=str(path), shots=1, out=str(tmp_path / "e"), max_len=250,
                               device="cpu", log=False))
-    assert out["metrics"]["n_rows"] == 6 and out["metrics"]["shots"] == 2 and "2-shot" in out["report"]
+    assert out["metrics"]["n_rows"] == 6 and out["metrics"]["shots"] == 1 and "1-shot" in out["report"]
     res = train(TrainConfig(model=str(folder), task=str(path), out=str(tmp_path / "run"), max_len=MAX_LEN,
                             batch_size=2, micro_batch_size=2, max_steps=2, warmup_steps=0, eval_every=0, seed=0,
                             device="cpu", dtype="float32", log=False))
@@ -270,6 +272,17 @@ def test_an_llm_jp_eval_file_without_samples_is_one_line(tmp_path):
     path = llm_jp_file(tmp_path / "x.json", samples=None)
     with pytest.raises(ValueError, match=re.escape(f"{path}: an llm-jp-eval file without samples")):
         load_task(path)
+
+
+def test_a_prompt_and_answer_past_the_model_s_positions_are_refused(base, tmp_path):
+    folder, _ = base   # 256 positions
+    data_file = write_jsonl(tmp_path / "v.jsonl", alpaca_rows(2))
+    run = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--model", str(folder), "--task", "alpaca", "--data",
+                          data_file, "--max-len", "200", "--max-new-tokens", "100", "--device", "cpu", "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
+        "eval.py: error: --max-len: the longest prompt plus the answer take 300 tokens, past the model's 256 positions: "
+        "lower it (or --max-new-tokens)"]
 
 
 def test_jsquad_is_built_in():

@@ -55,8 +55,15 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
     with eval_mode(model):
         budget = 0 if cfg.mode == "likelihood" else cfg.max_new_tokens or task.answer_budget
         answers = Answers(model, tok, enc, budget, cfg.mode != "generate" and not task.free_form)
+        encoded = [ids for ids, _ in enc.encode_prompts(rows)]
+        longest, positions = max(map(len, encoded)) + max([budget, *map(len, answers.choices)]), \
+            model.config.max_position_embeddings
+        if longest > positions:   # past them the model writes garbage (or a position index fails)
+            raise SettingError("EvalConfig", "max_len", f"the longest prompt plus the answer take {longest} tokens, "
+                                                        f"past the model's {positions} positions: lower it (or "
+                                                        f"--max-new-tokens)")
         P = answers.share_prefix() if cfg.share_prefix else 0
-        prompts = [ids[P:] for ids, _ in enc.encode_prompts(rows)]
+        prompts = [ids[P:] for ids in encoded]
         order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
         preds: list[dict] = [{} for _ in rows]
         with tqdm(total=len(rows), desc="eval", disable=not cfg.log, dynamic_ncols=True) as bar:
