@@ -22,7 +22,7 @@ from minicalm.io.adapter import adapter_base
 from minicalm.config import POST_MODEL, CalmConfig
 from minicalm.tools.evaluate import EvalConfig
 from minicalm.io.files import read_json, read_records
-from minicalm.tasks.task import load_task
+from minicalm.tasks.task import BUILTIN, load_task
 from minicalm.train import TrainConfig
 
 README = ROOT / "README.md"
@@ -105,7 +105,8 @@ class Ran:
         return self.cwd / p
 
     def flag(self, name: str, default=None):
-        return next((self.args[i + 1] for i, a in enumerate(self.args[:-1]) if a == name), default)
+        """The flag's value as the program took it: the last one given (a test's added flags come after)."""
+        return next((self.args[i + 1] for i in reversed(range(len(self.args) - 1)) if self.args[i] == name), default)
 
 
 def words(command: str, cwd: Path, env: dict) -> list[str]:
@@ -134,7 +135,7 @@ def check_train(r: Ran) -> None:
     assert records and all(math.isfinite(x["loss"]) for x in records) and "val_loss" in records[-1]
     assert f"done: {records[-1]['step']} steps" in r.stderr
     task = r.flag("--task", "marc-ja")
-    expected = load_task(task if task in ("marc-ja", "jnli") else r.path(task)).name
+    expected = load_task(task if task in BUILTIN else r.path(task)).name
     assert read_json(out / "adapter" / "task.json")["name"] == expected
     if r.flag("--revision") == "refs/pr/5":   # the safetensors only: none of main's pickles
         assert not [q for q in r.requests if q.path.endswith(".bin")] and r.requests
@@ -149,9 +150,12 @@ def check_eval(r: Ran) -> None:
     report = (out / "report.md").read_text(encoding="utf-8")
     if adapter and not r.flag("--model"):   # the base and revision the adapter recorded
         assert (metrics["model"], metrics["revision"]) == adapter_base(r.path(adapter))
-    name = Path(metrics["model"].rstrip("/")).name
-    assert (f"| {name} before fine-tuning |" in report) == ("base" in runs)
-    assert (f"| {name} + LoRA ({adapter}) |" in report) == bool(adapter)
+    name, shots = Path(metrics["model"].rstrip("/")).name, f", {r.flag('--shots')}-shot" if r.flag("--shots") else ""
+    assert (f"| {name} before fine-tuning{shots} |" in report) == ("base" in runs)
+    assert (f"| {name} + LoRA ({adapter}){shots} |" in report) == bool(adapter)
+    if metrics["task"].get("answer_field"):   # free-form: scored by exact match and character F1, rows shown
+        assert all({"exact_match", "char_f1", "answer_loss"} <= metrics[k].keys() for k in runs)
+        assert "| model | exact match | char F1 | answer loss | empty answers |" in report and "- gold " in report
     assert f"({metrics['n_rows']} rows, task {metrics['task']['name']})" in report
     if r.command.startswith("HF_HUB_OFFLINE=1"):
         assert r.requests == []   # everything from the cache
@@ -167,9 +171,14 @@ def check_generate(r: Ran) -> None:
         assert len(texts) == 1 and r.stdout.startswith(texts[0]) and len(r.stdout.strip()) > len(texts[0])
         return
     adapter = r.flag("--adapter")
-    task = load_task(r.path(adapter) / "task.json" if adapter else r.path(r.flag("--model")) / "task.json")
+    given = r.flag("--task")
+    task = load_task(given if given in BUILTIN else r.path(given) if given else
+                     r.path(adapter) / "task.json" if adapter else r.path(r.flag("--model")) / "task.json")
     lines = r.stdout.splitlines()
     assert len(lines) == len(texts)
+    if task.free_form:   # the answer, then the text
+        assert all(line.endswith("\t" + text) for line, text in zip(lines, texts))
+        return
     for line, text in zip(lines, texts):
         answer, written, probs, echoed = line.split("\t", 3)
         assert answer in (*task.labels, "invalid") and written.startswith("'") and echoed == text

@@ -1,19 +1,21 @@
 """The Hugging Face Hub: download a repo's files into the hub cache, and say in one line what went wrong.
 
 Everything minicalm fetches goes through here: checkpoints and tokenizers (`snapshot`), the Parquet files of
-JGLUE's tasks (`download`). huggingface_hub does the work and honours its environment (HF_ENDPOINT, HF_HOME,
-HF_HUB_OFFLINE=1: files cached by an earlier download are used without asking the hub). What this module adds
-is the error: huggingface_hub reports five different situations through a handful of exception classes and
-paragraphs of text; a user needs to know which one happened, for which repo, revision and file:
-no such repo, no such revision, no such file, the hub could not be reached, or offline and not cached.
+JGLUE's tasks (`files` lists a revision's tree to find them, `download` fetches each). huggingface_hub does the
+work and honours its environment (HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE=1: files cached by an earlier download are
+used without asking the hub). What this module adds is the error: huggingface_hub reports five different situations
+through a handful of exception classes and paragraphs of text; a user needs to know which one happened, for which
+repo, revision and file: no such repo, no such revision, no such file, the hub could not be reached, or offline and
+not cached.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import constants, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.hf_api import RepoFile
 
 
 class HubError(FileNotFoundError):
@@ -38,11 +40,31 @@ def download(repo_id: str, filename: str, revision: str | None, repo_type: str =
         raise HubError(explain(e, repo_id, revision, repo_type, filename, offline_hint)) from e
 
 
+def files(repo_id: str, revision: str | None, repo_type: str = "model") -> list[str] | None:
+    """The paths of every file in a repo revision (its tree, listed recursively), or None when the hub could not be
+    asked (HF_HUB_OFFLINE, or no connection): the caller then falls back on a file the hub cache may hold. An answer
+    of the hub's (no such repo or revision, gated, ...) raises HubError."""
+    api = HfApi()
+    try:   # the revision's commit first: one request, which fails at once offline or unreachable (the listing retries)
+        commit = api.repo_info(repo_id, revision=revision, repo_type=repo_type).sha
+        return sorted(f.path for f in api.list_repo_tree(repo_id, recursive=True, revision=commit,
+                                                         repo_type=repo_type) if isinstance(f, RepoFile))
+    except (HfHubHTTPError, EntryNotFoundError) as e:
+        raise HubError(explain(e, repo_id, revision, repo_type)) from e
+    except Exception:   # OfflineModeIsEnabled, or the HTTP client's own connection error (httpx's or requests', by
+        return None     # huggingface_hub's version: no public base class names them all)
+
+
+def describe(repo_id: str, revision: str | None, repo_type: str = "model") -> str:
+    """How messages name a repo revision: "dataset shunk031/JGLUE (revision refs/convert/parquet)"."""
+    return f"{'dataset ' if repo_type == 'dataset' else ''}{repo_id} (revision {revision or 'main'})"
+
+
 def explain(e: OSError | EntryNotFoundError, repo_id: str, revision: str | None, repo_type: str = "model",
             filename: str | None = None, offline_hint: str = "") -> str:
     """One line for a failed download: which of the five situations, and the repo, revision and file.
     offline_hint says what to do instead when the hub is out of reach (e.g. pass a local folder)."""
-    repo = f"{'dataset ' if repo_type == 'dataset' else ''}{repo_id} (revision {revision or 'main'})"
+    repo = describe(repo_id, revision, repo_type)
     file = f" file {filename}" if filename else ""
     if isinstance(e, LocalEntryNotFoundError):   # nothing asked or nothing answered, and nothing in the cache
         where = f"{repo}{file} is not in the hub cache {constants.HF_HUB_CACHE}"

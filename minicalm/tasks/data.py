@@ -8,8 +8,10 @@ row, and a prompt is tokenized identically whether it is trained on or evaluated
 from __future__ import annotations
 
 import json
+import posixpath
 import random
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,10 +149,53 @@ def parquet_to_jsonl(parquet_path: str | Path, out_path: str | Path, task: Task 
     return counts
 
 
+def split_layout(paths: list[str], file: str, split: str, where: str) -> list[str]:
+    """A split's Parquet files among a dataset revision's `paths`, in either layout the hub's conversion has used:
+    the task's configured file (JGLUE's TASKDIR/jglue-{split}.parquet) or TASKDIR/{split}/*.parquet (a later listing:
+    shards, taken in name order, beside an index.duckdb). Neither: a HubError naming `where` and what TASKDIR holds."""
+    folder = posixpath.dirname(file)
+    inside = f"{folder}/" if folder else ""
+    if file in paths:
+        return [file]
+    shards = [p for p in paths if posixpath.dirname(p) == inside + split and p.endswith(".parquet")]
+    if shards:
+        return sorted(shards)
+    found, held = [p.removeprefix(inside) for p in paths if p.startswith(inside)], f"{inside or 'the top level'} holds"
+    if not found and inside:   # no such folder: what the top level holds instead
+        found = sorted({p.split("/")[0] + "/" * ("/" in p) for p in paths})
+        held = f"there is no folder {inside}; the top level holds"
+    more = f", ... ({len(found)} in all)" if len(found) > 8 else ""
+    raise hub.HubError(f"{where} has neither {file} nor {inside}{split}/*.parquet: {held} "
+                       f"{', '.join(found[:8]) + more or 'nothing'}")
+
+
+def hub_split_files(task: Task, split: str, offline_hint: str = "") -> list[Path]:
+    """A split's Parquet files from the hub, downloaded: the dataset's tree at task.hub's revision, the split's files
+    in it (split_layout). When the hub cannot be asked (HF_HUB_OFFLINE, no connection), the configured file if the hub
+    cache holds it, else the hub module's one-line error ending with `offline_hint`."""
+    repo, revision, file = task.hub["repo"], task.hub.get("revision"), task.hub["files"][split]
+    paths = hub.files(repo, revision, "dataset")
+    names = [file] if paths is None else split_layout(paths, file, split, hub.describe(repo, revision, "dataset"))
+    return [hub.download(repo, name, revision, "dataset", offline_hint=offline_hint) for name in names]
+
+
+def parquets_to_jsonl(parquets: list[Path], out_path: Path, task: Task) -> dict[str, int]:
+    """parquet_to_jsonl over a split's shards: their rows concatenated in order, their counts summed."""
+    if len(parquets) == 1:
+        return parquet_to_jsonl(parquets[0], out_path, task)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = [Path(tmp) / f"{n}.jsonl" for n in range(len(parquets))]
+        counts = [parquet_to_jsonl(p, part, task) for p, part in zip(parquets, parts)]
+        write_text(out_path, "".join(part.read_text(encoding="utf-8") for part in parts))
+    return {k: sum(c[k] for c in counts) for k in counts[0]}
+
+
 def task_data(task: Task, split: str, cache_dir: str | Path | None = None, subset: int | None = None,
               seed: int = 0, instead: str = "--train-file and --valid-file") -> Path:
-    """A task's train or validation split as JSON lines, downloaded from the hub (task.hub) and converted on first
-    use (cached in ~/.cache/minicalm/<task>/); `subset` keeps a fixed-seed random sample of that many rows.
+    """A task's train or validation split as JSON lines, downloaded from the hub (task.hub, either layout:
+    hub_split_files) and converted on first use (cached in ~/.cache/minicalm/<task>/, so later runs ask the hub
+    nothing); `subset` keeps a fixed-seed random sample of that many rows.
     `instead` names what the user can pass rather than the hub's data (the flags of the script that asks)."""
     split = {"valid": "validation"}.get(split, split)
     if split not in ("train", "validation"):
@@ -162,9 +207,7 @@ def task_data(task: Task, split: str, cache_dir: str | Path | None = None, subse
     folder = Path(cache_dir or Path("~/.cache/minicalm") / task.name).expanduser()
     full = folder / f"{split}.jsonl"
     if not full.is_file():
-        parquet = hub.download(task.hub["repo"], task.hub["files"][split], task.hub.get("revision"), "dataset",
-                               offline_hint=f"pass {instead} ({rows})")
-        counts = parquet_to_jsonl(parquet, full, task)
+        counts = parquets_to_jsonl(hub_split_files(task, split, offline_hint=f"pass {instead} ({rows})"), full, task)
         want = task.hub.get(f"{split}_counts")
         if want and {k: counts[k] for k in want} != want:
             warnings.warn(f"{full}: {task.name} {split} has {counts}, expected {want} (for MARC-ja, a 5,734-row "

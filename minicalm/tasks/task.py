@@ -84,7 +84,8 @@ class Task:
         else:
             check_labels(self.labels, where)
         if self.cut is not None and not set(self.cut) <= set(self.fields):
-            raise ValueError(f"{where}: cut names fields the prompt does not have: {sorted(set(self.cut) - set(self.fields))}")
+            raise ValueError(f"{where}: cut names fields the prompt does not have: "
+                             f"{sorted(set(self.cut) - set(self.fields))}")
         if self.columns is not None and not (isinstance(self.columns, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items())):
             raise ValueError(f"{where}: columns maps field names to the data's keys, got {self.columns!r}")

@@ -92,7 +92,8 @@ def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_token
     prompts = []
     for text in texts:
         values = text.split("\t") if len(task.fields) > 1 else [text]
-        values += [""] * (len(task.fields) - len(values)) if set(task.fields[len(values):]) <= set(task.optional) else []
+        if set(task.fields[len(values):]) <= set(task.optional):   # Alpaca's input left out: empty
+            values += [""] * (len(task.fields) - len(values))
         if len(values) != len(task.fields):
             raise ValueError(f"task {task.name} needs {len(task.fields)} tab-separated fields "
                              f"({', '.join(task.fields)}), got {len(values)} in {text!r}")

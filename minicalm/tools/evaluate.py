@@ -56,11 +56,11 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
         budget = 0 if cfg.mode == "likelihood" else cfg.max_new_tokens or task.answer_budget
         answers = Answers(model, tok, enc, budget, cfg.mode != "generate" and not task.free_form)
         encoded = [ids for ids, _ in enc.encode_prompts(rows)]
-        longest, positions = max(map(len, encoded)) + max([budget, *map(len, answers.choices)]), \
-            model.config.max_position_embeddings
-        if longest > positions:   # past them the model writes garbage (or a position index fails)
-            raise SettingError("EvalConfig", "max_len", f"the longest prompt plus the answer take {longest} tokens, "
-                                                        f"past the model's {positions} positions: lower it (or "
+        need = max(map(len, encoded)) + max([budget, *map(len, answers.choices)])
+        positions = model.config.max_position_embeddings
+        if need > positions:   # past them the model would go on writing garbage without a word
+            raise SettingError("EvalConfig", "max_len", f"the longest prompt plus the answer take {need} tokens, past "
+                                                        f"the model's {positions} positions: lower it (or "
                                                         f"--max-new-tokens)")
         P = answers.share_prefix() if cfg.share_prefix else 0
         prompts = [ids[P:] for ids in encoded]
@@ -74,12 +74,12 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
                     preds[i] = {"id": rows[i].id, "gold": gold} | p
                 bar.update(len(batch))
     if task.free_form:
-        examples = data.encode_rows(enc, rows)[0]
-        from ..train import validation_loss   # here: train.py imports this module
-        loss = validation_loss(model, examples, cfg.batch_size, tok.pad_token_id, model.gpt_neox.embed_in.weight.device,
-                               cfg.share_prefix) if examples else None
-        return {"metrics": text_metrics([p["gold"] for p in preds], [p["answer"] for p in preds]) | {"answer_loss": loss},
-                "predictions": preds}
+        from ..train import validation_loss   # imported here: train.py imports this module
+        examples, device = data.encode_rows(enc, rows)[0], model.gpt_neox.embed_in.weight.device
+        loss = validation_loss(model, examples, cfg.batch_size, tok.pad_token_id, device, cfg.share_prefix) \
+            if examples else None
+        metrics = text_metrics([p["gold"] for p in preds], [p["answer"] for p in preds])
+        return {"metrics": metrics | {"answer_loss": loss}, "predictions": preds}
     golds, labels, mode = [r.label for r in rows], list(task.labels), cfg.mode
     metrics = {m: compute_metrics(golds, [p[k] for p in preds], labels)
                for m, k in (("generate", "answer"), ("likelihood", "likelihood_answer")) if mode in (m, "both")}
