@@ -38,7 +38,7 @@ import torch
 
 from conftest import NEOX_TOKENIZER, REVIEWS
 
-LFS_SUFFIXES = (".bin", ".safetensors", ".parquet")   # what these repos' .gitattributes send to LFS
+LFS_SUFFIXES = (".bin", ".safetensors", ".parquet", ".duckdb")   # what these repos' .gitattributes send to LFS
 
 
 class Request(NamedTuple):
@@ -322,24 +322,51 @@ def write_parquet(file: Path, rows: list[dict]) -> None:
     import pyarrow.parquet as pq
 
     file.parent.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([(k, pa.int64() if k == "label" else pa.string()) for k in rows[0]])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), file)
+    pq.write_table(pa.Table.from_pylist(rows), file)   # str -> string, int -> int64, a dict of lists -> struct
 
 
-def build_jglue(folder: Path, reviews: Path, marc_rows=(128, 32), jnli_rows=(96, 24)) -> dict:
-    """shunk031/JGLUE: a loading script on `main`, Parquet files on refs/convert/parquet. MARC-ja is real reviews;
-    JNLI pairs the first sentences of two reviews, labels cycling 0 entailment, 1 contradiction, 2 neutral."""
+def jsquad_row(r: dict, i: int) -> dict:
+    """A JSQuAD row (the loading script's flat features) from a review: the context is "title [SEP] review" with the
+    review id as title, and the question asks for a span of it, by turns the review's first sentence (two golds: with
+    and without its 。, as SQuAD's several annotators give), its last sentence, or the title."""
+    title, review = r["review_id"], r["sentence"]
+    head = f"{title} [SEP] "
+    sentences = [s.strip() for s in re.findall(r"[^。]+。?", review) if s.strip()]
+    question, golds, start = [
+        ("このレビューの最初の文は何ですか?", [sentences[0], sentences[0].removesuffix("。")],
+         len(head) + review.index(sentences[0])),
+        ("このレビューの最後の文は何ですか?", [sentences[-1]], len(head) + review.rindex(sentences[-1])),
+        ("このレビューのタイトルは何ですか?", [title], 0)][i % 3]
+    golds = list(dict.fromkeys(golds))   # one gold where the first sentence has no 。
+    return {"id": f"{title}-q{i}", "title": title, "context": head + review, "question": question,
+            "answers": {"text": golds, "answer_start": [start] * len(golds)}, "is_impossible": False}
+
+
+def build_jglue(folder: Path, reviews: Path, marc_rows=(128, 32), jnli_rows=(96, 24),
+                jsquad_rows=(48, 16)) -> dict:
+    """shunk031/JGLUE: a loading script on `main`, Parquet files on refs/convert/parquet, in the two layouts its
+    listings have shown. MARC-ja is real reviews, as jglue-{split}.parquet with a train/ folder beside them (the same
+    rows); JNLI pairs the first sentences of two reviews, labels cycling 0 entailment, 1 contradiction, 2 neutral;
+    JSQuAD asks for spans of reviews (jsquad_row), as {split}/NNNN.parquet beside an index.duckdb, train in two
+    shards."""
     main, parquet = folder / "main", folder / PARQUET_REF
     main.mkdir(parents=True)
     (main / "JGLUE.py").write_text(JGLUE_SCRIPT)
     (main / "README.md").write_text(JGLUE_CARD)
-    for split, file, n_marc, n_jnli in zip(("train", "validation"), ("train.jsonl", "valid.jsonl"), marc_rows,
-                                           jnli_rows):
+    for split, file, n_marc, n_jnli, n_jsquad in zip(("train", "validation"), ("train.jsonl", "valid.jsonl"),
+                                                     marc_rows, jnli_rows, jsquad_rows):
         with open(reviews / file, encoding="utf-8") as f:
-            rows = [json.loads(line) for line, _ in zip(f, range(max(n_marc, 2 * n_jnli)))]
-        write_parquet(parquet / f"MARC-ja/jglue-{split}.parquet", [
-            {"sentence": r["sentence"], "label": MARC_LABELS[r["label"]], "review_id": r["review_id"]}
-            for r in rows[:n_marc]])
+            rows = [json.loads(line) for line, _ in zip(f, range(max(n_marc, 2 * n_jnli, n_jsquad)))]
+        marc = [{"sentence": r["sentence"], "label": MARC_LABELS[r["label"]], "review_id": r["review_id"]}
+                for r in rows[:n_marc]]
+        write_parquet(parquet / f"MARC-ja/jglue-{split}.parquet", marc)
+        if split == "train":
+            write_parquet(parquet / "MARC-ja/train/0000.parquet", marc)
+        jsquad = [jsquad_row(r, i) for i, r in enumerate(rows[:n_jsquad])]
+        shards = (jsquad[: n_jsquad // 2], jsquad[n_jsquad // 2:]) if split == "train" else (jsquad,)
+        for n, shard in enumerate(shards):
+            write_parquet(parquet / f"JSQuAD/{split}/{n:04d}.parquet", shard)
+        (parquet / f"JSQuAD/{split}/index.duckdb").write_bytes(b"DUCK")   # a placeholder: not read
         write_parquet(parquet / f"JNLI/jglue-{split}.parquet", [
             {"sentence_pair_id": str(i), "yjcaptions_id": f"{a['review_id']}-{b['review_id']}",
              "sentence1": first_sentence(a["sentence"]), "sentence2": first_sentence(b["sentence"]), "label": i % 3}

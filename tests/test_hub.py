@@ -83,8 +83,8 @@ def failing(case: str, standin_hub, monkeypatch, tmp_path):
     """Make the hub fail as `case` says; returns (what to call, the one-line message it must raise, regex)."""
     from huggingface_hub import constants, hf_api
 
-    missing_file = Task("marc-ja", MARC_JA.prompt, MARC_JA.labels,
-                        hub=MARC_JA.hub | {"files": {"train": "MARC-ja/jglue-train-v9.parquet"}})
+    missing_file = Task("marc-ja", MARC_JA.prompt, MARC_JA.labels,   # and no validation/ folder beside it
+                        hub=MARC_JA.hub | {"files": {"validation": "MARC-ja/jglue-valid-v9.parquet"}})
     if case == "unreachable":
         dead = f"http://127.0.0.1:{closed_port()}"
         for obj, name in ((constants, "ENDPOINT"), (hf_api.api, "endpoint")):
@@ -97,9 +97,10 @@ def failing(case: str, standin_hub, monkeypatch, tmp_path):
                     r"^no repo cyberagent/open-calm-8b on the hub \(http://127\.0\.0\.1:\d+\): check the id"),
         "no revision": (lambda: load_model(SEVEN_B, revision="refs/pr/99"),
                         r"^cyberagent/open-calm-7b has no revision 'refs/pr/99' on the hub"),
-        "no file": (lambda: task_data(missing_file, "train", cache_dir=tmp_path / "c", instead="--data"),
-                    r"^dataset shunk031/JGLUE \(revision refs/convert/parquet\) has no file "
-                    r"'MARC-ja/jglue-train-v9\.parquet'$"),
+        "no file": (lambda: task_data(missing_file, "valid", cache_dir=tmp_path / "c", instead="--data"),
+                    r"^dataset shunk031/JGLUE \(revision refs/convert/parquet\) has neither "
+                    r"MARC-ja/jglue-valid-v9\.parquet nor MARC-ja/validation/\*\.parquet: MARC-ja/ holds "
+                    r"jglue-train\.parquet, jglue-validation\.parquet, train/0000\.parquet$"),
         "unreachable": (lambda: load_tokenizer(SEVEN_B, revision="refs/pr/5"),
                         r"^the hub \(http://127\.0\.0\.1:\d+\) could not be reached and cyberagent/open-calm-7b "
                         r"\(revision refs/pr/5\) is not in the hub cache .*, or hf download cyberagent/open-calm-7b "

@@ -99,17 +99,18 @@ def test_an_interrupted_download_resumes_from_the_cdn(standin_hub, hub_env):
 
 
 def test_tree_pages_and_folders(standin_hub, hub_env, monkeypatch):
-    monkeypatch.setattr(standin_hub, "page_size", 2)
+    monkeypatch.setattr(standin_hub, "page_size", 6)
     parquet = standin_hub.revision(JGLUE, "refs/convert/parquet", "dataset")
     entries = list(HfApi().list_repo_tree(JGLUE, repo_type="dataset", revision="refs/convert/parquet",
                                           recursive=True))
-    assert len(standin_hub.log) == 3   # 6 entries, 2 a page: huggingface_hub followed the Link header twice
-    assert [e.path for e in entries if isinstance(e, RepoFolder)] == ["JNLI", "MARC-ja"]
+    assert len(entries) == 16 and len(standin_hub.log) == 3   # 6 a page: huggingface_hub followed the Link twice
+    assert [e.path for e in entries if isinstance(e, RepoFolder)] == ["JNLI", "JSQuAD", "JSQuAD/train",
+                                                                      "JSQuAD/validation", "MARC-ja", "MARC-ja/train"]
     for e in (e for e in entries if isinstance(e, RepoFile)):
         data = parquet.files[e.path].data
         assert (e.size, e.lfs.size, e.lfs.sha256) == (len(data), len(data), hashlib.sha256(data).hexdigest())
     top = HfApi().list_repo_tree(JGLUE, repo_type="dataset", revision="refs/convert/parquet")
-    assert [e.path for e in top] == ["JNLI", "MARC-ja"]
+    assert [e.path for e in top] == ["JNLI", "JSQuAD", "MARC-ja"]
 
 
 @DOWNLOADS

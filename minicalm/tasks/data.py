@@ -380,10 +380,15 @@ def run_data(cfg, task: Task, tokenizer) -> tuple[list[Example], list[Example], 
 
 def shared_prefix_tokens(examples: list[Example]) -> int:
     """How many tokens every example begins with (the prompt's shared prefix): what the plan counts on."""
-    first = examples[0].input_ids
+    return common_prefix([e.input_ids for e in examples])
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    """How many tokens every sequence begins with."""
+    first = seqs[0]
     n = len(first)
-    for e in examples[1:]:
-        while e.input_ids[:n] != first[:n]:
+    for ids in seqs[1:]:
+        while ids[:n] != first[:n]:
             n -= 1
     return n
 
