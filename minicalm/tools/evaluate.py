@@ -62,7 +62,10 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
             raise SettingError("EvalConfig", "max_len", f"the longest prompt plus the answer take {need} tokens, past "
                                                         f"the model's {positions} positions: lower it (or "
                                                         f"--max-new-tokens)")
-        P = answers.share_prefix() if cfg.share_prefix else 0
+        # the prefix every prompt shares (the template's head, shots, an instruction all rows have), each row
+        # keeping a token of its own
+        shared = encoded[0][:min(data.common_prefix(encoded), min(map(len, encoded)) - 1)]
+        P = answers.share_prefix(shared) if cfg.share_prefix else 0
         prompts = [ids[P:] for ids in encoded]
         order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
         preds: list[dict] = [{} for _ in rows]
@@ -101,9 +104,10 @@ class Answers:
         self.stops, self.leading = tok.line_end_ids if not task.free_form else (
             {tok.eos_token_id} | tok.ids_holding(task.stop or []), set())
 
-    def share_prefix(self) -> int:
-        """Run the prompts' shared prefix once, into a one-row cache every batch continues from; its length."""
-        ids = self.enc.prefix_ids
+    def share_prefix(self, ids: list[int] | None = None) -> int:
+        """Run the prompts' shared prefix (default: the template's) once, into a one-row cache every batch continues
+        from; its length."""
+        ids = self.enc.prefix_ids if ids is None else ids
         if ids:
             device = self.model.gpt_neox.embed_in.weight.device
             _, state = prefill(self.model, torch.tensor([ids], device=device), extra=0)
