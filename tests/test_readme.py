@@ -130,7 +130,9 @@ def program(argv: list[str]) -> tuple[str, list[str]]:
 def check_train(r: Ran) -> None:
     out = r.path(r.flag("--out", TrainConfig.out))
     cfg = read_json(out / "adapter" / "adapter_config.json")
-    assert (cfg["base_model_name_or_path"], cfg["revision"]) == (r.flag("--model", POST_MODEL), r.flag("--revision"))
+    model = r.flag("--model", POST_MODEL)   # a local folder is recorded whole, so the adapter finds it from anywhere
+    model = str(r.path(model).resolve()) if r.path(model).exists() else model
+    assert (cfg["base_model_name_or_path"], cfg["revision"]) == (model, r.flag("--revision"))
     records = read_records(out / "metrics.jsonl")
     assert records and all(math.isfinite(x["loss"]) for x in records) and "val_loss" in records[-1]
     assert f"done: {records[-1]['step']} steps" in r.stderr
