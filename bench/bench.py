@@ -1,6 +1,7 @@
 """minicalm vs transformers + peft on the same work, same random weights, in one process.
 
-    python bench/bench.py [--size small|tiny] [--part all|training|variants|qlora|small] [--reps N] [--device cpu|cuda]
+    python bench/bench.py [--size small|tiny] [--part all|training|variants|qlora|small|free-form] [--reps N]
+                          [--device cpu|cuda]
 
 A random transformers GPTNeoXForCausalLM is saved with save_pretrained and loaded by both sides (minicalm through
 minicalm.load_model), LoRA r=8 alpha=16 dropout 0.05 on query_key_value is added to both, and the adapter A
@@ -8,14 +9,17 @@ matrices are copied so that both start from identical weights. Each repetition t
 back to back, alternating which goes first; the table reports medians of the rates and of the paired ratios
 (ratio = minicalm rate / transformers rate, above 1 means minicalm is faster). Writes bench/results.json.
 
-Four parts: `training` (the main job's step on 7B-shaped proxies, where the LM head is a small share of the work,
+Five parts: `training` (the main job's step on 7B-shaped proxies, where the LM head is a small share of the work,
 and the whole train_lora.py step against transformers + peft), `variants` (DoRA's step, PiSSA's initialisation),
 `qlora` (the step on an NF4 base against the full-precision one and against transformers + peft + bitsandbytes'
-4-bit) and `small` (open-calm-small's shape: a training step, evaluation, decoding).
+4-bit), `small` (open-calm-small's shape: a training step, evaluation, decoding) and `free-form` (free-form
+evaluation's greedy answers against transformers' generate, in generated tokens/s, on the 7B-shaped proxy and
+open-calm-small's shape).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -23,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +42,8 @@ from minicalm.io.tokenizer import train_tokenizer
 from minicalm.lora import trainable_parameters
 from minicalm.loss import IGNORE_INDEX, answer_loss, shared_prefix_len
 from minicalm.tasks import data
-from minicalm.tasks.task import MARC_JA
-from minicalm.tools.evaluate import evaluate_rows
+from minicalm.tasks.task import ALPACA, MARC_JA
+from minicalm.tools.evaluate import Answers, evaluate_rows
 from minicalm.tools.run import Processes
 from minicalm.train import TrainConfig, global_batch, setup, train_step
 
@@ -71,10 +76,12 @@ def timed(fn, device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def paired(name: str, ours, theirs, work: float, unit: str, reps: int, device,
+def paired(name: str, ours, theirs, work: float | Callable[[], float], unit: str, reps: int, device,
            names=("minicalm", "transformers+peft")) -> dict:
-    """Warm up each side once, then `reps` pairs alternating who goes first; rates are work / seconds."""
+    """Warm up each side once, then `reps` pairs alternating who goes first; rates are work / seconds. `work` may be
+    a function, asked after the warm-up (what a call does, e.g. the tokens it generates, is known once it has run)."""
     ours(), theirs()
+    work = work() if callable(work) else work
     t_ours, t_theirs = [], []
     for i in range(reps):
         first, second = ((ours, t_ours), (theirs, t_theirs)) if i % 2 == 0 else ((theirs, t_theirs), (ours, t_ours))
@@ -176,7 +183,8 @@ class Bench:
     tmp: Path
     info: dict
 
-    def paired(self, name: str, ours, theirs, work: float, unit: str, names=("minicalm", "transformers+peft")):
+    def paired(self, name: str, ours, theirs, work: float | Callable[[], float], unit: str,
+               names=("minicalm", "transformers+peft")):
         return paired(name, ours, theirs, work, unit, self.args.reps, self.device, names)
 
 
@@ -476,6 +484,99 @@ def small_decoding(b: Bench, m: Small) -> dict:
     return row
 
 
+ANSWER_TOKENS = 32   # the free-form answers' budget: a random model rarely writes EOS, so both sides write all of it
+INSTRUCTION = "このレビューを読んだ感想を書いて。"
+
+
+def free_form_rows(n: int) -> list[data.Row]:
+    """The first n validation reviews as Alpaca rows: one instruction, the review as input, its label word as the
+    reference (which only evaluate_rows' scoring reads)."""
+    reviews = data.read_jsonl(REVIEWS / "valid.jsonl", limit=n)
+    return [data.parse_row({"instruction": INSTRUCTION, "input": r.fields["sentence"],
+                            "output": MARC_JA.labels[r.label]}, ALPACA, i) for i, r in enumerate(reviews)]
+
+
+class KeptAnswers(Answers):
+    """evaluate.py's Answers, keeping each row's new tokens to count and compare: text() sees every row's tokens (one
+    per decoding step, padding after EOS) once when the task has no stop strings."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens: list[list[int]] = []
+
+    def text(self, tokens: list[int]) -> str:
+        self.tokens.append(tokens)
+        return super().text(tokens)
+
+
+def up_to_eos(tokens: list[int], eos: int) -> list[int]:
+    """A row's generated tokens, EOS included (both sides pad the row after it)."""
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def free_form_answers(b: Bench, where: str, ours, theirs, tok: minicalm.Tokenizer, batch_size: int = 16) -> dict:
+    """Free-form evaluation's greedy answers, in generated tokens/s: evaluate.py's Answers (the shared prompt prefix
+    run once per evaluation, each row stopping at EOS or after ANSWER_TOKENS) against transformers' generate
+    (do_sample=False, EOS as the stop, each prompt in full) on the same left-padded, length-sorted batches of the same
+    prompts. Answers is timed directly: evaluate_rows' extra forward for the answers' loss is left out. Fails if the
+    two sides' tokens differ."""
+    task = dataclasses.replace(ALPACA, max_new_tokens=ANSWER_TOKENS, stop=None)
+    enc = data.PromptEncoder(tok, 256, task)   # evaluate_rows' max_len
+    rows = free_form_rows(b.args.free_form_reviews)
+    prompts = sorted((ids for ids, _ in enc.encode_prompts(rows)), key=len)   # as evaluate_rows batches them
+    P, eos = len(enc.prefix_ids), tok.eos_token_id
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    padded = left_padded_batches(prompts, tok.pad_token_id, b.device, batch_size)
+    ours.eval(), theirs.eval()
+    new = {}
+
+    @torch.inference_mode()
+    def answer_ours():
+        answers = KeptAnswers(ours, tok, enc, ANSWER_TOKENS, likelihood=False)
+        answers.share_prefix()   # once per evaluation, as evaluate_rows does
+        for batch in batches:
+            answers([p[P:] for p in batch])
+        new["minicalm"] = [up_to_eos(t, eos) for t in answers.tokens]
+
+    @torch.inference_mode()
+    def answer_theirs():
+        out = []
+        for ids, mask in padded:
+            gen = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=ANSWER_TOKENS,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=eos)
+            out += [up_to_eos(t, eos) for t in gen[:, ids.shape[1]:].tolist()]
+        new["transformers"] = out
+
+    def generated() -> int:
+        """The tokens both sides generated in a call, once checked to be the same row by row."""
+        ours_, theirs_ = new["minicalm"], new["transformers"]
+        assert len(ours_) == len(theirs_) == len(prompts), "one answer per prompt on each side"
+        differ = [i for i, (a, t) in enumerate(zip(ours_, theirs_)) if a != t]
+        if differ:
+            i = differ[0]
+            raise RuntimeError(f"free-form answers, {where}: the two sides' greedy tokens differ in {len(differ)} of "
+                               f"{len(prompts)} rows; the first, row {i} of the length-sorted prompts:\n"
+                               f"  minicalm:     {ours_[i]}\n  transformers: {theirs_[i]}")
+        b.info.setdefault("free_form", {})[where] = {
+            "rows": len(prompts), "batch_size": batch_size, "max_new_tokens": ANSWER_TOKENS, "shared_tokens": P,
+            "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
+            "new_tokens": {side: sum(map(len, got)) for side, got in new.items()},
+            "rows_ended_by_eos": {side: sum(r[-1:] == [eos] for r in got) for side, got in new.items()},
+            "same_tokens": True}
+        return sum(map(len, ours_))
+
+    return b.paired(f"free-form answers, {where}: {len(prompts)} reviews, batch {batch_size}, up to {ANSWER_TOKENS} "
+                    f"new tokens, shared prefix {P} tokens, vs generate on the same left-padded batches",
+                    answer_ours, answer_theirs, generated, "generated tokens/s")
+
+
+def free_form_7b(b: Bench) -> dict:
+    """Free-form answers on the 7B-shaped proxy (its 4,000-token BPE), fresh models with identical adapters."""
+    bpe = proxy_tokenizer(b)
+    ours, theirs = build_models(PROXY_7B, b.device, b.dtype, b.tmp / "free-form", vocab_size=4000, tokenizer=bpe.path)
+    return free_form_answers(b, "7B-shaped proxy", ours, theirs, bpe)
+
+
 def format_table(b: Bench, results: list[dict]) -> str:
     lines = [f"{b.dtype}, {b.args.device}, {b.args.threads} thread(s), {b.args.reps} reps", "",
              "| work | minicalm | the other side | ratio | ratio (CPU time) |", "|---|---|---|---|---|"]
@@ -493,13 +594,14 @@ def format_table(b: Bench, results: list[dict]) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("all", "training", "variants", "qlora", "small"), default="all")
+    ap.add_argument("--part", choices=("all", "training", "variants", "qlora", "small", "free-form"), default="all")
     ap.add_argument("--size", choices=SIZES, default="small", help="the shape of the `small` part")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8, help="the `small` part's training micro-batch")
     ap.add_argument("--eval-reviews", type=int, default=64)
+    ap.add_argument("--free-form-reviews", type=int, default=32, help="reviews answered free-form (batches of 16)")
     ap.add_argument("--out", default="bench/results.json", help="relative paths are to the repository")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -515,10 +617,17 @@ def main():
             results += variants_7b(b)
         if args.part in ("all", "qlora"):
             results += qlora_7b(b)
-        if args.part in ("all", "small"):
+        if args.part in ("all", "free-form"):
+            results.append(free_form_7b(b))
+        if args.part in ("all", "small", "free-form"):
             m = small_models(b)
-            train_row, flops_row = small_train_step(b, m)
-            results += [train_row, *small_evaluation(b, m), small_decoding(b, m), flops_row]
+            shape = "open-calm-small's shape" if args.size == "small" else f"{args.size} shape"
+            # before the training step, which leaves the two sides' adapters trained apart (no longer identical)
+            free_form = [free_form_answers(b, shape, m.ours, m.theirs, m.tok)] if args.part != "small" else []
+            if args.part != "free-form":
+                train_row, flops_row = small_train_step(b, m)
+                results += [train_row, *small_evaluation(b, m), small_decoding(b, m), flops_row]
+            results += free_form
     info["machine"]["loadavg_end"] = os.getloadavg()
     table = format_table(b, results)
     print(table)
