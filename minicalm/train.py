@@ -50,7 +50,8 @@ class TrainConfig:
                                              # the adapter, so evaluation loads the same one
     task: str = "marc-ja"                    # built-in task (marc-ja, jnli, alpaca, jsquad), a task JSON file (a
                                              # prompt with label words or a free-form answer) or an llm-jp-eval file
-    train_file: str | None = None            # JSON lines of the task's rows; default: its train split from the hub
+    train_file: str | None = None            # JSON lines (or a JSON array) of the task's rows; default: the task
+                                             # file's samples, else its train split from the hub
     valid_file: str | None = None            # JSON lines; default: the task's validation split; "none" skips it
     out: str = "runs/open-calm-7b-lora"      # run folder: adapter/, state.pt, metrics.jsonl, train_config.json
     epochs: float = 3.0                      # passes over the training set

@@ -160,9 +160,11 @@ class EvalConfig:
     revision: str | None = None       # hub branch, tag or commit; default: the one the --adapter records (for its
                                       # base), else main
     adapter: str | None = None        # LoRA adapter folder (PEFT format, e.g. RUN/adapter)
-    task: str | None = None           # built-in task (marc-ja, jnli) or a task JSON file; default: the task saved
+    task: str | None = None           # built-in task (marc-ja, jnli, alpaca, jsquad), a task JSON file or an
+                                      # llm-jp-eval file (its samples are the rows); default: the task saved
                                       # beside --adapter (task.json), else marc-ja
-    data: str | None = None           # JSON lines of the task's rows; default: its validation split from the hub
+    data: str | None = None           # JSON lines (or a JSON array) of the task's rows; default: the task file's
+                                      # samples, else its validation split from the hub
     limit: int | None = None          # evaluate only the first N rows
     batch_size: int = 16              # prompts per batch
     max_new_tokens: int | None = None   # greedy tokens per answer at most; default: 8 for a label word, the
