@@ -347,5 +347,6 @@ def save(run: Run) -> None:
                            "trainable": {k: v for k, v in model.state_dict().items() if k in trainable}})
     out = (save_checkpoint(model, run.folder.path / "model", tokenizer_dir=run.tok.path.parent) if cfg.full
            else save_adapter(model, run.folder.path / "adapter"))
-    write_json(out / "task.json", run.task.to_dict())   # eval.py --adapter then asks the same question by default
+    if not cfg.text:   # what it was tuned to answer: eval.py asks the same by default (pretraining tunes to none)
+        write_json(out / "task.json", run.task.to_dict())
     say(cfg.log, f"\nsaved step {run.step} to {cfg.out}" + (" (final)" if run.step == run.total_steps else ""))

@@ -290,7 +290,7 @@ def class_tables(name: str, m: dict) -> list[str]:
 
 def format_report(cfg: EvalConfig, model_id: str, task: Task, metrics: dict, runs: dict) -> str:
     model = Path(model_id.rstrip("/")).name   # the title line gives the full path or id
-    tuned = (Path(model_id) / "task.json").is_file()   # merge and full training write the run's task beside it
+    tuned = (Path(model_id) / "task.json").is_file()   # merging and full fine-tuning write the task beside it
     shots = f", {cfg.shots}-shot" if cfg.shots else ""
     names = {"base": (f"{model} (fine-tuned checkpoint)" if tuned else f"{model} before fine-tuning") + shots,
              "adapter": f"{model} + LoRA ({cfg.adapter}){shots}"}
