@@ -97,7 +97,7 @@ class TrainConfig:
         positive = lambda x: x is None or x > 0 and math.isfinite(x)   # noqa: E731 (None: unset)
         check(self, {"epochs": (positive(self.epochs), "positive"), "lr": (positive(self.lr), "positive"),
                      "micro_batch_size": (self.micro_batch_size >= 1, "at least 1"),
-                     "batch_size": (self.batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
+                     "batch_size": (self.batch_size >= 1 and self.batch_size % max(self.micro_batch_size, 1) == 0,
                                     f"a positive multiple of micro_batch_size {self.micro_batch_size}"),
                      "max_len": (self.max_len >= 2, "at least 2 tokens"), "max_time": (positive(self.max_time),
                                                                                     "positive"),

@@ -618,13 +618,36 @@ def test_one_run_per_folder(tmp_path, capsys):
     assert f"taking over the lock of process {int(dead.stdout)}" in err and f"removed {torn}" in err
 
 
-def test_train_lora_reports_bad_input_without_a_traceback(base, tmp_path, capsys):
+@pytest.mark.parametrize("args, says", [
+    (["--batch-size", "12"], "--batch-size: must be a positive multiple of micro_batch_size 8, got 12"),
+    (["--batch-size", "0"], "--batch-size: must be a positive multiple of micro_batch_size 8, got 0"),
+    (["--micro-batch-size", "0"], "--micro-batch-size: must be at least 1, got 0"),
+    (["--grad-clip", "-1"], "--grad-clip: must be >= 0 (0: off), got -1.0"),
+    (["--max-steps", "0"], "--max-steps: must be at least 1, got 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps: must be >= 0 (0: off), got -1"),
+    (["--save-every", "-1"], "--save-every: must be >= 0 (0: off), got -1"),
+    (["--eval-every", "-1"], "--eval-every: must be >= 0 (0: off), got -1"),
+    (["--lora-r", "0"], "--lora-r: the rank must be a positive integer, got 0"),
+    (["--lora-alpha", "0"], "--lora-alpha: must be a positive number (the update's scale is alpha / r), got 0.0"),
+    (["--lr", "nan"], "--lr: must be positive, got nan"),
+    (["--device", "cuda:99"], "device 'cuda:99'"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_train_lora_refuses_a_bad_setting_in_one_line_before_anything(base, tmp_path, capsys, args, says):
+    """Each refusal is one line naming the flag, exit status 1, nothing written (the flags checked where the settings
+    dataclass is built; the device where the processes start)."""
     folder, _ = base
     cfg = config(folder, tmp_path / "run", micro_batch_size=8)
     with pytest.raises(SystemExit) as e:
-        cli(flags(cfg) + ["--batch-size", "12"])   # the later flag wins
-    assert e.value.code == 1 and "train_lora.py: error: --batch-size: must be a positive multiple of micro_batch_size 8, got 12" \
-        in capsys.readouterr().err
+        cli(flags(cfg) + args)   # the later flag wins
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f"train_lora.py: error: {says}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_run_exits_1_in_a_subprocess(base, tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *flags(config(base[0], tmp_path / "run")),
+                          "--grad-clip", "-1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stderr == "train_lora.py: error: --grad-clip: must be >= 0 (0: off), got -1.0\n"
 
 
 # ----------------------------------------------------------------------------- the shared prompt prefix

@@ -48,9 +48,14 @@ class Processes:
 def processes(device: str):
     """Join torchrun's process group (WORLD_SIZE, RANK, LOCAL_RANK; NCCL on GPUs, gloo on CPU) and leave it on exit."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this torch has no CUDA (torch {torch.__version__}); use cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: not a device name torch knows (cpu, cuda, cuda:N, mps)") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= gpus:
+        raise ValueError(f"device {device!r}: " + (f"this machine has {gpus} GPU(s)" if gpus else
+                                                  f"this torch has no CUDA (torch {torch.__version__}); use cpu"))
     if world > 1:
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
