@@ -529,7 +529,8 @@ def test_config_file_reruns_a_run_from_its_train_config(base, tmp_path):
 @pytest.mark.parametrize("change, named", [
     (dict(lr=2e-2), "--lr 0.01 now 0.02"), (dict(weight_decay=0.5), "--weight-decay 0.0 now 0.5"),
     (dict(lora=LoraConfig(dropout=0.1)), "--lora-dropout 0.0 now 0.1"), (dict(seed=1), "--seed 0 now 1"),
-    (dict(batch_size=16, micro_batch_size=8), "--batch-size 8 now 16"), (dict(grad_clip=0.5), "--grad-clip 1.0 now 0.5"),
+    (dict(batch_size=16, micro_batch_size=8), "--batch-size 8 now 16"),
+    (dict(grad_clip=0.5), "--grad-clip 1.0 now 0.5"),
     (dict(revision="v2"), "--revision None now 'v2'"), ("model", "--model '"), ("rows", "the training examples differ"),
 ])
 def test_resume_refuses_what_it_cannot_honour(base, tmp_path, monkeypatch, change, named):

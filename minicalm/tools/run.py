@@ -200,14 +200,15 @@ class RunFolder:
         if not isinstance(state, dict) or not set(STATE_KEYS) <= state.keys():
             why = ("an empty file" if self.state_file.stat().st_size == 0 else "cut short, or not a torch file"
                    if state is None else "a torch file, but not a minicalm training checkpoint")
-            raise ValueError(f"--resume: {self.state_file} cannot be read ({why}); start the run over in another --out, "
-                             f"or delete this folder's state.pt to start over here") from None
+            raise ValueError(f"--resume: {self.state_file} cannot be read ({why}); start the run over in another "
+                             f"--out, or delete this folder's state.pt to start over here") from None
         now, then = flatten(asdict(cfg)), flatten(state["config"])   # lora.r, ... with lists as tuples on both sides
         changed = [f"{flag_name(*k.rpartition('.')[::2])} {then.get(k)!r} now {v!r}" for k, v in now.items()
                    if k not in RESUME_MAY_CHANGE and then.get(k) != v]
         if changed:
+            free = ", ".join(flag_name("", k) for k in RESUME_MAY_CHANGE[3:])
             raise ValueError(f"--resume: {self.state_file} was trained with other settings: {', '.join(changed)} "
-                             f"(a resumed run may change only {', '.join(flag_name('', k) for k in RESUME_MAY_CHANGE[3:])})")
+                             f"(a resumed run may change only {free})")
         return state
 
     def check_data(self, state: dict, digest: str) -> None:
