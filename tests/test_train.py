@@ -725,3 +725,13 @@ def test_compile_gives_the_same_losses(base, tmp_path, monkeypatch):
     compiled = train(config(folder, tmp_path / "compiled", max_steps=2, compile=True))
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=FP32_REL)
     assert compiled["step"] == eager["step"] == 2
+
+
+def test_local_paths_are_recorded_whole(base, monkeypatch):
+    """A local --model (and task or data file) is recorded as an absolute path, so the adapter finds its base from
+    any folder; a hub id and a built-in task's name stay as they are."""
+    folder, _ = base
+    monkeypatch.chdir(folder.parent)
+    cfg = TrainConfig(model=folder.name, train_file=str(REVIEWS / "train.jsonl"))
+    assert cfg.model == str(folder.resolve()) and Path(cfg.train_file).is_absolute() and cfg.task == "marc-ja"
+    assert TrainConfig(model="cyberagent/open-calm-7b").model == "cyberagent/open-calm-7b"
