@@ -158,7 +158,7 @@ def check_eval(r: Ran) -> None:
     if metrics["task"].get("answer_field"):   # free-form: scored by exact match and character F1, rows shown
         assert all({"exact_match", "char_f1", "answer_loss"} <= metrics[k].keys() for k in runs)
         assert "| model | exact match | char F1 | answer loss | empty answers |" in report and "- gold " in report
-    assert f"({metrics['n_rows']} rows, task {metrics['task']['name']})" in report
+    assert f"({metrics['n_rows']} rows, task {metrics['task']['name']}{shots})" in report
     if r.command.startswith("HF_HUB_OFFLINE=1"):
         assert r.requests == []   # everything from the cache
 
