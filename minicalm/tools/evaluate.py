@@ -56,7 +56,8 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
         budget = 0 if cfg.mode == "likelihood" else cfg.max_new_tokens or task.answer_budget
         answers = Answers(model, tok, enc, budget, cfg.mode != "generate" and not task.free_form)
         encoded = [ids for ids, _ in enc.encode_prompts(rows)]
-        need = max(map(len, encoded)) + max([budget, *map(len, answers.choices)])
+        # a free-form answer takes its whole budget; a label word and EOS the room max_len leaves after the prompt
+        need = max(map(len, encoded)) + (budget if task.free_form else enc.reserve)
         positions = model.config.max_position_embeddings
         if need > positions:   # past them the model would go on writing garbage without a word
             raise SettingError("EvalConfig", "max_len", f"the longest prompt plus the answer take {need} tokens, past "
