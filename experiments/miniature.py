@@ -9,12 +9,15 @@
 Everything runs through minicalm's own train() and evaluate_rows(); nothing here re-implements them. Data: the
 task's own (for marc-ja a fixed 10,000 / 1,000-row sample of MARC-ja from the hub, cached), or --train-file and
 --valid-file, which is how it runs offline. `--sweep-ranks 1,2,4,...` trains one adapter per rank on one base,
-`--sweep-variants lora,dora,...` one per variant of LoRA. The flags are MiniatureConfig's fields (--help lists them).
+`--sweep-variants lora,dora,...` one per variant of LoRA, and `--free-form` a free-form story on the same base (each
+review's first sentence, written out: zero-shot, k-shot and after LoRA). The flags are MiniatureConfig's fields (--help
+lists them).
 
 An experiment, not a part of the library: it imports minicalm as a user would (pip install -e . first).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -34,7 +37,7 @@ from minicalm.model import CalmForCausalLM
 from minicalm.tasks import data
 from minicalm.tasks.task import MARC_JA, load_task
 from minicalm.tools.cli import command
-from minicalm.tools.evaluate import evaluate_rows, table
+from minicalm.tools.evaluate import EvalConfig, draw_shots, evaluate_rows, pct, table
 from minicalm.tools.plot import draw_if_possible, plot_dora_analysis, plot_losses, plot_sweep
 from minicalm.tools.run import fmt_time
 from minicalm.train import TrainConfig, train
@@ -68,8 +71,16 @@ class MiniatureConfig:
     use_rslora: bool = False                 # the rank sweep with rsLoRA's alpha / sqrt(r)
     lora_targets: tuple[str, ...] = BLOCK_LINEARS   # the sweep's targets, of query_key_value, dense,
                                                     # dense_h_to_4h, dense_4h_to_h
-    base: str | None = None                  # the sweep's pretrained base (e.g. runs/micro/pretrain/model);
-                                             # default: pretrain one first
+    base: str | None = None                  # the sweep's or the free-form story's pretrained base (e.g.
+                                             # runs/micro/pretrain/model); default: pretrain one first
+    free_form: bool = False                  # the free-form story instead: Alpaca-format rows built from the
+                                             # task's reviews (write the review's first sentence), answered by the
+                                             # base zero-shot, with --shots solved rows, and after LoRA; exact match
+                                             # and char F1 in free_form.md
+    shots: int = 3                           # the free-form story's k-shot row: solved training rows before each
+                                             # question
+    sentence_chars: int = 40                 # the free-form story's rows: reviews whose first sentence is at most
+                                             # this many characters
 
 
 def micro_config(vocab_size: int) -> CalmConfig:
@@ -269,8 +280,131 @@ def format_report(res: dict) -> str:
         f"{res['lora']['step']} steps, answer loss {res['lora']['loss']:.4f}. Total {fmt_time(res['seconds'])}.", ""])
 
 
+# ----------------------------------------------------------------------------- the free-form story
+
+# Each review's first sentence, written out: the answer is a span of the input, review text of the kind the base
+# was pretrained on; to copy it the model needs attention's own move (look back at the input's start, then at the
+# token after the one just written) and to learn where to stop (the first 。, then EOS). Not a label in disguise:
+# every answer is a text of its own. The miniature's base turns out to have no copying circuit, and minutes of LoRA
+# do not build one: it learns the answer's form, not the copy (the README's table).
+INSTRUCTION = "このレビューの最初の文を書き写して。"   # "copy out this review's first sentence"
+# one line of at most 48 tokens (a 40-character sentence takes at most 34 with the miniature's tokenizer)
+FREE_FORM_TASK = {"from": "alpaca", "name": "first-sentence", "max_new_tokens": 48, "stop": ["\n"]}
+FREE_FORM_LEN = 256       # prompt tokens; a longer review is cut at its end, its first sentence kept
+SHOT_CHARS = 80           # the k-shot row's solved rows: training reviews at most this long, so that K of them and
+                          # the question fit the model's positions
+EXAMPLES = 3              # held-out rows shown in free_form.md
+
+
+def first_sentence_rows(rows: list[data.Row], chars: int = 40) -> list[dict]:
+    """Alpaca-format rows (instruction, input, output) from a task's rows: the input is the row's text, the output
+    its first sentence up to and including 。, kept where that sentence is one line of at most `chars` characters
+    and more text follows it (so the answer is never simply the whole input)."""
+    out = []
+    for r in rows:
+        text = r.text.strip()
+        first = text[:text.find("。") + 1]
+        if first and "\n" not in first and len(first) <= chars and text[len(first):].strip():
+            out.append({"instruction": INSTRUCTION, "input": text, "output": first})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return str(path)
+
+
+def run_free_form(cfg: MiniatureConfig, eval_limit: int | None = None, vocab_size: int = 4000,
+                  log: bool = True) -> dict:
+    """The free-form story in cfg.out: on the pretrained base (cfg.base, or pretrained here) the first-sentence task
+    built from cfg's task rows (free_form/: train.jsonl, valid.jsonl, task.json, and shots.jsonl, the short training
+    rows the shots are drawn from); the base's answers zero-shot and with cfg.shots solved rows before each question;
+    LoRA (r 16 on all four targets, the story's settings) and its answers; free_form.json and free_form.md.
+    eval_limit: the held-out rows answered (default all)."""
+    t0, cfg, task, out_dir, stage = start(cfg, log, [*(PRETRAINED if cfg.base is None else ()), "free_form",
+                                                     "free_form.json", "free_form.md"])
+    base = cfg.base or pretrain(out_dir, cfg, vocab_size, log, stage)[0]
+    folder = out_dir / "free_form"
+    stage(f"free-form 1/5 rows: each review's first sentence (at most {cfg.sentence_chars} characters), Alpaca "
+          f"format")
+    made = {split: first_sentence_rows(data.read_jsonl(path, task), cfg.sentence_chars)
+            for split, path in (("train", cfg.train_file), ("valid", cfg.valid_file))}
+    made["shots"] = [r for r in made["train"] if len(r["input"]) <= SHOT_CHARS]
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {split: write_jsonl(folder / f"{split}.jsonl", rows) for split, rows in made.items()}
+    write_json(folder / "task.json", FREE_FORM_TASK)
+    ff = load_task(folder / "task.json")
+    valid = data.read_jsonl(files["valid"], ff, limit=eval_limit)
+
+    tok, model = load_tokenizer(base), load_model(base)
+    params = trainable_parameters(model)[1]   # the base's, before LoRA's are added
+    settings = EvalConfig(max_len=FREE_FORM_LEN, batch_size=32, shots=cfg.shots, shots_file=files["shots"],
+                          seed=cfg.seed, log=log)
+    stage(f"free-form 2/5 the base zero-shot on {len(valid)} held-out rows")
+    runs = {"before": evaluate_rows(model, tok, valid, ff, settings)}
+    stage(f"free-form 3/5 the base with {cfg.shots} solved training rows before each question")
+    shot_task = ff.with_shots(draw_shots(settings, ff, valid))
+    # the shots come on top of max_len, so each question keeps the room it has zero-shot, as far as the model's
+    # positions allow (past that a long review is cut further, at its end)
+    fixed = lambda t: 10**6 - data.PromptEncoder(tok, 10**6, t).field_budget   # the template's own tokens
+    max_len = min(FREE_FORM_LEN + fixed(shot_task) - fixed(ff), model.config.max_position_embeddings - ff.answer_budget)
+    runs["k_shot"] = evaluate_rows(model, tok, valid, shot_task, settings, max_len=max_len)
+
+    stage("free-form 4/5 LoRA fine-tuning (r 16, alpha 32, all four linear layers) on the rows")
+    rows_cfg = replace(cfg, task=str(folder / "task.json"), train_file=files["train"], valid_file=files["valid"],
+                       lora_targets=BLOCK_LINEARS)   # the story's adapter whatever --lora-targets says
+    tuned = finetune(Path(base), folder / "lora", rows_cfg, {"r": 16}, log)
+    stage("free-form 5/5 base + adapter zero-shot")
+    load_adapter(model, folder / "lora" / "adapter")   # onto the same base model evaluated before
+    runs["after"] = evaluate_rows(model, tok, valid, ff, settings)
+
+    res = {"seconds": round(time.time() - t0, 1), "params": params, "task": ff.to_dict(),
+           "rows": {split: len(rows) for split, rows in made.items()}, "n_valid": len(valid),
+           "shots": cfg.shots, "lora": {k: tuned[k] for k in ("step", "loss", "val_loss", "seconds")},
+           **{name: r["metrics"] for name, r in runs.items()},
+           "examples": [{"input": row.fields["input"], "gold": row.label,
+                         **{name: r["predictions"][i]["answer"] for name, r in runs.items()}}
+                        for i, row in enumerate(valid[:EXAMPLES])]}
+    write_json(out_dir / "free_form.json", res)
+    report = format_free_form(res)
+    write_text(out_dir / "free_form.md", report)
+    if log:
+        print("\n" + report)
+    return res
+
+
+def format_free_form(res: dict) -> str:
+    """The table (zero-shot, k-shot, after LoRA) and a few held-out rows, gold beside each model's answer."""
+    k = f"{res['shots']}-shot"
+    names = {"before": f"micro GPT-NeoX ({res['params'] / 1e6:.1f}M params) before LoRA, zero-shot",
+             "k_shot": f"micro GPT-NeoX before LoRA, {k}", "after": "micro GPT-NeoX + LoRA, zero-shot"}
+    short = {"before": "zero-shot", "k_shot": k, "after": "+ LoRA"}
+    lines = [f"Free-form miniature: write the review's first sentence ({res['n_valid']} held-out rows; greedy answers "
+             f"stopping at EOS or a line break, at most {res['task']['max_new_tokens']} tokens, scored after NFKC):",
+             "", "| model | exact match | char F1 | answer loss | empty answers |", "|---|---|---|---|---|"]
+    for key, name in names.items():
+        m = res[key]
+        lo, hi = m["exact_match_ci95"]
+        lines.append(f"| {name} | {pct(m['exact_match'])} ({pct(lo)} to {pct(hi)}) | {pct(m['char_f1'])} | "
+                     f"{m['answer_loss']:.3f} | {pct(m['empty_rate'])} |")
+    lines += ["", "Exact match with its 95% interval; char F1: SQuAD's F1 over characters; answer loss: the gold "
+              "answer's mean token loss.", "", "Examples (the first held-out rows):", ""]
+    for x in res["examples"]:
+        lines.append(f"- gold {x['gold']!r}: " + "; ".join(f"{short[key]} {x[key]!r}" for key in short))
+    lora = res["lora"]
+    lines += ["", f"Rows: {res['rows']['train']} to train on, {res['rows']['valid']} held out. LoRA: {lora['step']} "
+              f"steps in {fmt_time(lora['seconds'])}, answer loss {lora['loss']:.4f}. Total "
+              f"{fmt_time(res['seconds'])}.", ""]
+    return "\n".join(lines)
+
+
 def miniature(cfg: MiniatureConfig):
-    """The command: the before/after story, or with --sweep-ranks or --sweep-variants a sweep."""
+    """The command: the before/after story, with --free-form the free-form story, or with --sweep-ranks or
+    --sweep-variants a sweep."""
+    if cfg.free_form:
+        if cfg.sweep_ranks or cfg.sweep_variants:
+            raise ValueError("--free-form is a story of its own: not with --sweep-ranks or --sweep-variants")
+        return run_free_form(cfg)
     if cfg.sweep_ranks or cfg.sweep_variants:
         return sweep(cfg, sweep_settings(cfg))
     return run(cfg)

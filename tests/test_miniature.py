@@ -6,9 +6,11 @@ import pytest
 from conftest import REVIEWS, need
 
 from experiments import miniature
-from experiments.miniature import MiniatureConfig, run
+from experiments.miniature import MiniatureConfig, first_sentence_rows, run, run_free_form
 from hub import use_hub
+from minicalm import CalmConfig, CalmForCausalLM, save_checkpoint
 from minicalm.io.weights import load_model
+from minicalm.tasks.data import Row
 from minicalm.tools.cli import Flags
 
 
@@ -137,3 +139,61 @@ def test_variant_sweep_with_dora_s_analysis(base, tmp_path):
     for picture in ("losses.png", "dora_analysis.png"):
         assert (tmp_path / "v" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "v" / "sweep.png").exists()   # one rank: no accuracy-against-rank picture
+
+
+def test_first_sentence_rows_keep_a_short_first_sentence_with_more_after_it():
+    """The free-form rows: the review as the input, its first sentence (up to and including 。) as the output, kept
+    only where that sentence is one line of at most 40 characters and the review goes on after it."""
+    texts = ["良い商品です。また買います。", "一文だけのレビュー。", "句点のないレビュー", "長" * 40 + "。続き。",
+             "改行\nのある文。続き。", " 前後の空白。も。 "]
+    rows = first_sentence_rows([Row({"sentence": t}, "positive", str(i)) for i, t in enumerate(texts)])
+    assert [(r["input"], r["output"]) for r in rows] == [("良い商品です。また買います。", "良い商品です。"),
+                                                         ("前後の空白。も。", "前後の空白。")]
+    assert {r["instruction"] for r in rows} == {miniature.INSTRUCTION}
+
+
+@pytest.fixture(scope="module")
+def long_base(base, tmp_path_factory):
+    """conftest's tiny random base with 512 positions, as the miniature's has: a free-form prompt (256 tokens) with a
+    solved row before it and its answer fit."""
+    _, tok = base
+    cfg = CalmConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=512)
+    return save_checkpoint(CalmForCausalLM(cfg).init_weights(seed=0), tmp_path_factory.mktemp("long") / "base",
+                           tokenizer_dir=tok.path.parent)
+
+
+def test_free_form_story_before_k_shot_and_after(long_base, tmp_path, capsys):
+    """--free-form (shortened) on a given base: the first-sentence rows as Alpaca-format JSON lines, then the table's
+    three rows (the base zero-shot, k-shot, base + LoRA) of exact match, char F1, answer loss and empty answers, and
+    held-out rows gold beside each answer. The same story again into the same --out is refused."""
+    argv = ["--out", str(tmp_path / "ff"), "--free-form", "--base", str(long_base), "--shots", "1", "--lora-steps", "4",
+            "--train-file", str(REVIEWS / "train.jsonl"), "--valid-file", str(REVIEWS / "valid.jsonl")]
+    cfg = Flags(MiniatureConfig, miniature.PROG).parse(argv)
+    res = run_free_form(cfg, eval_limit=16, log=False)
+    out = tmp_path / "ff"
+    rows = [json.loads(ln) for ln in (out / "free_form" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == res["rows"]["train"] > 1000
+    assert all(r["input"].startswith(r["output"]) and r["output"].endswith("。") and len(r["output"]) <= 40
+               for r in rows)
+    assert json.loads((out / "free_form" / "task.json").read_text())["from"] == "alpaca"
+    saved = json.loads((out / "free_form.json").read_text(encoding="utf-8"))
+    for name in ("before", "k_shot", "after"):
+        m = saved[name]
+        assert m["n"] == 16 and 0 <= m["exact_match"] <= m["char_f1"] <= 1 and m["answer_loss"] > 0
+    assert saved["lora"]["step"] == 4 and (out / "free_form" / "lora" / "adapter").is_dir()
+    assert not (out / "pretrain").exists()   # the given base, nothing pretrained
+    report = (out / "free_form.md").read_text(encoding="utf-8")
+    table = [ln for ln in report.splitlines() if ln.startswith("| micro GPT-NeoX")]
+    assert [ln.split(" | ")[0] for ln in table] == ["| micro GPT-NeoX (0.1M params) before LoRA, zero-shot",
+                                                    "| micro GPT-NeoX before LoRA, 1-shot",
+                                                    "| micro GPT-NeoX + LoRA, zero-shot"]
+    assert "| model | exact match | char F1 | answer loss | empty answers |" in report
+    golds = [ln for ln in report.splitlines() if ln.startswith("- gold ")]
+    assert len(golds) == 3 and all("zero-shot " in g and "1-shot " in g and "+ LoRA " in g for g in golds)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        miniature.main(argv)
+    assert e.value.code == 1 and capsys.readouterr().err == (
+        f"experiments/miniature.py: error: --out {out} already holds free_form, free_form.json, free_form.md from an "
+        f"earlier run; choose another --out or delete it\n")
