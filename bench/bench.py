@@ -43,7 +43,7 @@ from minicalm.lora import trainable_parameters
 from minicalm.loss import IGNORE_INDEX, answer_loss, shared_prefix_len
 from minicalm.tasks import data
 from minicalm.tasks.task import ALPACA, MARC_JA
-from minicalm.tools.evaluate import Answers, evaluate_rows
+from minicalm.tools.evaluate import Answers, evaluate_rows, shared_prompt_prefix
 from minicalm.tools.run import Processes
 from minicalm.train import TrainConfig, global_batch, setup, train_step
 
@@ -524,7 +524,8 @@ def free_form_answers(b: Bench, where: str, ours, theirs, tok: minicalm.Tokenize
     enc = data.PromptEncoder(tok, 256, task)   # evaluate_rows' max_len
     rows = free_form_rows(b.args.free_form_reviews)
     prompts = sorted((ids for ids, _ in enc.encode_prompts(rows)), key=len)   # as evaluate_rows batches them
-    P, eos = len(enc.prefix_ids), tok.eos_token_id
+    shared, eos = shared_prompt_prefix(prompts), tok.eos_token_id   # as evaluate_rows shares it
+    P = len(shared)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     padded = left_padded_batches(prompts, tok.pad_token_id, b.device, batch_size)
     ours.eval(), theirs.eval()
@@ -533,7 +534,7 @@ def free_form_answers(b: Bench, where: str, ours, theirs, tok: minicalm.Tokenize
     @torch.inference_mode()
     def answer_ours():
         answers = KeptAnswers(ours, tok, enc, ANSWER_TOKENS, likelihood=False)
-        answers.share_prefix()   # once per evaluation, as evaluate_rows does
+        answers.share_prefix(shared)   # once per evaluation, as evaluate_rows does
         for batch in batches:
             answers([p[P:] for p in batch])
         new["minicalm"] = [up_to_eos(t, eos) for t in answers.tokens]

@@ -63,10 +63,7 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
             raise SettingError("EvalConfig", "max_len", f"the longest prompt plus the answer take {need} tokens, past "
                                                         f"the model's {positions} positions: lower it (or "
                                                         f"--max-new-tokens)")
-        # the prefix every prompt shares (the template's head, shots, an instruction all rows have), each row
-        # keeping a token of its own
-        shared = encoded[0][:min(data.common_prefix(encoded), min(map(len, encoded)) - 1)]
-        P = answers.share_prefix(shared) if cfg.share_prefix else 0
+        P = answers.share_prefix(shared_prompt_prefix(encoded)) if cfg.share_prefix else 0
         prompts = [ids[P:] for ids in encoded]
         order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
         preds: list[dict] = [{} for _ in rows]
@@ -88,6 +85,12 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
     metrics = {m: compute_metrics(golds, [p[k] for p in preds], labels)
                for m, k in (("generate", "answer"), ("likelihood", "likelihood_answer")) if mode in (m, "both")}
     return {"metrics": metrics[mode] if mode != "both" else metrics, "predictions": preds}
+
+
+def shared_prompt_prefix(prompts: list[list[int]]) -> list[int]:
+    """The ids every prompt begins with (the template's head, the shots, an instruction all rows share), each prompt
+    keeping a token of its own to continue from."""
+    return prompts[0][:min(data.common_prefix(prompts), min(map(len, prompts)) - 1)]
 
 
 class Answers:
