@@ -215,6 +215,11 @@ def check_merge(r: Ran) -> None:
 
 def check_miniature(r: Ran) -> None:
     out = r.path(r.flag("--out"))
+    if "--free-form" in r.args:   # the free-form story: before, k-shot and after, by exact match and char F1
+        res = read_json(out / "free_form.json")
+        assert all({"exact_match", "char_f1"} <= res[k].keys() for k in ("before", "k_shot", "after"))
+        assert (out / "free_form.md").read_text(encoding="utf-8").count("| micro GPT-NeoX") == 3
+        return
     if r.flag("--sweep-ranks") or r.flag("--sweep-variants"):
         runs = read_json(out / "sweep.json")["runs"]
         ranks = [int(x) for x in (r.flag("--sweep-ranks") or r.flag("--lora-r") or "16").split(",")]
