@@ -251,7 +251,7 @@ def test_dora_rslora_loraplus_run_resumes_exactly(base, tmp_path):
     assert losses(tmp_path / "twice") == losses(tmp_path / "once") and len(losses(tmp_path / "once")) == 4
     cfg = json.loads((tmp_path / "once" / "adapter" / "adapter_config.json").read_text())
     assert (cfg["use_dora"], cfg["use_rslora"], cfg["r"], cfg["lora_alpha"]) == (True, True, 2, 4)
-    with pytest.raises(ValueError, match="--resume: .* lora.use_dora True now False"):
+    with pytest.raises(ValueError, match="--resume: .* --use-dora True now False"):
         train(run_config(base[0], tmp_path / "twice", resume=True, max_steps=6))
 
 

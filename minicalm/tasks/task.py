@@ -251,7 +251,7 @@ MARC_JA = Task(
                  "validation_counts": {"rows": 5654, "positive": 4832}})   # JGLUE v1.1's validation split
 
 # JGLUE's JNLI: does the premise entail the hypothesis, contradict it, or neither? Labels in JGLUE's ClassLabel
-# order. The Parquet paths follow MARC-ja's and are not verified from here (no hub access).
+# order. Its files, like every JGLUE task's, are found by listing the dataset's tree (either layout the hub has used).
 JNLI = Task(
     name="jnli",
     prompt=POST_HEADER + "前提と仮説の関係は「含意」「矛盾」「中立」のどれですか?どれか一つを書いて。\n\n### Input:\n"
