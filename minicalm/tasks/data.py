@@ -11,7 +11,6 @@ import json
 import posixpath
 import random
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,39 +109,41 @@ def json_array_rows(path: Path, text: str, task: Task, limit: int | None) -> lis
     return parse_rows(items, task, str(path), limit)
 
 
-def parquet_to_jsonl(parquet_path: str | Path, out_path: str | Path, task: Task = MARC_JA) -> dict[str, int]:
-    """Convert a task's Parquet file (JGLUE's: int labels; JSQuAD's answers a struct of lists) to JSON lines,
-    atomically; returns row counts (per label for a label task). Missing columns are named beside those found."""
+def parquet_to_jsonl(parquet: str | Path | list[Path], out_path: str | Path, task: Task = MARC_JA) -> dict[str, int]:
+    """Convert a task's Parquet file, or a split's shards in order (JGLUE's: int labels; JSQuAD's answers a struct of
+    lists), to one JSON-lines file, atomically; returns row counts (per label for a label task). Missing columns are
+    named beside those found."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError('reading JGLUE\'s Parquet files needs pyarrow: pip install "minicalm[marc]"') from None
     answer = task.answer_field or task.label_field
     columns = [task.key(f) for f in task.fields + [answer]] + ([task.id_field] if task.id_field else [])
-    try:
-        found = pq.ParquetFile(parquet_path).schema_arrow.names
-        missing = [c for c in columns if c not in found]
-        if missing:
-            raise ValueError(f"{parquet_path}: no column {', '.join(missing)} for task {task.name}; the file has "
-                             f"{', '.join(found)}")
-        rows = pq.read_table(parquet_path, columns=columns).to_pylist()
-    except ValueError:
-        raise
-    except Exception as e:   # pyarrow's errors (not Parquet, damaged) share no useful base class
-        raise ValueError(f"{parquet_path}: not a Parquet file of task {task.name} ({e})") from None
     lines, counts = [], {"rows": 0} | {label: 0 for label in task.labels or {}}
-    for n, row in enumerate(rows):
+    for path in parquet if isinstance(parquet, list) else [parquet]:
         try:
-            r = parse_row(row, task, n)
-        except ValueError as e:
-            raise ValueError(f"{parquet_path}: row {n}: {e}") from None
-        counts["rows"] += 1
-        if not task.free_form:
-            counts[r.label] += 1
-        out = ({task.key(f): v for f, v in r.fields.items()} |
-               {task.key(answer): list(r.references) if task.free_form else r.label} |
-               ({task.id_field: r.id} if task.id_field else {}))
-        lines.append(json.dumps(out, ensure_ascii=False))
+            found = pq.ParquetFile(path).schema_arrow.names
+            missing = [c for c in columns if c not in found]
+            if missing:
+                raise ValueError(f"{path}: no column {', '.join(missing)} for task {task.name}; the file has "
+                                 f"{', '.join(found)}")
+            rows = pq.read_table(path, columns=columns).to_pylist()
+        except ValueError:
+            raise
+        except Exception as e:   # pyarrow's errors (not Parquet, damaged) share no useful base class
+            raise ValueError(f"{path}: not a Parquet file of task {task.name} ({e})") from None
+        for n, row in enumerate(rows):
+            try:
+                r = parse_row(row, task, n)
+            except ValueError as e:
+                raise ValueError(f"{path}: row {n}: {e}") from None
+            counts["rows"] += 1
+            if not task.free_form:
+                counts[r.label] += 1
+            out = ({task.key(f): v for f, v in r.fields.items()} |
+                   {task.key(answer): list(r.references) if task.free_form else r.label} |
+                   ({task.id_field: r.id} if task.id_field else {}))
+            lines.append(json.dumps(out, ensure_ascii=False))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, "\n".join(lines) + "\n")
@@ -179,18 +180,6 @@ def hub_split_files(task: Task, split: str, offline_hint: str = "") -> list[Path
     return [hub.download(repo, name, revision, "dataset", offline_hint=offline_hint) for name in names]
 
 
-def parquets_to_jsonl(parquets: list[Path], out_path: Path, task: Task) -> dict[str, int]:
-    """parquet_to_jsonl over a split's shards: their rows concatenated in order, their counts summed."""
-    if len(parquets) == 1:
-        return parquet_to_jsonl(parquets[0], out_path, task)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        parts = [Path(tmp) / f"{n}.jsonl" for n in range(len(parquets))]
-        counts = [parquet_to_jsonl(p, part, task) for p, part in zip(parquets, parts)]
-        write_text(out_path, "".join(part.read_text(encoding="utf-8") for part in parts))
-    return {k: sum(c[k] for c in counts) for k in counts[0]}
-
-
 def task_data(task: Task, split: str, cache_dir: str | Path | None = None, subset: int | None = None,
               seed: int = 0, instead: str = "--train-file and --valid-file") -> Path:
     """A task's train or validation split as JSON lines, downloaded from the hub (task.hub, either layout:
@@ -207,7 +196,7 @@ def task_data(task: Task, split: str, cache_dir: str | Path | None = None, subse
     folder = Path(cache_dir or Path("~/.cache/minicalm") / task.name).expanduser()
     full = folder / f"{split}.jsonl"
     if not full.is_file():
-        counts = parquets_to_jsonl(hub_split_files(task, split, offline_hint=f"pass {instead} ({rows})"), full, task)
+        counts = parquet_to_jsonl(hub_split_files(task, split, offline_hint=f"pass {instead} ({rows})"), full, task)
         want = task.hub.get(f"{split}_counts")
         if want and {k: counts[k] for k in want} != want:
             warnings.warn(f"{full}: {task.name} {split} has {counts}, expected {want} (for MARC-ja, a 5,734-row "
