@@ -230,9 +230,7 @@ class PromptEncoder:
         self.templates = [self.template(segs) for segs in (task.segments, task.short_segments) if segs is not None]
         self.literal_ids = self.templates[0][0]
         firsts = [lits[0] for lits, _ in self.templates]
-        n = next((i for i in range(len(firsts[0])) if any(f[i:i + 1] != firsts[0][i:i + 1] for f in firsts)),
-                 len(firsts[0]))
-        self.prefix_ids = firsts[0][:n]   # the shared prefix: the same in every prompt
+        self.prefix_ids = firsts[0][:common_prefix(firsts)]   # the shared prefix: the same in every prompt
         self.answer_ids = {} if task.free_form else {label: tokenizer.encode(word) for label, word in
                                                      task.labels.items()}   # without eos
         for a, ids_a in self.answer_ids.items():

@@ -232,9 +232,9 @@ def llm_jp_eval_task(d: dict, source: str) -> Task:
         print(f"{source}: metrics {', '.join(map(str, unknown))} are not computed here (minicalm scores "
               f"{' and '.join(TEXT_METRICS)})", file=sys.stderr)
     instruction = str(d["instruction"]).replace("{", "{{").replace("}", "}}")
-    return Task(name=Path(source).stem, prompt=POST_HEADER + instruction + "\n\n### Input:\n{input}\n\n### Response:\n",
-                answer_field="output", cut=["input"], max_new_tokens=d["output_length"] or None,
-                few_shots=d["few_shots"] or None, samples=samples, source=source)
+    return replace(ALPACA, name=Path(source).stem, prompt=ALPACA.prompt.replace("{instruction}", instruction),
+                   prompt_no_input=None, max_new_tokens=d["output_length"] or None, few_shots=d["few_shots"] or None,
+                   samples=samples, source=source)
 
 
 POST_HEADER = ("Below is an instruction that describes a task, paired with an input that provides further context. "
