@@ -180,12 +180,7 @@ def run(cfg: MiniatureConfig, eval_limit: int | None = None, vocab_size: int = 4
            "pretrain": {k: pre[k] for k in ("step", "loss", "val_loss", "seconds")},
            "lora": {k: tuned[k] for k in ("step", "loss", "val_loss", "seconds")},
            "before": before["metrics"], "after": after["metrics"], "n_valid": len(valid), "task": task.name}
-    write_json(out_dir / "results.json", res)
-    report = format_report(res)
-    write_text(out_dir / "report.md", report)
-    if log:
-        print("\n" + report)
-    return res
+    return save_results(out_dir, "results.json", "report.md", res, format_report(res), log)
 
 
 # LoRA's variants as the sweep names them: TrainConfig settings, the adapter's own under "lora" (LoraConfig's
@@ -365,9 +360,13 @@ def run_free_form(cfg: MiniatureConfig, eval_limit: int | None = None, vocab_siz
            "examples": [{"input": row.fields["input"], "gold": row.label,
                          **{name: r["predictions"][i]["answer"] for name, r in runs.items()}}
                         for i, row in enumerate(valid[:EXAMPLES])]}
-    write_json(out_dir / "free_form.json", res)
-    report = format_free_form(res)
-    write_text(out_dir / "free_form.md", report)
+    return save_results(out_dir, "free_form.json", "free_form.md", res, format_free_form(res), log)
+
+
+def save_results(out_dir: Path, numbers: str, table: str, res: dict, report: str, log: bool) -> dict:
+    """A story's numbers (JSON) and its report (markdown) under out_dir, the report printed; returns the numbers."""
+    write_json(out_dir / numbers, res)
+    write_text(out_dir / table, report)
     if log:
         print("\n" + report)
     return res
