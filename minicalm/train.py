@@ -128,6 +128,7 @@ class Run:
     scaler: torch.amp.GradScaler            # enabled for fp16 only
     step: int = 0
     order: dict = field(default_factory=dict)   # {epoch: its global batches}, drawn once an epoch
+    digest: str = ""                        # the training examples' fingerprint, saved in state.pt
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -147,8 +148,9 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     state = folder.load_state(cfg) if cfg.resume else None
     task, tok = load_task(cfg.task), load_tokenizer(cfg.model, revision=cfg.revision)
     train_set, valid_set, accuracy_rows = run_data(cfg, task, tok)
+    digest = data_digest(train_set)   # once: saved with every checkpoint, and a resume must match it
     if state is not None:
-        folder.check_data(state, data_digest(train_set))
+        folder.check_data(state, digest)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
 
@@ -176,7 +178,7 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     if proc.rank == 0:
         folder.start(cfg, task, step)
     return Run(cfg, proc, folder, tok, task, train_set, valid_set, accuracy_rows, steps_per_epoch, total_steps, model,
-               opt, schedule, scaler, step)
+               opt, schedule, scaler, step, digest=digest)
 
 
 def trainable_model(cfg: TrainConfig, checkpoint, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -342,7 +344,7 @@ def save(run: Run) -> None:
     cfg, model = run.cfg, run.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     run.folder.save_state({"step": run.step, "config": asdict(cfg), "optimizer": run.opt.state_dict(),
-                           "data": data_digest(run.train_set),
+                           "data": run.digest,
                            "scaler": run.scaler.state_dict(),
                            "trainable": {k: v for k, v in model.state_dict().items() if k in trainable}})
     out = (save_checkpoint(model, run.folder.path / "model", tokenizer_dir=run.tok.path.parent) if cfg.full
