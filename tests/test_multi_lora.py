@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close_to_scale, hf_tiny
-from minicalm import apply_lora, greedy_generate, load_model, lora_disabled
+from conftest import assert_close_to_scale, hf_tiny, make_adapter
+from minicalm import greedy_generate, load_model, lora_disabled
 from minicalm.config import LoraConfig
-from minicalm.io.adapter import load_adapter, load_adapters, save_adapter
+from minicalm.io.adapter import load_adapter, load_adapters
 from minicalm.multi_lora import MultiLoRALinear, add_adapters, multi_lora_layers, row_adapters
 
 ADAPTERS = {   # different ranks, scales and targets: what a server meets
@@ -18,17 +18,6 @@ ADAPTERS = {   # different ranks, scales and targets: what a server meets
     "mlp8rs": LoraConfig(r=8, alpha=4, targets=("dense", "dense_4h_to_h"), use_rslora=True),
     "all2": LoraConfig(r=2, alpha=16, targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
 }
-
-
-def make_adapter(folder, out, cfg: LoraConfig, seed: int):
-    """A trained-looking adapter (B not zero) for the checkpoint in `folder`, saved in PEFT's format."""
-    model = apply_lora(load_model(folder), cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return save_adapter(model, out)
 
 
 @pytest.fixture(scope="module")
