@@ -141,18 +141,18 @@ class Engine:
                              f"together at most the model's {self.S} positions")
         return req
 
-    def submit(self, req: Request) -> Request:
-        """Queue a request; it joins the running batch at a step soon after. QueueFull at the bound, Closed when
-        shutting down."""
-        self.check(req)
+    def submit(self, *reqs: Request) -> None:
+        """Queue requests (all or none); they join the running batch at a step soon after. QueueFull past the bound,
+        Closed when shutting down."""
+        for req in reqs:
+            self.check(req)
         with self.lock:
             if not self.accepting:
                 raise Closed("the engine is shutting down")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(reqs) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
-            self.waiting.append(req)
+            self.waiting.extend(reqs)
             self.lock.notify()
-        return req
 
     def call(self, fn: Callable) -> Future:
         """Run fn() on the engine's thread between two steps (it then has the model to itself); its result later."""

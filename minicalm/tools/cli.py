@@ -2,7 +2,7 @@
 
 A field of the dataclass is a flag (`micro_batch_size` -> `--micro-batch-size`): its comment in the class is the
 help, its default the default, its type the parsing (a Literal gives the choices; a bool a switch, `--no-x` when it
-is on by default; a tuple comma-separated values). A field without a default is a positional argument (a list: any
+is on by default; a tuple comma-separated values; a list the flag repeated). A field without a default is a positional argument (a list: any
 number of them). A nested config adds its own fields, prefixed by the field's name (`lora.r` -> `--lora-r`), except
 switches named `use_*`, which read as they are (`--use-dora`). `--config FILE` takes the settings from a JSON file (a
 run's train_config.json); flags given with it override. A bad setting or input ends the command with one line that
@@ -77,6 +77,9 @@ class Flags:
             many = typing.get_origin(inner) is list
             self.parser.add_argument(dest, nargs="*" if many else None, help=help, metavar=f.name.upper())
             self.flags[(self.cls.__name__, f.name)] = f.name.upper()
+        elif typing.get_origin(inner) is list:   # a flag given once per value: --adapter a=x --adapter b=y
+            self.parser.add_argument(flag, dest=dest, action="append", default=list(default), help=help + " (repeat "
+                                     "the flag for more)", metavar=flag[2:].replace("-", "_").upper())
         elif inner is bool:
             on = default is True
             self.parser.add_argument(flag.replace("--", "--no-", 1) if on else flag, dest=dest,

@@ -208,12 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     from . import plan as planner
     from .adapter_stats import StatsConfig, stats
     from .plot import PlotConfig, plot
+    from .serve import SERVE, ServeConfig, serve
     table = COMMANDS | {
         "plan": (planner.PlanConfig, planner.show, planner.__doc__),
         "plot": (PlotConfig, plot, "Draw a run's metrics.jsonl (loss, lr, gradient norm, tokens/s) into "
                                    "RUN_DIR/plots/*.png; works while the run is still going."),
         "stats": (StatsConfig, stats, "What a LoRA adapter changed: update norms, spectra, amplification, and "
                                       "subspace similarity with another adapter (adapter_stats.json + PNGs)."),
+        "serve": (ServeConfig, serve, SERVE),
     }
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in table:
