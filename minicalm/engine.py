@@ -260,8 +260,7 @@ class Engine:
 
     def decode(self) -> None:
         """One token for every running row: generate.py's decode step over the cache's first n rows."""
-        n = len(self.running)
-        width = max(len(req.prompt) + len(req.tokens) - 1 for req in self.running)   # slots the longest row holds
+        n, width = len(self.running), self.width()
         if self.slot == self.S or self.slot - width > width:   # no room left, or more dead slots than live ones
             self.move(width - self.slot)
         state = Decoding(rows_of(self.cache, n), self.positions[:n], self.slot)
@@ -272,11 +271,13 @@ class Engine:
         for r in reversed(done):
             self.leave(r)
 
+    def width(self) -> int:
+        """The slots the longest running row holds: its prompt and every token but the last (the next input)."""
+        return max(len(req.prompt) + len(req.tokens) - 1 for req in self.running)
+
     def move(self, d: int) -> None:
         """Move the running rows' keys d slots (left when d < 0) with the slot; what lies before them is padding."""
-        n = len(self.running)
-        width = max(len(req.prompt) + len(req.tokens) - 1 for req in self.running)
-        lo = self.slot - width
+        n, lo = len(self.running), self.slot - self.width()
         for kv in self.cache.layers:
             for t in (kv.k, kv.v):
                 t[:n, :, lo + d:self.slot + d] = t[:n, :, lo:self.slot].clone()

@@ -5,8 +5,8 @@ request shape lm-evaluation-harness's local-completions sends for log-likelihood
 at once, a client gone mid-stream, SIGTERM, and the command's one-line refusals."""
 from __future__ import annotations
 
-import contextlib
 import json
+import shutil
 import math
 import os
 import signal
@@ -21,7 +21,6 @@ import httpx2
 import openai
 import pytest
 import torch
-import uvicorn
 
 from conftest import ROOT, assert_close_to_scale, make_adapter
 from minicalm import greedy_generate, load_model
@@ -29,27 +28,7 @@ from minicalm.config import LoraConfig
 from minicalm.generate import prefill, score_continuations
 from minicalm.io.adapter import load_adapters
 from minicalm.multi_lora import row_adapters
-from minicalm.tools.serve import SHUTDOWN_GRACE, ServeConfig, Server, listen, make_app
-
-
-@contextlib.contextmanager
-def running(cfg: ServeConfig):
-    """The server of `cfg` in this process (uvicorn on a thread, the engine on another); yields (base URL, Server)."""
-    server = Server(cfg)
-    server.engine.start()
-    sock = listen("127.0.0.1", 0)
-    uv = uvicorn.Server(uvicorn.Config(make_app(server), log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-        server.engine.close(abort=True)
-        server.engine.thread.join(timeout=10)
+from minicalm.tools.serve import SHUTDOWN_GRACE, ServeConfig, running
 
 
 def config(serving, **changes) -> ServeConfig:
@@ -407,3 +386,26 @@ def test_without_fastapi_the_command_says_what_to_install(serving):
 def test_it_binds_localhost_unless_told():
     assert ServeConfig().host == "127.0.0.1"
     assert math.isclose(ServeConfig().max_body, 4 * 2**20)
+
+
+def test_the_readme_s_calls_run_as_written(api, serving):
+    """The README's curl calls and openai snippet (its "Serve and compare" section), run against the test server:
+    only the address changes."""
+    import re
+    url, _ = api
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Serve and compare")[1].split("\n## ")[0]
+    curl = re.search(r"```bash\n(curl .*?)```", section, re.S)[1].replace("http://127.0.0.1:8000", url)
+    if shutil.which("curl") is None:
+        pytest.skip("curl is absent")
+    calls = [c for c in curl.replace("\\\n", " ").splitlines() if c.strip()]
+    outs = [json.loads(subprocess.run(["bash", "-c", c], capture_output=True, text=True, check=True).stdout)
+            for c in calls]
+    assert outs[0]["object"] == "text_completion" and outs[0]["usage"]["completion_tokens"] >= 1
+    assert outs[1]["object"] == "answer" and outs[1]["probabilities"].keys() == {"positive", "negative"}
+    code = re.search(r"```python\n(from openai import OpenAI.*?)```", section, re.S)[1]
+    done = subprocess.run([sys.executable, "-c", code.replace("http://127.0.0.1:8000", url)], capture_output=True,
+                          text=True, timeout=60)
+    listed, streamed = done.stdout.split("\n", 1)
+    assert done.returncode == 0 and eval(listed) == [str(serving[0]), "marc", "marc-rs", "alpaca"], done.stderr
+    whole = client(url).completions.create(model="marc", prompt="日本の首都は", max_tokens=16, temperature=0)
+    assert streamed == whole.choices[0].text

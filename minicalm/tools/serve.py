@@ -18,6 +18,7 @@ optional extra: pip install 'minicalm[serve]'.
 """
 
 import asyncio
+import contextlib
 import hmac
 import json
 import math
@@ -153,7 +154,9 @@ def adapter_dirs(cfg: ServeConfig) -> dict[str, str]:
                 "a DoRA adapter cannot share a batch with other adapters (peft's mixed batches refuse it too); merge "
                 "it (python -m minicalm merge) and serve the merged model" if adapter.config.use_dora else
                 f"init {adapter.config.init} changes the base weights, which every request shares"))
-        if adapter.base and str(adapter.base) != str(cfg.model) and not cfg.allow_other_base:
+        same = str(adapter.base) == cfg.model or Path(cfg.model).is_dir() and Path(adapter.base).resolve() == \
+            Path(cfg.model).resolve()   # a folder given another way
+        if adapter.base and not same and not cfg.allow_other_base:
             raise SettingError("ServeConfig", "adapter", f"{given} was trained on {adapter.base!r}, not on --model "
                                                          f"{cfg.model!r} (--allow-other-base serves it anyway)")
         dirs[name] = folder
@@ -192,7 +195,8 @@ def token_lists(server: Server, prompt) -> list[list[int]]:
         if isinstance(p, str):   # an empty text starts after EOS: a new document
             out.append(server.tok.encode(p) or [server.tok.eos_token_id])
         elif not all(0 <= t < server.vocab for t in p):
-            raise ApiError(400, f"prompt: token ids are 0 to {server.vocab - 1}, got {max(p)}", "prompt")
+            bad = next(t for t in p if not 0 <= t < server.vocab)
+            raise ApiError(400, f"prompt: token ids are 0 to {server.vocab - 1}, got {bad}", "prompt")
         else:
             out.append(p)
     return out
@@ -504,6 +508,28 @@ def listen(host: str, port: int) -> socket.socket:
         raise SettingError("ServeConfig", "port", f"cannot listen on {host}:{port}: {e.strerror} (another server "
                                                   f"there? pick another --port)") from None
     return sock
+
+
+@contextlib.contextmanager
+def running(cfg: ServeConfig):
+    """The server in this process, uvicorn and the engine on threads of their own (a notebook's, a test's, a
+    benchmark's): yields (base URL, Server); stops both on leaving."""
+    import uvicorn
+    sock = listen(cfg.host, cfg.port)
+    server = Server(cfg)
+    server.engine.start()
+    uv = uvicorn.Server(uvicorn.Config(make_app(server), log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not uv.started and thread.is_alive():
+        time.sleep(0.02)
+    try:
+        yield f"http://{cfg.host}:{sock.getsockname()[1]}", server
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        server.engine.close(abort=True)
+        server.engine.thread.join(timeout=10)
 
 
 def serve(cfg: ServeConfig) -> None:
