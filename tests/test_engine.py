@@ -129,10 +129,14 @@ def test_a_cancelled_request_frees_its_row_at_the_next_step_and_the_others_go_on
 
 def test_the_queue_has_a_bound_and_a_closed_engine_takes_nothing(served):
     model, tok, _ = served
-    engine = Engine(model, tok, max_batch=1, max_queue=2)
-    engine.submit(Request([5, 6], 3)), engine.submit(Request([7], 3))
+    engine = Engine(model, tok, max_batch=1, max_queue=3)
+    engine.submit(Request([5, 6], 3), Request([7], 3))
     with pytest.raises(QueueFull, match="2 requests are waiting already"):
-        engine.submit(Request([8], 3))
+        engine.submit(Request([8], 3), Request([9], 3))   # all or none: a request's choices go in together
+    engine.submit(Request([8], 3))
+    with pytest.raises(QueueFull, match="3 requests are waiting already"):
+        engine.submit(Request([9], 3))
+    assert len(engine.waiting) == 3
     with pytest.raises(ValueError, match="a prompt of 250 tokens and max_tokens 7: .* at most the model's 256"):
         engine.submit(Request([5] * 250, 7))
     engine.close()

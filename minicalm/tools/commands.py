@@ -91,13 +91,7 @@ def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_token
     more = max([max_new_tokens, *map(len, enc.answer_ids.values())])   # the answer written, or a label word scored
     prompts = []
     for text in texts:
-        values = text.split("\t") if len(task.fields) > 1 else [text]
-        if set(task.fields[len(values):]) <= set(task.optional):   # Alpaca's input left out: empty
-            values += [""] * (len(task.fields) - len(values))
-        if len(values) != len(task.fields):
-            raise ValueError(f"task {task.name} needs {len(task.fields)} tab-separated fields "
-                             f"({', '.join(task.fields)}), got {len(values)} in {text!r}")
-        prompts.append(enc.encode_prompt(Row(dict(zip(task.fields, values)), "", "0"))[0])
+        prompts.append(enc.encode_prompt(Row(task_fields(task, text), "", "0"))[0])
         check_fits(model, prompts[-1], more, text, "lower --max-len (a longer text is cut to it) or --max-new-tokens")
     for prompt, text in zip(prompts, texts):
         (p,) = answers([prompt])
@@ -106,6 +100,17 @@ def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_token
             continue
         probs = " ".join(f"p({label})={torch.tensor(p[f'logprob_{label}']).exp():.3f}" for label in task.labels)
         yield f"{p['answer'] or 'invalid'}\t{p['continuation']!r}\t{probs}\t{text}"
+
+
+def task_fields(task, text: str) -> dict[str, str]:
+    """A text as generate takes it: the task's fields, tab-separated in its order (Alpaca's input may be left out)."""
+    values = text.split("\t") if len(task.fields) > 1 else [text]
+    if set(task.fields[len(values):]) <= set(task.optional):   # Alpaca's input left out: empty
+        values += [""] * (len(task.fields) - len(values))
+    if len(values) != len(task.fields):
+        raise ValueError(f"task {task.name} needs {len(task.fields)} tab-separated fields "
+                         f"({', '.join(task.fields)}), got {len(values)} in {text!r}")
+    return dict(zip(task.fields, values))
 
 
 @torch.inference_mode()

@@ -46,7 +46,7 @@ from ..multi_lora import row_adapters
 from ..tasks.data import PromptEncoder, Row
 from ..tasks.score import free_answer, parse_answer
 from ..tasks.task import Task, find_task
-from .commands import check_fits
+from .commands import check_fits, task_fields
 from .evaluate import Answers
 
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -441,17 +441,19 @@ def make_app(server: Server):
         body = await read_body(request)
         name, served = server.model_named(body)
         task, ans = served.task, served.answers
-        given = {f: need(body, f, str, None) for f in task.fields}
-        given[task.fields[0]] = given[task.fields[0]] or need(body, "text", str, None)
-        missing = [f for f in task.fields if given[f] is None and f not in task.optional]
-        if missing:
-            raise ApiError(400, f"{missing[0]}: required by model {name}'s task {task.name} (fields "
-                                f"{', '.join(task.fields)}; `text` stands for {task.fields[0]})", missing[0])
+        text = need(body, "text", str, None)
+        try:   # `text` as generate takes it (the task's fields tab-separated), else the fields by name
+            given = task_fields(task, text) if text is not None else {f: need(body, f, str, "") for f in task.fields}
+        except ValueError as e:
+            raise ApiError(400, f"text: {e}", "text") from None
+        if not any(given.values()):
+            raise ApiError(400, f"text: required (or the fields of model {name}'s task {task.name} by name: "
+                                f"{', '.join(task.fields)})", "text")
         budget = need(body, "max_tokens", int, ans.max_new_tokens, lambda v: v >= 1, "an integer >= 1")
-        prompt = ans.enc.encode_prompt(Row({f: v or "" for f, v in given.items()}, "", "0"))[0]
+        prompt = ans.enc.encode_prompt(Row(given, "", "0"))[0]
         try:   # the answer written, or a label word scored, must fit after the prompt
             check_fits(server.model, prompt, max([budget, *map(len, ans.enc.answer_ids.values())]),
-                       given[task.fields[0]], "shorten the text or lower max_tokens")
+                       text or " ".join(given.values()), "shorten the text or lower max_tokens")
         except SettingError as e:
             raise ApiError(400, e.message, "max_tokens") from None
         stream = need(body, "stream", bool, False)
