@@ -1,7 +1,7 @@
 """Continuous batching: one running batch that requests join and leave at every decoding step (Orca's iteration-level
 scheduling, Yu et al., OSDI 2022), over generate.py's one decoding path, each row on its own adapter (multi_lora.py).
 
-    submit(Request) -> waiting (bounded) -> admit: a prefill into free rows -> running rows [0, n) -> decode_one_token
+    submit(Request) -> waiting (bounded) -> admit: a prefill into a free row -> running rows [0, n) -> decode_one_token
                                                                                    ^  one token per row per step   |
                                                                                    +-- a row that is done leaves --+
 
@@ -16,13 +16,13 @@ share one write slot (Decoding.slot), so each row's keys lie right-aligned befor
     row 1    . . . . . . p p p|          joined later: its prompt's keys copied in to end at the slot
                               ^ slot: every row writes its next token here
 
-A request joins through a prefill of its own (with the others that arrive together, left-padded) into a small cache,
-whose keys are then copied into its row. The keys move left (`move`) when the slot reaches S or when most slots
-before it belong to no running row any more, and right when a prompt is longer than the slot. Rows stay packed at
-[0, n): a row that leaves takes the last one into its place, so a step computes running rows only. Each row keeps its
-own rotary positions (Decoding.positions), so where its keys lie in the cache changes nothing it computes: a request's
-tokens depend on its prompt, adapter and sampling settings (a seeded sampler of its own), not on the rows beside it
-(those change only the shapes the matmuls run at, hence the last bits of its logits).
+A request joins through a prefill of its own into a small cache (no padding to compute, and its keys depend on nothing
+that runs beside it), whose keys are then copied into its row. The keys move left (`move`) when the slot reaches S or
+when most slots before it belong to no running row any more, and right when a prompt is longer than the slot. Rows
+stay packed at [0, n): a row that leaves takes the last one into its place, so a step computes running rows only.
+Each row keeps its own rotary positions (Decoding.positions), so where its keys lie in the cache changes nothing it
+computes: a request's tokens depend on its prompt, adapter and sampling settings (a seeded sampler of its own), not on
+the rows beside it (those change only the shapes the matmuls run at, hence the last bits of its logits).
 
 The engine runs on a thread of its own (`start`; `submit` from any thread, events back through a callback) or step by
 step without one (`generate`). It knows tokens; the tokenizer only turns them into text (stop strings, text sent
@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from .generate import Decoding, decode_one_token, left_pad, prefill
+from .generate import Decoding, decode_one_token, prefill
 from .model import CalmForCausalLM, KVCache, LayerKV
 from .multi_lora import row_adapters
 
@@ -110,7 +110,8 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     """How many characters at the end of text to hold back: an incomplete character (U+FFFD while its bytes are not
     all there) and the longest end that could begin a stop string."""
     whole = text.rstrip("\ufffd")
-    return len(text) - len(whole) + max((k for s in stops for k in range(1, len(s)) if whole.endswith(s[:k])), default=0)
+    begun = (k for s in stops for k in range(1, len(s)) if whole.endswith(s[:k]))
+    return len(text) - len(whole) + max(begun, default=0)
 
 
 class Engine:
@@ -203,7 +204,7 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Jobs first; then cancelled rows leave, waiting requests join (prefill), and every running row gets a token."""
+        """Jobs first; then cancelled rows leave, waiting requests join (a prefill), every running row gets a token."""
         while self.jobs:
             fn, future = self.jobs.popleft()
             try:
@@ -219,43 +220,34 @@ class Engine:
             self.decode()
 
     def admit(self) -> None:
-        """Free rows take waiting requests, in order of arrival: a prefill of theirs, then their first token."""
-        new = []
-        with self.lock:
-            while self.waiting and len(self.running) + len(new) < self.max_batch:
+        """Free rows take waiting requests, in order of arrival: each a prefill of its own, then its first token."""
+        while self.waiting and len(self.running) < self.max_batch:
+            with self.lock:
                 req = self.waiting.popleft()
-                if req.cancelled:
-                    self.end(req, req.cancelled)
-                else:
-                    new.append(req)
-        for echo in (False, True):   # all of a prompt's logits only where they are asked for
-            group = [req for req in new if req.echo == echo]
-            if group:
-                self.join(group, echo)
+            if req.cancelled:
+                self.end(req, req.cancelled)
+            else:
+                self.join(req)
 
-    def join(self, group: list[Request], echo: bool) -> None:
-        ids, mask = left_pad([req.prompt for req in group], self.tok.pad_token_id, self.device)   # (k, L)
-        L = ids.shape[1]
-        with row_adapters(self.model, torch.tensor([req.adapter for req in group], device=self.device)):
-            logits, state = prefill(self.model, ids, mask, extra=0, every=echo)   # (k, V), or (k, L, V) with echo
+    def join(self, req: Request) -> None:
+        """A request into the next free row: its prompt's prefill (by itself: no padding to compute, and its keys do
+        not depend on what else arrives), copied into the row to end at the slot; then its first token."""
+        n, r = len(req.prompt), len(self.running)
+        with row_adapters(self.model, torch.tensor([req.adapter], device=self.device)):
+            logits, state = prefill(self.model, torch.tensor([req.prompt], device=self.device), extra=0,
+                                    every=req.echo)                                 # (1, V), or (1, n, V) with echo
         if not self.running:
-            self.slot = L
-        elif self.slot < L:   # room on the left for the longest prompt
-            self.move(L - self.slot)
-        done = []
-        for i, req in enumerate(group):
-            r, n = len(self.running), len(req.prompt)
-            self.running.append(req)
-            for mine, theirs in zip(self.cache.layers, state.cache.layers):   # its keys, to end at the slot
-                mine.k[r, :, self.slot - n:self.slot] = theirs.k[i, :, L - n:]
-                mine.v[r, :, self.slot - n:self.slot] = theirs.v[i, :, L - n:]
-            self.cache.key_valid[r] = self.columns >= self.slot - n
-            self.positions[r], self.adapters[r] = n - 1, req.adapter
-            if echo:
-                self.echo(req, logits[i, L - n:])
-            if self.take(r, logits[i, -1] if echo else logits[i]):
-                done.append(r)
-        for r in reversed(done):
+            self.slot = n
+        elif self.slot < n:   # room on the left for the prompt
+            self.move(n - self.slot)
+        self.running.append(req)
+        for mine, theirs in zip(self.cache.layers, state.cache.layers):
+            mine.k[r, :, self.slot - n:self.slot], mine.v[r, :, self.slot - n:self.slot] = theirs.k[0], theirs.v[0]
+        self.cache.key_valid[r] = self.columns >= self.slot - n
+        self.positions[r], self.adapters[r] = n - 1, req.adapter
+        if req.echo:
+            self.echo(req, logits[0])
+        if self.take(r, logits[0, -1] if req.echo else logits[0]):
             self.leave(r)
 
     def decode(self) -> None:
@@ -267,7 +259,8 @@ class Engine:
         with row_adapters(self.model, self.adapters[:n]):
             logits = decode_one_token(self.model, self.last[:n], state)    # (n, V)
         self.positions[:n], self.slot = state.positions, state.slot
-        done = [r for r in range(n) if self.take(r, logits[r])]
+        best = logits.argmax(-1).tolist()   # the greedy rows' tokens, in one transfer
+        done = [r for r in range(n) if self.take(r, logits[r], best[r])]
         for r in reversed(done):
             self.leave(r)
 
@@ -297,10 +290,11 @@ class Engine:
             self.running[r] = self.running[last]
         self.running.pop()
 
-    def take(self, r: int, logits: torch.Tensor) -> bool:
-        """Row r's next token from its logits (V,): recorded, its text sent; whether the request is done."""
+    def take(self, r: int, logits: torch.Tensor, best: int | None = None) -> bool:
+        """Row r's next token from its logits (V,) (`best`: their argmax, if known): recorded, its text sent; whether
+        the request is done."""
         req = self.running[r]
-        token = int(req.pick(logits) if req.pick else logits.argmax())
+        token = int(req.pick(logits)) if req.pick else int(logits.argmax()) if best is None else best
         self.last[r] = token
         req.tokens.append(token)
         lead = token in req.leading_ids

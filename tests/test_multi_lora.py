@@ -89,7 +89,7 @@ def test_a_mixed_batch_decodes_peft_s_greedy_tokens(setup):
 
 
 def test_the_update_is_the_docstring_s_formula_and_one_adapter_is_lora_linear_s(setup):
-    """A row on adapter a gets W x + b + s B A x, exactly what LoRALinear gives with that adapter alone (to rounding)."""
+    """A row on adapter a gets W x + b + s B A x: what LoRALinear gives with that adapter alone (to rounding)."""
     folder, _, dirs = setup
     multi = load_model(folder)
     names = load_adapters(multi, dirs)
@@ -129,7 +129,8 @@ def test_add_adapters_takes_factors_from_memory():
     model = CalmForCausalLM(CalmConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=64)).init_weights(seed=0)
     A, B = torch.randn(2, 32), torch.randn(96, 2)
-    names = add_adapters(model, {"x": (LoraConfig(r=2, alpha=4), {"gpt_neox.layers.0.attention.query_key_value": (A, B)})})
+    factors = {"gpt_neox.layers.0.attention.query_key_value": (A, B)}
+    names = add_adapters(model, {"x": (LoraConfig(r=2, alpha=4), factors)})
     assert names == ["x"]
     layer = model.gpt_neox.layers[0].attention.query_key_value
     h = torch.randn(2, 5, 32)

@@ -94,6 +94,7 @@ def test_models_lists_the_base_and_each_adapter_with_its_parent(api, serving):
     assert list(listed) == [folder, "marc", "marc-rs", "alpaca"]
     assert listed[folder].parent is None and all(listed[n].parent == folder for n in ("marc", "marc-rs", "alpaca"))
     assert listed["alpaca"].task == "alpaca" and listed["marc"].labels == ["positive", "negative"]
+    assert httpx2.get(f"{url}/health").json() == {"status": "ok", "running": 0, "waiting": 0, "key": False}
 
 
 def test_completions_answer_as_each_model_alone_for_every_kind_of_prompt(api, twin):
@@ -126,7 +127,8 @@ def test_a_stream_sends_the_same_text_in_chunks_and_ends_with_done(api, twin):
                                        stream=True, stream_options={"include_usage": True}))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
     assert [t for ch in chunks if ch.choices for t in ch.choices[0].logprobs.tokens] == whole.choices[0].logprobs.tokens
-    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason and chunks[-1].usage.completion_tokens == 20
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == 20
     with httpx2.stream("POST", f"{url}/v1/completions", json={"model": "marc", "prompt": "この", "max_tokens": 3,
                                                                 "temperature": 0, "stream": True}) as r:
         lines = [ln for ln in r.iter_lines() if ln]
@@ -189,9 +191,13 @@ def test_sampling_follows_the_seed_and_stop_strings_cut_the_text(api, twin):
     first, again = (c.completions.create(**ask).choices[0].text for _ in range(2))
     other = c.completions.create(**ask | {"seed": 8, "extra_body": {"top_k": 40}}).choices[0].text
     assert first == again and first != other
+    two = c.completions.create(**ask | {"n": 2}).choices   # n choices: seeds seed, seed + 1
+    eight = c.completions.create(**ask | {"seed": 8}).choices[0].text
+    assert [ch.index for ch in two] == [0, 1] and [ch.text for ch in two] == [first, eight]
     free = c.completions.create(model="alpaca", prompt="この商品は", max_tokens=16, temperature=0).choices[0].text
     stop = free[3:5]
-    cut = c.completions.create(model="alpaca", prompt="この商品は", max_tokens=16, temperature=0, stop=[stop, "zz"])
+    cut = c.completions.create(model="alpaca", prompt="この商品は", max_tokens=16, temperature=0,
+                               stop=[stop, "zz"])
     assert cut.choices[0].text == free[:free.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
@@ -284,7 +290,8 @@ def test_each_fault_gets_its_4xx_and_the_next_request_is_served(api):
     assert missing["message"].endswith("marc, marc-rs, alpaca") and missing["type"] == "not_found_error"
     for raw, status, says in ((b'{"model": "marc", "prompt": ', 400, "the body is not JSON"),
                               (b"[1, 2]", 400, "the body must be a JSON object"),
-                              (b'{"model": "marc", "prompt": "' + b"a" * (20 * 2**20) + b'"}', 413, "exceed the limit")):
+                              (b'{"model": "marc", "prompt": "' + b"a" * (20 * 2**20) + b'"}', 413,   # 20 MB
+                               "exceed the limit")):
         r = httpx2.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"}, timeout=60)
         assert r.status_code == status and says in r.json()["error"]["message"]
         assert c.completions.create(**ok).choices[0].finish_reason == "length"
@@ -314,6 +321,25 @@ def test_a_client_gone_mid_stream_frees_its_row_at_once(api):
     assert client(url).completions.create(model="marc", prompt="この", max_tokens=2).choices[0].text is not None
 
 
+def test_a_client_gone_before_its_answer_is_cancelled(api):
+    """Without streaming too: a request whose client closes the connection ends ("cancelled") without running."""
+    url, server = api
+    gate = threading.Event()
+    server.engine.call(gate.wait)   # the engine's thread waits: the request stays queued while its client leaves
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        body = json.dumps({"model": "marc", "prompt": "この", "max_tokens": 50, "temperature": 0})
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                  f"{len(body)}\r\n\r\n{body}".encode())
+        deadline = time.time() + 5
+        while not server.engine.waiting and time.time() < deadline:
+            time.sleep(0.01)
+        req = server.engine.waiting[0]
+    while not req.cancelled and time.time() < deadline:   # the server saw the client go
+        time.sleep(0.01)
+    gate.set()
+    assert req.result(timeout=10).finish_reason == "cancelled" and req.tokens == []
+
+
 def test_a_full_queue_is_503_with_retry_after_and_a_key_guards_the_api(serving, monkeypatch):
     monkeypatch.setenv("MINICALM_API_KEY", "sesame")
     with running(config(serving, max_batch=1, max_queue=1)) as (url, server):
@@ -335,7 +361,8 @@ def test_a_full_queue_is_503_with_retry_after_and_a_key_guards_the_api(serving, 
             time.sleep(0.01)
         full = httpx2.post(f"{url}/v1/completions", **ask)
         assert full.status_code == 503 and full.headers["retry-after"] == "1"
-        assert full.json()["error"]["message"] == "the server is busy (1 requests are waiting already); retry in a moment"
+        assert full.json()["error"]["message"] == ("the server is busy (1 requests are waiting already); retry in a "
+                                                   "moment")
         gate.set()
         second.join(timeout=60)
         done = httpx2.post(f"{url}/v1/completions", json={"model": "marc", "prompt": "x", "max_tokens": 2},
@@ -351,7 +378,8 @@ def serve_cli(*args, env=None, **kw) -> subprocess.Popen:
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}, **kw)
 
 
-def test_sigterm_ends_the_streams_in_flight_cleanly_and_exits_0(serving):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_ends_the_streams_in_flight_cleanly_and_exits_0(serving, sig):
     folder, _, dirs = serving
     proc = serve_cli("--model", str(folder), "--adapter", f"alpaca={dirs['alpaca']}", "--port", "0")
     line = proc.stdout.readline()
@@ -362,11 +390,11 @@ def test_sigterm_ends_the_streams_in_flight_cleanly_and_exits_0(serving):
                                                                 "temperature": 0, "stream": True}, timeout=60) as r:
         for ln in r.iter_lines():
             if ln and not chunks:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
                 t0 = time.time()
             chunks += [ln] if ln else []
     assert proc.wait(timeout=20) == 0
-    print(f"exit 0 {time.time() - t0:.1f} s after SIGTERM")
+    print(f"exit 0 {time.time() - t0:.1f} s after {sig.name}")
     assert time.time() - t0 < SHUTDOWN_GRACE + 5
     assert chunks[-1] == "data: [DONE]" and json.loads(chunks[-2][6:])["choices"][0]["finish_reason"] in (
         "length", "stop", "abort")

@@ -557,8 +557,9 @@ def serve(cfg: ServeConfig) -> None:
 
     app = make_app(server)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(SHUTDOWN_GRACE) + 5)
-    print(f"minicalm serve: {cfg.model} and {len(server.models) - 1} adapter(s) ({', '.join(list(server.models)[1:]) or 'none'}) "
-          f"on http://{host}:{port} (the page at /, the API at /v1)", flush=True)
+    adapters = ", ".join(list(server.models)[1:]) or "none"
+    print(f"minicalm serve: {cfg.model} and {len(server.models) - 1} adapter(s) ({adapters}) on http://{host}:{port} "
+          f"(the page at /, the API at /v1)", flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):   # uvicorn raises the signal again once it has stopped: exit 0 then
         signal.signal(sig, signal.SIG_IGN)
     Graceful(config).run(sockets=[sock])
