@@ -16,8 +16,9 @@ every adapter's A and B side by side and let each row gather its own pair. Here,
 
 So one forward runs a batch whose rows use different adapters, of different ranks, scales and targets (a layer an
 adapter does not adapt holds zeros in its slot). peft's mixed batches (`adapter_names=[...]`) compute the same update
-by looping over the adapters present; the gather costs a copy of the rows' (r, in) and (out, r) per layer, which is
-small beside W's (out, in). Inference only (no dropout, no gradients); DoRA is refused, as peft's mixed batch refuses
+by looping over the adapters present. The gather copies r x (in + out) numbers per row and layer (for 8 rows at r 16,
+a fifth of W's in x out); a batch over four adapters runs within 7% of the same batch on one LoRALinear
+(bench/bench.py --part serve). Inference only (no dropout, no gradients); DoRA is refused, as peft's mixed batch refuses
 it: its per-row rescaling by m / ||W + s B A|| would need each adapter's norm per row. An adapter trained on PiSSA's or
 OLoRA's residual base is refused too (it changes the base, which every row shares); minicalm saves those as plain LoRA.
 """

@@ -144,6 +144,13 @@ def test_the_queue_has_a_bound_and_a_closed_engine_takes_nothing(served):
         engine.submit(Request([5], 3))
     engine.run()   # closed: runs what it holds to the end, then returns
     assert not engine.waiting and not engine.running
+    stopping = Engine(model, tok, max_batch=1)   # a shutdown's grace over: what runs and waits ends, "abort"
+    running, waiting = Request([5, 6], 100), Request([7], 3)
+    stopping.submit(running, waiting)
+    stopping.step(), stopping.step()
+    stopping.close(abort=True)
+    stopping.run()
+    assert (running.finish_reason, waiting.finish_reason) == ("abort", "abort") and len(running.tokens) == 3
 
 
 def test_the_engine_thread_serves_threads_that_submit_at_once(served):

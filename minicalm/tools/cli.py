@@ -2,11 +2,12 @@
 
 A field of the dataclass is a flag (`micro_batch_size` -> `--micro-batch-size`): its comment in the class is the
 help, its default the default, its type the parsing (a Literal gives the choices; a bool a switch, `--no-x` when it
-is on by default; a tuple comma-separated values; a list the flag given once per value). A field without a default is
-a positional argument (a list: any number of them). A nested config adds its own fields, prefixed by the field's name
-(`lora.r` -> `--lora-r`), except switches named `use_*`, which read as they are (`--use-dora`). `--config FILE` takes the settings from a JSON file (a
+is on by default; a tuple comma-separated values). A field without a default is a positional argument (a list: any
+number of them). A nested config adds its own fields, prefixed by the field's name (`lora.r` -> `--lora-r`), except
+switches named `use_*`, which read as they are (`--use-dora`). `--config FILE` takes the settings from a JSON file (a
 run's train_config.json); flags given with it override. A bad setting or input ends the command with one line that
-names the flag or the file, and exit status 1 (argparse's own usage errors: 2).
+names the flag or the file, and exit status 1 (argparse's own usage errors: 2). A list with a default is a flag given
+once per value (`--adapter a=x --adapter b=y`).
 """
 from __future__ import annotations
 

@@ -56,11 +56,11 @@ SHUTDOWN_GRACE = 5.0   # seconds running requests get to finish after SIGTERM / 
 @dataclass
 class ServeConfig:
     model: str = POST_MODEL                  # the base: hub id or folder; its model id in the API, as given
-    adapter: list[str] = field(default_factory=list)   # NAME=DIR: the adapter folder DIR served as model NAME; repeat
-                                             # the flag for more (all on --model, each request's rows on its own)
+    adapter: list[str] = field(default_factory=list)   # NAME=DIR: the adapter folder DIR served as model NAME (all
+                                             # on --model, in one batch)
     revision: str | None = None              # the base's hub revision
     host: str = "127.0.0.1"                  # where to listen (0.0.0.0: every interface; give --api-key then)
-    port: int = 8000                         # 0: any free port (the one taken is printed)
+    port: int = 8000                         # the port to listen on (0: any free one, printed at start)
     api_key: str | None = None               # clients send "Authorization: Bearer KEY"; default: $MINICALM_API_KEY,
                                              # else no key
     max_batch: int = 8                       # requests decoded together at most (rows of the preallocated cache)
