@@ -408,7 +408,7 @@ def test_a_stop_signal_ends_the_streams_in_flight_cleanly_and_exits_0(serving, s
     (["--adapter", "m={marc}", "--adapter", "m={alpaca}"], "--adapter: the model id 'm' is given twice"),
     (["--adapter", "m={dora}"], "a DoRA adapter cannot share a batch with other adapters"),
     (["--adapter", "m={other}"], "was trained on"),
-    (["--adapter", "m=/no/such"], "/no/such/adapter_config.json"),
+    (["--adapter", "m=/no/such"], "/no/such: no adapter here"),
     (["--port", "{busy}"], "--port: cannot listen on 127.0.0.1:"),
     (["--max-batch", "0"], "--max-batch: must be at least 1, got 0"),
 ], ids=["no-dir", "bad-name", "twice", "dora", "other-base", "missing", "port-in-use", "max-batch"])

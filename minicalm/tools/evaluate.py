@@ -19,10 +19,10 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from ..config import DEVICE, SettingError, check
+from ..config import DEVICE, SettingError, check, check_positions
 from ..generate import decode_n_tokens, left_pad, prefill, score_continuations
 from ..io.adapter import base_for, load_adapter
-from ..io.files import write_json, write_text
+from ..io.files import check_writable, write_json, write_text
 from ..io.tokenizer import Tokenizer, load_tokenizer
 from ..io.weights import load_model
 from ..lora import lora_disabled
@@ -58,11 +58,8 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
         encoded = [ids for ids, _ in enc.encode_prompts(rows)]
         # a free-form answer takes its whole budget; a label word and EOS the room max_len leaves after the prompt
         need = max(map(len, encoded)) + (budget if task.free_form else enc.reserve)
-        positions = model.config.max_position_embeddings
-        if need > positions:   # past them the model would go on writing garbage without a word
-            raise SettingError("EvalConfig", "max_len", f"the longest prompt plus the answer take {need} tokens, past "
-                                                        f"the model's {positions} positions: lower it (or "
-                                                        f"--max-new-tokens)")
+        check_positions(model.config, need, ("EvalConfig", "max_len"), "the longest prompt plus the answer",
+                        "lower it (or --max-new-tokens)")
         P = answers.share_prefix(shared_prompt_prefix(encoded)) if cfg.share_prefix else 0
         prompts = [ids[P:] for ids in encoded]
         order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
@@ -209,6 +206,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         task = task.with_shots(draw_shots(cfg, task, rows))
     tok = load_tokenizer(model_id, revision=revision)
     data.PromptEncoder(tok, cfg.max_len, task)   # an ambiguous task or a too short --max-len fails before loading
+    out = check_writable(cfg.out, "--out")   # before the work: results that cannot be written are lost
     model = load_model(model_id, dtype=cfg.dtype, device=cfg.device, revision=revision, quantize=cfg.quantize)
     if cfg.adapter:
         load_adapter(model, cfg.adapter, base=model_id)
@@ -219,13 +217,12 @@ def run_eval(cfg: EvalConfig) -> dict:
             runs["base"] = evaluate_rows(model, tok, rows, task, cfg)
     runs["adapter" if cfg.adapter else "base"] = evaluate_rows(model, tok, rows, task, cfg)
     seconds = time.time() - t0
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"config": asdict(cfg), "model": model_id, "revision": revision, "task": task.to_dict(),
                "n_rows": len(rows), "shots": cfg.shots, "seconds": round(seconds, 2),
                "rows_per_s": round(len(rows) * len(runs) / seconds, 2),
                **{name: r["metrics"] for name, r in runs.items()}}
-    write_json(out / "metrics.json", metrics)
+    (out / "metrics.json").unlink(missing_ok=True)   # an earlier evaluation's, which the files below replace
     write_text(out / "predictions.jsonl", "".join(json.dumps({"model": name, **p}, ensure_ascii=False) + "\n"
                                                   for name, r in runs.items() for p in r["predictions"]))
     pictures = {}   # each run's confusion matrix, of its greedy answers when there are any
@@ -237,6 +234,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     report = format_report(cfg, model_id, task, metrics, runs) + "".join(f"![{title}]({path.name})\n\n"
                                                                          for title, path in pictures.items())
     write_text(out / "report.md", report)
+    write_json(out / "metrics.json", metrics)   # last: a folder with metrics.json holds a whole evaluation
     if cfg.log:
         print(report)
     return {"metrics": metrics, "runs": runs, "report": report}
