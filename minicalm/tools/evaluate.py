@@ -339,10 +339,10 @@ def prepare(cfg: EvalConfig, task: Task, tok: Tokenizer, positions: int) -> tupl
 
 
 def evaluate_task(model, tok: Tokenizer, cfg: EvalConfig, base: tuple[str, str | None], task: Task,
-                  rows: list[data.Row]) -> dict:
+                  rows: list[data.Row], show: bool = True) -> dict:
     """Evaluate the loaded model (and the base without its adapter, with compare_base) on the rows, and write
     predictions.jsonl, the pictures, report.md and, last, metrics.json under cfg.out, each atomically: a folder
-    with metrics.json holds a finished evaluation. Returns the results."""
+    with metrics.json holds a finished evaluation. Prints the report with cfg.log and show. Returns the results."""
     model_id, revision = base
     runs: dict[str, dict] = {}
     t0 = time.time()
@@ -369,7 +369,7 @@ def evaluate_task(model, tok: Tokenizer, cfg: EvalConfig, base: tuple[str, str |
                                                                          for title, path in pictures.items())
     write_text(out / "report.md", report)
     write_json(out / "metrics.json", metrics)
-    if cfg.log:
+    if cfg.log and show:
         print(report)
     return {"metrics": metrics, "runs": runs, "report": report}
 
