@@ -353,3 +353,29 @@ def test_suite_loads_the_model_once(monkeypatch, standin_hub, hub_env, tmp_path)
                               device="cpu", log=False))
     assert len(loads) == 1 and list(res["suite"]["tasks"]) == list(suite.SUITES["jglue"])
     assert evaluate.settled(EvalConfig(), JSTS, 512).max_len == 512 - 8 == 504   # each task's own fit
+
+
+def test_generate_answers_a_question_with_each_choice_s_probability(base, hf):
+    """`python -m minicalm generate --task jcommonsenseqa` takes the question and its five choices tab-separated: the
+    greedy answer's choice (or invalid), what it wrote, each choice's probability (evaluation's numbers), the text."""
+    from minicalm.tools.commands import answer_texts
+
+    _, tok = base
+    q = question_rows(1)[0]
+    text = "\t".join([q["question"], *(q[f"choice{k}"] for k in range(5))])
+    (line,) = list(answer_texts(hf[2], tok, JCOMMONSENSEQA, [text], 400, 8))
+    answer, written, probs, echoed = line.split("\t", 3)
+    want = evaluate_rows(hf[2], tok, [data.parse_row(q, JCOMMONSENSEQA, 0)], JCOMMONSENSEQA, max_len=400, mode="both",
+                         log=False)["predictions"][0]
+    assert echoed == text and written == repr(want["continuation"])
+    assert answer == ("invalid" if want["generated_answer"] is None else str(want["generated_answer"]))
+    assert probs == " ".join(f"p({k})={math.exp(x):.3f}" for k, x in enumerate(want["logprobs"]))
+    hidden = write_task({"name": "list", "prompt": "Q: {question}\n", "choices_field": "o"})
+    with pytest.raises(ValueError, match=r"^task list's choices are not all in its prompt: generate takes the "
+                                         r"prompt's fields \(question\)$"):
+        list(answer_texts(hf[2], tok, hidden, ["x"], 400, 8))
+
+
+def write_task(d: dict):
+    from minicalm.tasks.task import task_from_dict
+    return task_from_dict(d, "t.json")

@@ -157,11 +157,15 @@ def score_choices(model, logits: torch.Tensor, state: Decoding, choices: list[li
         feed = torch.tensor([pad(c)[:-1] for c in flat], device=device)                       # (M, K)
         target = torch.tensor([pad(c)[1:] for c in flat], device=device)                      # (M, K)
         real = torch.arange(K, device=device)[None] < torch.tensor([len(c) - 1 for c in flat], device=device)[:, None]
-        valid = state.cache.key_valid
-        cache = model.new_cache(M, state.slot + K, None if valid is None else torch.cat(
-            (valid[rows, :state.slot], torch.ones(M, K, dtype=torch.bool, device=device)), dim=1))
-        for mine, theirs in zip(cache.layers, state.cache.layers):                            # (M, nh, slot, hs)
-            mine.update(0, theirs.k[rows, :, :state.slot], theirs.v[rows, :, :state.slot])
+        valid, slot, n = state.cache.key_valid, state.slot, {len(cs) for cs in choices}
+        cache = model.new_cache(M, slot + K, None if valid is None else torch.cat(
+            (valid[rows, :slot], torch.ones(M, K, dtype=torch.bool, device=device)), dim=1))
+        for mine, theirs in zip(cache.layers, state.cache.layers):
+            for new, old in ((mine.k, theirs.k), (mine.v, theirs.v)):                           # (M, nh, S, hs)
+                if len(n) == 1:   # N choices per row: one broadcast copy of the row's slots, no gathered temporary
+                    new.view(len(choices), *n, *new.shape[1:])[:, :, :, :slot] = old[:, None, :, :slot]
+                else:
+                    new[:, :, :slot] = old[rows, :, :slot]
         pos = state.positions[rows][:, None] + 1 + torch.arange(K, device=device)             # (M, K)
         lg = model(feed, pos, start=state.slot, cache=cache, logits_at=real)                  # (N, V) real tokens
         picked = lg.float().log_softmax(-1).gather(1, target[real][:, None])[:, 0]            # (N,)

@@ -174,19 +174,19 @@ def format_suite(suite: dict, runs: list[str]) -> str:
     lines = [f"# {suite['suite'].upper()} suite: {suite['model']}" + (f" + {suite['adapter']}" if suite["adapter"]
                                                                       else "") +
              f" ({suite['shots']}-shot, validation splits{limit})", "",
-             "| task | metric | " + " | ".join(names[r] for r in runs) +
-             " | JGLUE baselines (dev; fine-tuned) | JP harness, open-calm (prompt 0.2) |",
-             "|---|---|" + "---|" * len(runs) + "---|---|"]
+             "| task | rows | metric | " + " | ".join(names[r] for r in runs) +
+             " | JGLUE's baselines (dev) | JP harness, open-calm (prompt 0.2) |",
+             "|---|---|---|" + "---|" * len(runs) + "---|---|"]
     for name, h in suite["tasks"].items():
         ours = [numbers(name, (suite["base"] if r == "base" and len(runs) > 1 else suite["tasks"])[name])
                 for r in runs]
         base = "; ".join(f"{who} {numbers(name, v)}" for who, v in suite["baselines"][name].items()) or "-"
         harness = "; ".join(f"{x['model']} {x['shots']}-shot {numbers(name, x)}" for x in suite["harness"][name]) or \
             "- (no JSTS there)"
-        lines.append(f"| {TITLES.get(name, name)} | {METRIC.get(name, '')} | " + " | ".join(ours) +
+        lines.append(f"| {TITLES.get(name, name)} | {h['n']:,} | {METRIC.get(name, '')} | " + " | ".join(ours) +
                      f" | {base} | {harness} |")
     return "\n".join(lines + [
         "", "Our prompts are the post's Alpaca template for every task (minicalm/tasks/task.py); the harness's rows use "
         "its own prompts (0.2) and score label words by their likelihood (beside our second number for MARC-ja and "
-        "JNLI). JSTS answers are read as numbers by llm-jp-eval's rule; one that reads as none counts as -2.0. Each "
-        "task's report is in its folder.", ""])
+        "JNLI). JGLUE's baselines are fine-tuned encoders (and people). JSTS answers are read as numbers by "
+        "llm-jp-eval's rule; one that reads as none counts as -2.0. Each task's report is in its folder.", ""])
