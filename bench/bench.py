@@ -748,9 +748,10 @@ def main():
         kept = json.loads(out.read_text(encoding="utf-8"))
         mine = {r["work"] for r in results}
         results = [r for r in kept.get("results", []) if r["work"] not in mine] + results
-        run = {"args": info.pop("args"), "machine": info.pop("machine")}   # where the top-level ones came from
-        info = {k: v for k, v in kept.items() if k not in ("results", "table")} | info | {f"{args.part}_run": run}
         table = format_table(b, results)
+        run = {k: info[k] for k in ("args", "machine")}   # the top-level ones stay those of the run they came from
+        info = ({k: v for k, v in kept.items() if k not in ("results", "table")} |
+                {k: v for k, v in info.items() if k not in run} | {f"{args.part}_run": run})
     write_json(out, {**info, "results": results, "table": table})
     print(f"\nwrote {out}", file=sys.stderr)
 

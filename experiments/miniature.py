@@ -404,15 +404,18 @@ def format_free_form(res: dict) -> str:
 
 # ----------------------------------------------------------------------------- JGLUE's other kinds, in miniature
 
-# Multiple choice (JCommonsenseQA's kind): which of five words says how this reviewer felt? One word of praise and
-# four of complaint for a positive review, the other way round for a negative one, drawn from two lists of words
-# reviews use, so the choices differ in every row and in length (1 to 7 characters: accuracy_norm differs from
-# accuracy). Learnable from what the base's pretraining text holds: how praise and complaint read, and which words go
-# with which. Chance: 20%. (Opening sentences of other reviews as the choices were tried first: LoRA on the right
-# sentence's text learned the sentences, not the choice, 25.4% before and after.)
+# Multiple choice (JCommonsenseQA's kind): which of five words says how this reviewer felt? Every row offers one word
+# of praise, one of complaint and three of what reviews talk about, drawn from three lists, so the choices differ in
+# every row and in length (1 to 7 characters); the choices alone say only that it is one of two, the review which.
+# Learnable from what the base's pretraining text holds: how praise and complaint read. Chance: 20% (50% for a model
+# that knows the two kinds of word but not the review). Tried first and dropped: one word of the review's kind among
+# four of the other (the odd one out answers it without the review: 99.8% after LoRA), and other reviews' opening
+# sentences as the choices (LoRA on the right one's text learned the sentences, not the choice: 25.4% both before and
+# after).
 PRAISE = ("満足", "最高", "おすすめ", "便利", "気に入った", "快適", "丈夫", "綺麗", "安心", "買ってよかった", "使いやすい", "良い")
 COMPLAINT = ("残念", "最悪", "不良品", "壊れた", "返品", "がっかり", "使えない", "期待外れ", "不満", "二度と買わない", "届かない",
              "高い")
+TOPICS = ("配送", "説明書", "色", "サイズ", "箱", "電池", "ケース", "画面", "重さ", "音", "値段", "デザイン")
 FEELING_WORD = {
     "name": "feeling-word",
     "prompt": POST_HEADER + "このレビューを書いた人の気持ちに合う言葉を選択肢から選んで、その言葉を書いて。\n\n### Input:\n"
@@ -441,13 +444,14 @@ def openings(rows: list[data.Row], chars: int = 40) -> dict[str, list[str]]:
 
 
 def feeling_word_rows(rows: list[data.Row], n: int, seed: int) -> list[dict]:
-    """n questions: a review, one word of its sentiment's list and four of the other's, in a random order."""
+    """n questions: a review and, in a random order, a word of praise, one of complaint and three topics; the answer
+    is the word of the review's sentiment."""
     rng, out = random.Random(seed), []
     for r in rng.sample(rows, min(n, len(rows))):
-        same, other = (PRAISE, COMPLAINT) if r.label == "positive" else (COMPLAINT, PRAISE)
-        choices, gold = rng.sample(other, 4), rng.randrange(5)
-        choices.insert(gold, rng.choice(same))
-        out.append({"review": r.text, **{f"choice{k}": c for k, c in enumerate(choices)}, "label": gold})
+        right = rng.choice(PRAISE if r.label == "positive" else COMPLAINT)
+        choices = [right, rng.choice(COMPLAINT if r.label == "positive" else PRAISE), *rng.sample(TOPICS, 3)]
+        rng.shuffle(choices)
+        out.append({"review": r.text, **{f"choice{k}": c for k, c in enumerate(choices)}, "label": choices.index(right)})
     return out
 
 
