@@ -96,6 +96,15 @@ class CalmConfig:
         return d
 
 
+def check_positions(config: CalmConfig, tokens: int, setting: tuple[str, str], what: str, fix: str) -> None:
+    """The one check that a sequence fits the model's positions (setting: the (settings class, field) to name). Past
+    max_position_embeddings the model runs at positions it never saw in training and writes garbage without a word."""
+    positions = config.max_position_embeddings
+    if tokens > positions:
+        raise SettingError(*setting, f"{what + ': ' if what else ''}{tokens} tokens, past the model's {positions} "
+                                     f"positions (max_position_embeddings); {fix}")
+
+
 def _calm(hidden: int, layers: int, heads: int, vocab: int) -> CalmConfig:
     return CalmConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       intermediate_size=4 * hidden)

@@ -17,6 +17,7 @@ evaluation, the plan, the run's bookkeeping) is imported in one block, below the
 """
 from __future__ import annotations
 
+import errno
 import math
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .config import DEVICE, POST_MODEL, CalmConfig, LoraConfig, SettingError, check, resolve_dtype
+from .config import DEVICE, POST_MODEL, CalmConfig, LoraConfig, SettingError, check, check_positions, resolve_dtype
 from .lora import apply_lora, trainable_parameters
 from .loss import answer_loss, shared_prefix_len
 from .model import eval_mode
@@ -34,7 +35,7 @@ from .variants import loraplus_groups
 from .io.adapter import save_adapter
 from .io.files import write_json
 from .io.tokenizer import load_tokenizer
-from .io.weights import load_model, resolve, save_checkpoint
+from .io.weights import fingerprint, load_model, resolve, save_checkpoint
 from .tasks.data import Example, collate, length_batches, run_data, shared_prefix_tokens
 from .tasks.task import load_task
 from .tools.evaluate import evaluate_rows
@@ -129,6 +130,7 @@ class Run:
     step: int = 0
     order: dict = field(default_factory=dict)   # {epoch: its global batches}, drawn once an epoch
     digest: str = ""                        # the training examples' fingerprint, saved in state.pt
+    base: str = ""                          # the base checkpoint's (io.weights.fingerprint): a moved base resumes
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -147,6 +149,9 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     folder.check(cfg.resume)
     state = folder.load_state(cfg) if cfg.resume else None
     task, tok = load_task(cfg.task), load_tokenizer(cfg.model, revision=cfg.revision)
+    model_config = CalmConfig.from_json(resolve(cfg.model, cfg.revision, weights=False) / "config.json")
+    check_positions(model_config, cfg.max_len, ("TrainConfig", "max_len"), "", f"an example must fit the model "
+                    f"{cfg.model}: lower it to {model_config.max_position_embeddings} or less")
     train_set, valid_set, accuracy_rows = run_data(cfg, task, tok)
     digest = data_digest(train_set)   # once: saved with every checkpoint, and a resume must match it
     if state is not None:
@@ -158,7 +163,7 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     checkpoint = resolve(cfg.model, cfg.revision)   # the plan and the load share one download
     if proc.rank == 0:   # memory and time from the real step on fake tensors; refuses what will not fit
         lengths = [len(e.input_ids) for e in train_set]
-        preflight(cfg, CalmConfig.from_json(checkpoint / "config.json"), lengths, device, dtype,
+        preflight(cfg, model_config, lengths, device, dtype,
                   shared=shared_prefix_tokens(train_set) if cfg.share_prefix else 0)
     model = trainable_model(cfg, checkpoint, dtype, device)
     groups = ([p for p in model.parameters() if p.requires_grad] if cfg.loraplus_lr_ratio is None else
@@ -178,7 +183,7 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     if proc.rank == 0:
         folder.start(cfg, task, step)
     return Run(cfg, proc, folder, tok, task, train_set, valid_set, accuracy_rows, steps_per_epoch, total_steps, model,
-               opt, schedule, scaler, step, digest=digest)
+               opt, schedule, scaler, step, digest=digest, base=fingerprint(checkpoint))
 
 
 def trainable_model(cfg: TrainConfig, checkpoint, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -306,34 +311,43 @@ def train(cfg: TrainConfig, on_step: Callable[[Run, dict], None] | None = None) 
     """Fine-tune (LoRA, or every parameter with cfg.full) and write everything under cfg.out. Returns a summary.
     on_step(run, record), if given, sees the model after every optimizer step (experiments record what moved)."""
     with processes(cfg.device) as proc, RunFolder(cfg.out).locked(proc.rank == 0), StopSignals() as stop:
-        run, t0, rec, val = setup(cfg, proc), time.time(), {"loss": math.nan}, None
+        run, t0, rec, val = setup(cfg, proc), time.time(), None, None
         loud = cfg.log and proc.rank == 0
-        bar = tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not loud)
-        while run.step < run.total_steps:
-            rec = train_step(run, global_batch(run, run.step)) | {"elapsed_s": round(time.time() - t0, 2)}
-            if on_step is not None:
-                on_step(run, rec)
-            if run.valid_set and (run.step == run.total_steps or cfg.eval_every and run.step % cfg.eval_every == 0):
-                rec |= validate(run)
-                val = rec["val_loss"]
-            if proc.rank == 0:
-                run.folder.log(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            bar.update()
-            stopping = stop.agreed(proc, bool(cfg.max_time) and time.time() - t0 > cfg.max_time)
-            if cfg.save_every and run.step % cfg.save_every == 0 or run.step == run.total_steps or stopping:
-                save(run)
-            if stopping:
-                break
-        bar.close()
-    if stop.reason and run.step < run.total_steps:
+        with tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not loud) as bar:
+            try:
+                while run.step < run.total_steps:
+                    rec = train_step(run, global_batch(run, run.step)) | {"elapsed_s": round(time.time() - t0, 2)}
+                    if on_step is not None:
+                        on_step(run, rec)
+                    if run.valid_set and (run.step == run.total_steps or
+                                          cfg.eval_every and run.step % cfg.eval_every == 0):
+                        rec |= validate(run)
+                        val = rec["val_loss"]
+                    if proc.rank == 0:
+                        run.folder.log(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    bar.update()
+                    stopping = stop.agreed(proc, bool(cfg.max_time) and time.time() - t0 > cfg.max_time)
+                    if cfg.save_every and run.step % cfg.save_every == 0 or run.step == run.total_steps or stopping:
+                        save(run)
+                    if stopping:
+                        break
+            except OSError as e:   # a full disk while saving or logging: say what is kept and how to go on
+                if e.errno != errno.ENOSPC:
+                    raise
+                resume = "; once there is room, --resume continues from it" if run.folder.state_file.exists() else ""
+                raise OSError(e.errno, f"{e.strerror}{kept(run)}{resume}") from None
+    if rec is None:
+        say(loud, f"nothing to train: {cfg.out} is at step {run.step} of {run.total_steps} already (raise --epochs or "
+                  f"--max-steps to train on)")
+    elif stop.reason and run.step < run.total_steps:
         say(loud, f"stopped ({stop.reason}): checkpoint at step {run.step} in {cfg.out}; continue with --resume")
     else:
         say(loud, f"done: {run.step} steps in {fmt_time(time.time() - t0)}, last loss "
             f"{rec['loss']:.4f}" + (f", validation loss {val:.4f}" if val is not None else "") +
             f"; checkpoint in {cfg.out}")
-    return {"step": run.step, "total_steps": run.total_steps, "loss": rec["loss"], "val_loss": val, "out": cfg.out,
-            "model": run.model, "seconds": time.time() - t0, "stopped": stop.reason}
+    return {"step": run.step, "total_steps": run.total_steps, "loss": None if rec is None else rec["loss"], "val_loss": val,
+            "out": cfg.out, "model": run.model, "seconds": time.time() - t0, "stopped": stop.reason}
 
 
 def save(run: Run) -> None:
@@ -344,7 +358,7 @@ def save(run: Run) -> None:
     cfg, model = run.cfg, run.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     run.folder.save_state({"step": run.step, "config": asdict(cfg), "optimizer": run.opt.state_dict(),
-                           "data": run.digest,
+                           "data": run.digest, "base": run.base,
                            "scaler": run.scaler.state_dict(),
                            "trainable": {k: v for k, v in model.state_dict().items() if k in trainable}})
     out = (save_checkpoint(model, run.folder.path / "model", tokenizer_dir=run.tok.path.parent) if cfg.full

@@ -8,9 +8,14 @@ the prompts around 300 tokens, so every test runs in seconds on a CPU."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -414,3 +419,66 @@ def test_bad_flags(tiny, tmp_path, change, message):
         run_eval(EvalConfig(model=str(tiny[0]), data=str(need(REVIEWS / "valid.jsonl")), out=str(tmp_path / "out"),
                             device="cpu", log=False, **change))
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- nothing lost
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tiny, tmp_path, monkeypatch):
+    """After an hour of evaluation the results would be lost: --out is checked first (a file there; a place no one
+    may write: a read-only folder, or /sys as root), one line naming it, nothing left behind."""
+    file = tmp_path / "file"
+    file.write_text("x")
+    done = run_script("--model", tiny[0], "--data", need(REVIEWS / "valid.jsonl"), "--limit", 2, "--out", file,
+                      "--max-len", MAX_LEN, "--device", "cpu")
+    assert done.returncode == 1 and done.stderr == (f"eval.py: error: --out {file}: a file is there, not a folder; "
+                                                    f"choose another --out\n")
+    readonly = Path("/sys/minicalm-test") if os.geteuid() == 0 else tmp_path / "ro" / "out"
+    if readonly.parent != Path("/sys"):
+        readonly.parent.mkdir()
+        readonly.parent.chmod(0o555)
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded: too late"))
+    with pytest.raises(OSError, match=re.escape(f"--out {readonly}: cannot write there (")):
+        run_eval(EvalConfig(model=str(tiny[0]), data=str(REVIEWS / "valid.jsonl"), limit=2, max_len=MAX_LEN,
+                            out=str(readonly), device="cpu", log=False))
+    assert file.read_text() == "x" and not readonly.exists()
+
+
+def test_ctrl_c_during_evaluation_exits_130_and_leaves_no_results(tiny, tmp_path):
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(err, "w") as ef:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), "--model", str(tiny[0]), "--data",
+                                 str(need(REVIEWS / "valid.jsonl")), "--batch-size", "1", "--max-len", str(MAX_LEN),
+                                 "--out", str(out), "--device", "cpu"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=ef,
+                                env=os.environ | {"OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.time() + 120
+            while "eval:" not in err.read_text() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            time.sleep(0.3)   # answering rows
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log = err.read_text()
+    assert rc == 130, log[-2000:]
+    assert log.rstrip().endswith("eval.py: stopped (Ctrl-C) before it was done; no file was left half-written")
+    assert "Traceback" not in log and not out.exists()
+
+
+def test_eval_takes_the_model_and_the_task_from_a_run_s_train_config(tiny, tmp_path):
+    """--config RUN/train_config.json: the run's base and question (model, revision, task, dtype, quantize, device);
+    not where the run wrote, nor its training settings."""
+    from dataclasses import asdict
+    from minicalm.train import TrainConfig
+    run = asdict(TrainConfig(model=str(tiny[0]), task="marc-ja", out=str(tmp_path / "run"), device="cpu"))
+    (tmp_path / "train_config.json").write_text(json.dumps({k: v for k, v in run.items() if k != "resume"}))
+    out = tmp_path / "eval"
+    done = run_script("--config", tmp_path / "train_config.json", "--data", need(REVIEWS / "valid.jsonl"), "--limit",
+                      2, "--out", out, "--max-len", MAX_LEN)
+    assert done.returncode == 0, done.stderr
+    metrics = read_outputs(out)[0]
+    assert metrics["model"] == str(tiny[0]) and metrics["config"]["device"] == "cpu" and not (tmp_path / "run").exists()
+    (tmp_path / "other.json").write_text(json.dumps({"model": str(tiny[0]), "epochs": 3}))
+    bad = run_script("--config", tmp_path / "other.json", "--out", out)
+    assert bad.returncode == 1 and "epochs not among EvalConfig's settings" in bad.stderr

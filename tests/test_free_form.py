@@ -269,10 +269,25 @@ def test_an_llm_jp_eval_file_is_evaluated_as_given_and_trained_on(base, tmp_path
     assert res["step"] == 2 and res["val_loss"] is not None   # trained and validated on its samples
 
 
-def test_an_llm_jp_eval_file_without_samples_is_one_line(tmp_path):
-    path = llm_jp_file(tmp_path / "x.json", samples=None)
-    with pytest.raises(ValueError, match=re.escape(f"{path}: an llm-jp-eval file without samples")):
+@pytest.mark.parametrize("changes, message", [
+    (dict(samples=None), "an llm-jp-eval file without samples (it holds instruction, output_length, metrics, "
+                         "few_shots and samples)"),
+    (dict(samples=[]), "an llm-jp-eval file without samples (a list of"),
+    (dict(instruction=None), "an llm-jp-eval file without instruction ("),
+    (dict(output_length=None, instruction=None), "an llm-jp-eval file without instruction, output_length ("),
+    (dict(output_length=0), "output_length must be a positive number of tokens (an answer's budget), got 0"),
+    (dict(output_length="3"), "output_length must be a positive number of tokens (an answer's budget), got '3'"),
+])
+def test_a_bad_llm_jp_eval_file_names_what_is_missing_in_one_line(tmp_path, changes, message):
+    path = llm_jp_file(tmp_path / "x.json", **changes)
+    with pytest.raises(ValueError) as e:
         load_task(path)
+    assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value)
+
+
+def test_an_llm_jp_eval_file_without_few_shots_has_none(tmp_path):
+    task = load_task(llm_jp_file(tmp_path / "x.json", few_shots=None, metrics=None))
+    assert task.few_shots is None and len(task.samples) == 6 and task.max_new_tokens == 3
 
 
 def test_a_prompt_and_answer_past_the_model_s_positions_are_refused(base, tmp_path):
@@ -282,8 +297,8 @@ def test_a_prompt_and_answer_past_the_model_s_positions_are_refused(base, tmp_pa
                           data_file, "--max-len", "200", "--max-new-tokens", "100", "--device", "cpu", "--out",
                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and run.stderr.strip().splitlines() == [
-        "eval.py: error: --max-len: the longest prompt plus the answer take 300 tokens, past the model's 256 positions: "
-        "lower it (or --max-new-tokens)"]
+        "eval.py: error: --max-len: the longest prompt plus the answer: 300 tokens, past the model's 256 positions "
+        "(max_position_embeddings); lower it (or --max-new-tokens)"]
 
 
 def test_jsquad_is_built_in():

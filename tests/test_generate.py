@@ -238,10 +238,10 @@ LONG = "良い商品です。" * 200   # some 1,400 characters: more tokens than
 @pytest.mark.parametrize("args, stdin, flag, says", [
     (["--max-new-tokens", "0", "良い"], b"", "--max-new-tokens", "must be at least 1, got 0"),
     (["--raw", "--max-new-tokens", "100000000", "この商品は"], b"", "--max-new-tokens",
-     "plus 100000000 more exceed the model's 256 positions (max_position_embeddings); --raw cuts nothing"),
-    (["--raw", LONG], b"", "--max-new-tokens", f"(text {LONG[:30]!r}...) plus 100 more exceed the model's 256"),
+     "tokens, past the model's 256 positions (max_position_embeddings); --raw cuts nothing"),
+    (["--raw", LONG], b"", "--max-new-tokens", f"(text {LONG[:30]!r}...) plus 100 more: "),
     (["--max-new-tokens", "300", "良い"], b"", "--max-new-tokens",
-     "plus 300 more exceed the model's 256 positions (max_position_embeddings); lower --max-len"),
+     "tokens, past the model's 256 positions (max_position_embeddings); lower --max-len"),
     ([], "良い\n\n".encode() + b"\xff bad\n", "stdin:3", "not UTF-8 text (invalid start byte at byte 1 of the line)"),
 ], ids=["zero-new-tokens", "huge-budget", "raw-text-too-long", "answer-budget", "stdin-not-utf8"])
 def test_command_refuses_what_would_go_silently_wrong_in_one_line(base, args, stdin, flag, says):
@@ -258,7 +258,12 @@ def test_command_refuses_what_would_go_silently_wrong_in_one_line(base, args, st
 @pytest.mark.parametrize("flag, value, says", [("--temperature", "-1", "must be finite and >= 0 (0: greedy), got -1.0"),
                                                ("--temperature", "nan", "must be finite and >= 0 (0: greedy), got nan"),
                                                ("--top-k", "0", "must be at least 1, got 0"),
-                                               ("--max-len", "0", "must be at least 1 token, got 0")])
+                                               ("--max-len", "0", "must be at least 1 token, got 0"),
+                                               # sampling without --raw would be ignored: a task's answer is greedy
+                                               ("--temperature", "0.7", "must be 0 without --raw (a task's answers "
+                                                                        "are greedy), got 0.7"),
+                                               ("--top-k", "5", "must be unset without --raw (a task's answers are "
+                                                                "greedy), got 5")])
 def test_command_checks_its_settings_before_loading(flag, value, says, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "no/such-model", flag, value, "良い"])   # refused before the model is looked for
@@ -274,4 +279,4 @@ def test_command_raw_budget_fills_the_model_s_positions_exactly(base, capsys):
     assert capsys.readouterr().out.startswith(text)
     with pytest.raises(SystemExit) as e:
         main(["--model", str(folder), "--device", "cpu", "--raw", "--max-new-tokens", str(room + 1), text])
-    assert e.value.code == 1 and f"tokens (text '{text}') plus {room + 1} more exceed" in capsys.readouterr().err
+    assert e.value.code == 1 and f"tokens (text '{text}') plus {room + 1} more: 257 tokens, past" in capsys.readouterr().err

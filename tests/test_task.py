@@ -89,6 +89,9 @@ def test_a_builtin_task_written_as_a_file_keeps_its_data_source(tmp_path):
                                              "write {text}"),
     (THREE | {"prompt": "x {text!r}"}, "prompt field {text!r} takes no format spec"),
     (THREE | {"labels": {"a": "良い\n悪い", "b": "y"}}, "label 'a''s answer word '良い\\n悪い' holds a line break"),
+    (THREE | {"prompt": "{text} ({label})"}, "the prompt shows {label}, the field that holds the answer; a prompt asks "
+                                             "for it and must not contain it"),
+    ({"name": "qa", "prompt": "Q: {question} A: {answer}\n", "answer_field": "answer"}, "the prompt shows {answer}"),
 ])
 def test_bad_task_file_gets_one_clear_line(tmp_path, content, message):
     path = write_json(tmp_path / "bad.json", content)

@@ -6,6 +6,7 @@ Subprocesses run with one thread (as this process does, see conftest) so that th
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import minicalm.train as T
 from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale
@@ -497,19 +498,21 @@ def test_full_parameter_text_mode_trains_every_parameter(base, tmp_path):
 # ----------------------------------------------------------------------------- the script
 
 def test_train_lora_help_lists_every_flag(capsys):
-    """Every TrainConfig setting but the library-only ones (full, text, log: the miniature's pretraining) is a flag."""
+    """Every TrainConfig setting is a flag; a switch has both forms (--x, --no-x)."""
     from dataclasses import fields
     with pytest.raises(SystemExit) as e:
         cli(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    names = {f.name for f in fields(TrainConfig)} - {"full", "text", "log", "lora"}
-    flags_ = {"--no-share-prefix" if n == "share_prefix" else "--" + n.replace("_", "-") for n in names}
+    names = {f.name for f in fields(TrainConfig)} - {"lora"}
+    flags_ = {"--" + n.replace("_", "-") for n in names}
     flags_ |= {"--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets", "--use-dora", "--use-rslora",
                "--lora-init"}
-    assert len(flags_) == 39
+    assert len(flags_) == 42
     for flag in flags_:
         assert f"  {flag}" in text, flag
+    for switch in ("share-prefix", "resume", "use-dora", "grad-checkpoint", "train-on-inputs"):   # both forms
+        assert f"  --{switch}, --no-{switch}" in text, switch
 
 
 def test_config_file_reruns_a_run_from_its_train_config(base, tmp_path):
@@ -546,8 +549,11 @@ def test_resume_refuses_what_it_cannot_honour(base, tmp_path, monkeypatch, chang
     train(config(folder, out, max_steps=2, save_every=1, **kw))
     if kw:
         rows.write_text("".join(lines[::-1]), encoding="utf-8")
-    if change == "model":   # the same weights in another folder: still another --model
-        change = dict(model=str(shutil.copytree(folder, tmp_path / "copy")))
+    if change == "model":   # another checkpoint of the same shapes: other weights in another folder
+        other = shutil.copytree(folder, tmp_path / "other")
+        weights = load_file(other / "model.safetensors")
+        save_file(weights | {"embed_out.weight": weights["embed_out.weight"] + 1}, other / "model.safetensors")
+        change = dict(model=str(other))
     before = tree(out)
     monkeypatch.setattr(T, "load_model", lambda *a, **k: pytest.fail("the model was loaded: the error came too late"))
     kw |= dict(max_steps=4, resume=True) | change
@@ -567,6 +573,25 @@ def test_resume_may_change_where_and_how_long_and_how_a_step_is_computed(base, t
     assert res["step"] == 3 and saved_step(tmp_path / "run") == 3
     used = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert (used["max_steps"], used["micro_batch_size"], used["train_file"]) == (3, 4, moved)
+
+
+def test_a_moved_base_resumes_and_a_gone_one_names_the_way_out(base, tmp_path, capsys):
+    """The base is compared by what it is (its weights' fingerprint), as the data files are: moved to another folder
+    it resumes, saying so; gone from where it was, the refusal names the way out (before the model loads)."""
+    folder, _ = base
+    moved = shutil.copytree(folder, tmp_path / "base")
+    train(config(moved, tmp_path / "run", max_steps=2, save_every=1))
+    want = losses(tmp_path / "run")
+    shutil.move(moved, tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=re.escape(f"--resume: the base model {moved} that {tmp_path / 'run'}"
+                                                   f"/state.pt was trained on is not there any more; if it moved, pass "
+                                                   f"--model with its new folder")):
+        train(config(moved, tmp_path / "run", max_steps=3, resume=True))
+    res = train(config(tmp_path / "elsewhere", tmp_path / "run", max_steps=3, resume=True))
+    assert res["step"] == 3 and losses(tmp_path / "run")[:2] == want
+    assert f"the base moved from {moved} to {tmp_path / 'elsewhere'} (the same weights)" in capsys.readouterr().err
+    recorded = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(tmp_path / "elsewhere")   # the adapter names where it is now
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "foreign"])
@@ -617,6 +642,110 @@ def test_one_run_per_folder(tmp_path, capsys):
         assert json.loads(folder.lock_file.read_text())["pid"] == os.getpid() and not torn.exists()
     err = capsys.readouterr().err
     assert f"taking over the lock of process {int(dead.stdout)}" in err and f"removed {torn}" in err
+
+
+def hold_the_lock(path, barrier, holders, most, took, stale_pid) -> None:
+    """A process racing the others into one run folder: enter together (the barrier), count how many hold the lock
+    at once while holding it a moment."""
+    from minicalm.tools.run import RunFolder
+    barrier.wait()
+    try:
+        with RunFolder(path).locked():
+            with holders.get_lock():
+                holders.value += 1
+                most.value = max(most.value, holders.value)
+            time.sleep(0.05)
+            with holders.get_lock():
+                holders.value -= 1
+            took.value += 1
+    except FileExistsError:
+        pass
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh-folder", "dead-holder's-lock"])
+def test_runs_entering_one_folder_together_never_both_hold_it(tmp_path, stale):
+    """Three processes take the lock at the same moment (a barrier), 40 times: never two at once, at least one each
+    time; with a dead process's lock in the folder too (all three want to take it over)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")   # the children inherit the imports: they start at once
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for trial in range(40):
+        path = tmp_path / f"run{trial}"
+        if stale:
+            path.mkdir()
+            (path / "run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+        barrier, holders, most, took = ctx.Barrier(3), ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0)
+        procs = [ctx.Process(target=hold_the_lock, args=(path, barrier, holders, most, took, None)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        assert most.value == 1 and took.value >= 1, (trial, most.value, took.value)
+        assert not (path / "run.lock").exists()
+
+
+def test_an_empty_lock_file_is_not_a_process(tmp_path):
+    """A lock file left empty (a run killed as it began writing it) is taken without naming a process None."""
+    from minicalm.tools.run import RunFolder
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / "run.lock").write_text("")
+    with RunFolder(path).locked():
+        assert json.loads((path / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def test_max_len_past_the_model_s_positions_is_refused_before_the_data(base, tmp_path, monkeypatch):
+    folder, _ = base   # 256 positions
+    monkeypatch.setattr(T, "run_data", lambda *a, **k: pytest.fail("the data was read: the error came too late"))
+    with pytest.raises(T.SettingError) as e:
+        train(config(folder, tmp_path / "run", max_len=1024))
+    assert (e.value.name, e.value.message) == ("max_len", f"1024 tokens, past the model's 256 positions "
+                                                          f"(max_position_embeddings); an example must fit the model "
+                                                          f"{folder}: lower it to 256 or less")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_reruns_from_its_train_config_and_a_finished_one_says_so(base, tmp_path, capsys):
+    """train_config.json records what to rerun, not how the run was started: after a resume it still reruns into a
+    new folder (the README's recipe); resuming a run that is done says there is nothing to train."""
+    folder, _ = base
+    cli(flags(config(folder, tmp_path / "a", max_steps=2, save_every=1)))
+    cli(flags(config(folder, tmp_path / "a", max_steps=3, save_every=1)) + ["--resume"])
+    recorded = json.loads((tmp_path / "a" / "train_config.json").read_text())
+    assert "resume" not in recorded and recorded["max_steps"] == 3
+    cli(["--config", str(tmp_path / "a" / "train_config.json"), "--out", str(tmp_path / "b")])
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    capsys.readouterr()
+    cli(flags(config(folder, tmp_path / "a", max_steps=3, log=True)) + ["--resume"])
+    err = capsys.readouterr().err
+    assert f"nothing to train: {tmp_path / 'a'} is at step 3 of 3 already (raise --epochs or --max-steps" in err
+    assert "nan" not in err
+    cli(["--config", str(tmp_path / "a" / "train_config.json"), "--out", str(tmp_path / "c"), "--max-steps", "1",
+         "--no-share-prefix", "--share-prefix"])   # a switch has both forms; the later one wins
+    assert json.loads((tmp_path / "c" / "train_config.json").read_text())["share_prefix"] is True
+
+
+def test_a_full_disk_while_logging_says_which_file_and_what_is_kept(base, tmp_path, monkeypatch):
+    from minicalm.io import files
+    with pytest.raises(OSError) as e:
+        files.append_line("/dev/full", "{}")   # the kernel's own ENOSPC
+    assert e.value.errno == errno.ENOSPC and e.value.strerror.startswith("appending to /dev/full failed: no space")
+    import minicalm.tools.run as R
+    real = R.append_line
+
+    def fills(path, line):
+        if json.loads(line)["step"] == 3:
+            raise OSError(errno.ENOSPC, f"appending to {path} failed: no space left on device (0 MiB free)")
+        real(path, line)
+
+    monkeypatch.setattr(R, "append_line", fills)
+    with pytest.raises(OSError) as e:
+        train(config(base[0], tmp_path / "run", save_every=1))
+    assert e.value.strerror == (f"appending to {tmp_path / 'run' / 'metrics.jsonl'} failed: no space left on device "
+                                f"(0 MiB free); the last good checkpoint is kept in {tmp_path / 'run'}; once there is "
+                                f"room, --resume continues from it")
+    assert saved_step(tmp_path / "run") == 2
 
 
 @pytest.mark.parametrize("args, says", [

@@ -89,9 +89,17 @@ class Adapter(NamedTuple):
 
 def read_config(adapter_dir: str | os.PathLike) -> Adapter:
     """adapter_config.json, checked (a plain LoRA that minicalm implements), without the tensors."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    d = read_json(path, "a PEFT adapter's config; an adapter folder holds adapter_config.json and "
-                        "adapter_model.safetensors")
+    folder = Path(adapter_dir)
+    path = folder / "adapter_config.json"
+    if not path.is_file():   # say what the folder is instead, and where the adapter is
+        if (folder / "adapter" / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{folder} is a training run's folder: its adapter is {folder / 'adapter'}")
+        if (folder / "config.json").is_file() or (folder / "model" / "config.json").is_file():
+            model = folder if (folder / "config.json").is_file() else folder / "model"
+            raise FileNotFoundError(f"{folder} holds no adapter but a model checkpoint: pass {model} as --model")
+        raise FileNotFoundError(f"{folder}: no adapter here (an adapter folder holds adapter_config.json and "
+                                f"adapter_model.safetensors)")
+    d = read_json(path, "a PEFT adapter's config")
     return Adapter(lora_config_from_peft(d, str(path)), d.get("base_model_name_or_path"), d.get("revision"), {})
 
 

@@ -5,7 +5,9 @@ Every file minicalm writes (checkpoints, adapters, tokenizers, task files, repor
 resumed run after a crash) sees the old file or the new one, never a torn one. The one exception is a run's
 metrics.jsonl, which grows by a line per step: a reader skips a last line torn by a crash (read_records), and a
 resumed run cuts the file back to its checkpoint's step. A process killed mid-write leaves its temporary file
-(.NAME.tmpPID) behind: remove_stale_temps clears those of processes that are gone.
+(.NAME.tmpPID) behind: remove_stale_temps clears those of processes that are gone. A folder of several files (a merged
+or converted checkpoint) is written whole by `atomic_folder`: into a temporary folder beside it, renamed into place
+when complete. `check_writable` refuses, before any work is done, an output folder that cannot be made or written.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 LOW_SPACE = 64 * 2**20   # free bytes below which a failed write is taken for a full disk (torch.save does not say)
@@ -30,16 +33,92 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     except Exception as e:
         # torch.save on a full disk raises "RuntimeError: basic_ios::clear: iostream error": ask the disk (the temporary
         # file still holds what fitted)
-        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
-        if getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < LOW_SPACE):
+        if disk_full(path.parent, e):
             kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
             raise OSError(errno.ENOSPC, f"no space left on device in {path.parent}: writing {path.name} failed "
-                                        f"({(free or 0) >> 20} MiB free); {kept} (free space, then rerun or "
-                                        f"--resume)") from None
+                                        f"({free_mib(path.parent)} MiB free); {kept}") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def disk_full(folder: Path, e: BaseException) -> bool:
+    """Whether a failed write was a full disk: ENOSPC, or little space left (torch.save does not say)."""
+    free = shutil.disk_usage(folder).free if folder.is_dir() else None
+    return getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < LOW_SPACE)
+
+
+def free_mib(folder: Path) -> int:
+    return shutil.disk_usage(folder).free >> 20 if folder.is_dir() else 0
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """One line at the end of a file (metrics.jsonl), as one write; a failure names the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        why = (f"no space left on device ({free_mib(Path(path).parent)} MiB free)" if disk_full(Path(path).parent, e)
+               else e.strerror or str(e))
+        raise OSError(e.errno, f"appending to {path} failed: {why}") from None
+
+
+def check_writable(folder: str | os.PathLike, what: str, keep: bool = False) -> Path:
+    """Refuse, before any work is done, an output folder that cannot be made or written (a file of that name, a
+    read-only place): after an hour of evaluation the results would be lost. The folders the probe made are removed
+    again (unless `keep`), so a command refused later leaves nothing behind. `what` names it in the error (the
+    flag)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{what} {folder}: a file is there, not a folder; choose another {what}")
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    probe = folder / f".write-test.tmp{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    except OSError as e:
+        raise OSError(e.errno, f"{what} {folder}: cannot write there ({e.strerror}); choose another {what}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+        for p in [] if keep else made:   # the deepest first; one another process has begun to use stays
+            try:
+                p.rmdir()
+            except OSError:
+                break
+    return folder
+
+
+@contextmanager
+def atomic_folder(out: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Write a folder whole: the block writes into a temporary folder beside `out` (.NAME.tmpPID), which is renamed
+    onto `out` when the block ends; on any error it is removed, and `out` is as it was. `out` may exist empty; one
+    with files is replaced only with replace=True (the old one is removed once the new one is in place)."""
+    out = Path(out)
+    for stale in out.parent.glob(f".{out.name}.tmp*") if out.parent.is_dir() else ():   # killed earlier writes
+        pid = re.fullmatch(rf"\.{re.escape(out.name)}\.tmp(\d+)", stale.name)
+        if pid and stale.is_dir() and not running(int(pid[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.is_dir() and any(out.iterdir()):
+            if not replace:
+                raise FileExistsError(f"{out} holds files; not replaced")
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)   # onto an empty folder, or none
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:   # atomic_write's, or the rename's
+            raise OSError(errno.ENOSPC, f"no space left on device writing {out} ({free_mib(out.parent)} MiB free): "
+                                        f"nothing of it was written (free space, then run it again)") from None
+        raise
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
@@ -93,17 +172,23 @@ def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
             yield n, line
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """The JSON objects of a JSON-lines file (metrics.jsonl); a line that is not one (the last line, torn by a crash
-    or still being written) is skipped."""
-    records = []
-    for _, line in text_lines(path):
+def read_records(path: str | os.PathLike, damaged: list[int] | None = None) -> list[dict]:
+    """The JSON objects of a JSON-lines file (metrics.jsonl). The last line may be torn by a crash or still being
+    written: skipped. Another line that is not a JSON object (a damaged file) is skipped too, and its number appended
+    to `damaged` when given, so that a reader can say how many it dropped."""
+    records, bad, last = [], [], 0
+    for n, line in text_lines(path):
+        last = n
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            rec = None
         if isinstance(rec, dict):
             records.append(rec)
+        elif line.strip():
+            bad.append(n)
+    if damaged is not None:
+        damaged += [n for n in bad if n != last]
     return records
 
 

@@ -5,6 +5,7 @@ requested dtype and device, so a 7B bf16 load never holds an fp32 copy or the wh
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +18,7 @@ from ..config import CalmConfig, resolve_dtype
 from ..model import BLOCK_LINEAR, CalmForCausalLM
 from ..nf4 import NF4Linear, NF4Weight
 from . import hub
-from .files import atomic_write, read_json, write_json
+from .files import atomic_folder, atomic_write, read_json, write_json
 
 # Per-layer buffers that old GPT-NeoX checkpoints (OpenCALM's among them) carry and this model recomputes.
 LEGACY_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
@@ -93,6 +94,23 @@ def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError(f"{file}: not a readable PyTorch weights file ({first_line})") from None
         yield from sd.items()
         del sd
+
+
+def fingerprint(folder: str | os.PathLike, sample: int = 2**20) -> str:
+    """What a checkpoint is, wherever it lies: a hash of its config.json and, for each weight file, its name, size and
+    four samples of `sample` bytes (its start, which holds the tensor index, its thirds and its end). A few MiB read,
+    not the 14 GB of OpenCALM-7B, tell a moved or copied checkpoint (the same) from another one (other values in the
+    samples, another size or index). A resumed run compares its base by this, not by its path."""
+    folder, h = Path(folder), hashlib.sha256()
+    h.update((folder / "config.json").read_bytes())
+    for file in weight_files(folder):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size};".encode())
+        with open(file, "rb") as f:
+            for at in sorted({0, size // 3, 2 * size // 3, max(size - sample, 0)}):
+                f.seek(at)
+                h.update(f.read(sample))
+    return h.hexdigest()
 
 
 def check_finite(file: Path, name: str, t: torch.Tensor) -> None:
@@ -199,9 +217,12 @@ def save_checkpoint(model: CalmForCausalLM, out_dir: str | os.PathLike, tokenize
 
 
 def convert_bin_to_safetensors(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | torch.dtype = "auto",
-                               revision: str | None = None) -> Path:
+                               revision: str | None = None, replace: bool = False) -> Path:
     """Rewrite a pickled .bin checkpoint (e.g. OpenCALM's main) as sharded safetensors, legacy buffers dropped; in its
-    own dtype unless told (config.resolve_dtype's "auto")."""
+    own dtype unless told (config.resolve_dtype's "auto"). The folder is written whole or not at all (a full disk
+    leaves no checkpoint without its tokenizer); an existing one with files is replaced only with `replace`."""
     folder = resolve(src, revision)
     model = load_model(folder, dtype=resolve_dtype(dtype, "cpu", stored=stored_dtype(folder)))
-    return save_checkpoint(model, out_dir, tokenizer_dir=folder)
+    with atomic_folder(out_dir, replace=replace) as tmp:
+        save_checkpoint(model, tmp, tokenizer_dir=folder)
+    return Path(out_dir)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import string
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -99,6 +100,10 @@ class Task:
                              f"classification), answer_field (free-form answers) or choice_fields / choices_field "
                              f"(multiple choice), one of them")
         self.check_answers(where)
+        answer = self.answer_field or self.label_field
+        if answer in self.fields:   # the model would be shown what it is asked for
+            raise ValueError(f"{where}: the prompt shows {{{answer}}}, the field that holds the answer; a prompt asks "
+                             f"for it and must not contain it")
         if self.free_form:
             limit = self.max_new_tokens
             if limit is not None and not (isinstance(limit, int) and limit >= 1):
@@ -303,7 +308,7 @@ def check_labels(labels, where: str) -> None:
 
 def task_from_dict(d: dict, source: str) -> Task:
     """A task file's task: its own keys, a built-in's changed ("from"), or an llm-jp-eval evaluation file's."""
-    if isinstance(d, dict) and LLM_JP_EVAL <= d.keys() and "prompt" not in d:
+    if isinstance(d, dict) and LLM_JP_EVAL & d.keys() and not {"prompt", "from"} & d.keys():
         return llm_jp_eval_task(d, source)
     if isinstance(d, dict) and "from" in d:
         if d["from"] not in BUILTIN:
@@ -319,28 +324,37 @@ def task_from_dict(d: dict, source: str) -> Task:
     return Task(**d, source=source)
 
 
-# llm-jp-eval's evaluation files (github.com/llm-jp/llm-jp-eval): one task each, its rows in `samples`
-LLM_JP_EVAL = {"instruction", "output_length", "metrics", "few_shots"}
+# llm-jp-eval's evaluation files (github.com/llm-jp/llm-jp-eval): one task each, its rows in `samples`; its keys
+# (few_shots may be left out: no shots; metrics: minicalm's exact_match and char_f1 alone)
+LLM_JP_EVAL = {"instruction", "output_length", "metrics", "few_shots", "samples"}
 
 
 def llm_jp_eval_task(d: dict, source: str) -> Task:
     """An llm-jp-eval file as a free-form task: its instruction in Alpaca's template (the post's), each sample's
     input as the Input, output the answer, output_length the answer's budget; its rows and few_shots kept."""
-    samples = d.get("samples")
+    missing = [k for k in ("instruction", "output_length", "samples") if k not in d]
+    if missing:
+        raise ValueError(f"{source}: an llm-jp-eval file without {', '.join(missing)} (it holds instruction, "
+                         f"output_length, metrics, few_shots and samples)")
+    samples, budget = d["samples"], d["output_length"]
     if not isinstance(samples, list) or not samples:
         raise ValueError(f"{source}: an llm-jp-eval file without samples (a list of {{\"input\", \"output\"}} rows)")
-    named = d["metrics"]
-    if not isinstance(named, list) or not named:
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"{source}: output_length must be a positive number of tokens (an answer's budget), got "
+                         f"{budget!r}")
+    named = d.get("metrics")
+    if named is not None and (not isinstance(named, list) or not named):
         raise ValueError(f"{source}: metrics must be a list naming at least one of {', '.join(LLM_JP_EVAL_METRICS)}, "
                          f"got {named!r}")
-    unknown = [m for m in named if m not in LLM_JP_EVAL_METRICS]
+    unknown = [m for m in named or [] if m not in LLM_JP_EVAL_METRICS]
     if unknown:   # never silently left out: a number the file asks for that nobody here computes
         raise ValueError(f"{source}: unknown metric {unknown[0]!r}; minicalm computes llm-jp-eval's "
                          f"{', '.join(LLM_JP_EVAL_METRICS)}")
     instruction = str(d["instruction"]).replace("{", "{{").replace("}", "}}")
     return replace(ALPACA, name=Path(source).stem, prompt=ALPACA.prompt.replace("{instruction}", instruction),
-                   prompt_no_input=None, max_new_tokens=d["output_length"] or None, few_shots=d["few_shots"] or None,
-                   metrics=list(dict.fromkeys(LLM_JP_EVAL_METRICS[m] for m in named)), llm_jp_eval_metrics=named,
+                   prompt_no_input=None, max_new_tokens=budget, few_shots=d.get("few_shots") or None,
+                   metrics=named and list(dict.fromkeys(LLM_JP_EVAL_METRICS[m] for m in named)),
+                   llm_jp_eval_metrics=named or None,
                    samples=samples, source=source)
 
 
@@ -422,10 +436,16 @@ def load_task(task: "str | Path | Task") -> Task:
     return task_from_dict(read_json(task, "a task file"), str(task))
 
 
-def find_task(task: "str | Path | Task | None", *folders) -> Task:
+def find_task(task: "str | Path | Task | None", adapter=None, model=None) -> Task:
     """`task` as given; else the task.json that a training run wrote beside its adapter (or into a merged model's
-    folder), the first of `folders` that has one; else marc-ja."""
+    folder); else marc-ja, saying so when an adapter was given: it was tuned to answer some question, and without its
+    task.json which one is not known."""
     if task is not None:
         return load_task(task)
-    saved = next((Path(f) / "task.json" for f in folders if f and (Path(f) / "task.json").is_file()), None)
-    return MARC_JA if saved is None else load_task(saved)
+    saved = next((Path(f) / "task.json" for f in (adapter, model) if f and (Path(f) / "task.json").is_file()), None)
+    if saved is not None:
+        return load_task(saved)
+    if adapter:
+        print(f"{adapter}: no task.json beside the adapter: asking task {MARC_JA.name}'s question (the default); pass "
+              f"--task for another", file=sys.stderr)
+    return MARC_JA

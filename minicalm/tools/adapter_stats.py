@@ -21,6 +21,7 @@ DIR/adapter_stats.json and its pictures (drawn by minicalm.plot).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +30,7 @@ import torch
 
 from ..config import BLOCK_LINEARS
 from ..io.adapter import adapter_base, read_adapter
-from ..io.files import write_json
+from ..io.files import check_writable, write_json
 from ..io.weights import read_tensors, resolve, weight_files
 from ..model import BLOCK_LINEAR
 from .plot import draw_if_possible, plot_adapter_stats
@@ -95,9 +96,14 @@ def compare_adapters(adapter_dir: str | os.PathLike, other_dir: str | os.PathLik
     common = [n for n in mine if n in theirs]
     if not common:
         raise ValueError(f"{adapter_dir} and {other_dir} adapt no module in common")
+    for n in common:   # A is (r, in): the same input size, or the two were trained on different base models
+        if mine[n].A.shape[1] != theirs[n].A.shape[1]:
+            raise ValueError(f"{adapter_dir} and {other_dir} adapt {n} with inputs of {mine[n].A.shape[1]} and "
+                             f"{theirs[n].A.shape[1]} features: adapters of different base models cannot be compared")
     phis = {n: subspace_similarity(mine[n][0], theirs[n][0]) for n in common}
+    only = {"only_in_adapter": [n for n in mine if n not in theirs], "only_in_compare": [n for n in theirs if n not in mine]}
     return {"adapter": str(other_dir), "modules": {n: phi.tolist() for n, phi in phis.items()},
-            "mean": torch.stack(list(phis.values())).mean(0).tolist()}
+            "mean": torch.stack(list(phis.values())).mean(0).tolist()} | only
 
 
 def inspect_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None,
@@ -142,6 +148,7 @@ class StatsConfig:
 
 def stats(a: StatsConfig) -> None:
     """python -m minicalm stats ADAPTER: adapter_stats.json and its pictures in --out."""
+    out = check_writable(a.out, "--out")
     base, revision = a.base, a.revision
     if base is None:   # the checkpoint the adapter records, at its revision
         base, saved = adapter_base(a.adapter)
@@ -151,8 +158,12 @@ def stats(a: StatsConfig) -> None:
     except (OSError, ValueError) as e:   # missing files, an unreachable hub id, a base that does not match
         hint = " (--base PATH picks the base model, --base none skips it)" if base not in (None, "none") else ""
         raise type(e)(f"{e}{hint}") from None
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    compared = result["compare"]
+    if compared and (compared["only_in_adapter"] or compared["only_in_compare"]):   # e.g. two depths, other targets
+        print(f"compared the {len(compared['modules'])} modules both adapters adapt; not compared: "
+              f"{len(compared['only_in_adapter'])} only in {a.adapter}, {len(compared['only_in_compare'])} only in "
+              f"{a.compare}", file=sys.stderr)
     written = [write_json(out / "adapter_stats.json", result, indent=1)]
     written += draw_if_possible(plot_adapter_stats, result, out, prog="python -m minicalm stats")
     print(f"wrote {', '.join(str(w) for w in written)}")

@@ -1,11 +1,13 @@
 """Command-line plumbing: each command's flags derived from its config dataclass, and one way to report errors.
 
 A field of the dataclass is a flag (`micro_batch_size` -> `--micro-batch-size`): its comment in the class is the
-help, its default the default, its type the parsing (a Literal gives the choices; a bool a switch, `--no-x` when it
-is on by default; a tuple comma-separated values). A field without a default is a positional argument (a list: any
+help, its default the default, its type the parsing (a Literal gives the choices; a bool a switch with both forms,
+`--x` and `--no-x`; a tuple comma-separated values). A field without a default is a positional argument (a list: any
 number of them). A nested config adds its own fields, prefixed by the field's name (`lora.r` -> `--lora-r`), except
-switches named `use_*`, which read as they are (`--use-dora`). `--config FILE` takes the settings from a JSON file (a
-run's train_config.json); flags given with it override. A bad setting or input ends the command with one line that
+switches named `use_*`, which read as they are (`--use-dora`). `--config FILE` takes the settings from a JSON file:
+the command's own (a run's train_config.json for train_lora.py), or, for the other commands, a training run's
+train_config.json, of which they take what names the model and the question (RUN_SETTINGS); flags given with it
+override. A bad setting or input ends the command with one line that
 names the flag or the file, and exit status 1 (argparse's own usage errors: 2).
 """
 from __future__ import annotations
@@ -25,6 +27,11 @@ from ..config import SettingError
 from ..io.files import read_json
 
 ERRORS = (ValueError, OSError, ImportError, MemoryError, FloatingPointError)   # bad input or a stopped run
+# What a command other than training takes from a training run's train_config.json (`--config RUN/train_config.json`):
+# the model it was trained on and the question. Not where it writes (out), nor lengths and batch sizes, which are
+# each command's own (evaluation fits the prompts to the model's positions, not to the training cut).
+RUN_SETTINGS = ("model", "revision", "task", "dtype", "quantize", "device")
+NOT_FROM_FILE = ("resume",)   # how a run was started, not a setting: a rerun from its file starts anew
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -54,8 +61,10 @@ class Flags:
         self.cls, self.parser = cls, argparse.ArgumentParser(prog=prog, description=description,
                                                              formatter_class=argparse.RawDescriptionHelpFormatter)
         self.flags: dict[tuple[str, str], str] = {}   # (config class, field) -> its flag, for error messages
-        self.parser.add_argument("--config", metavar="FILE", help="take the settings from a JSON file (a run's "
-                                 "train_config.json, or the fields of a part of it); flags given with it override")
+        own = "a run's train_config.json, " if cls.__name__ == "TrainConfig" else ""
+        self.parser.add_argument("--config", metavar="FILE", help=f"take the settings from a JSON file: {own}this "
+                                 f"command's settings (any of them), or a training run's train_config.json, of which "
+                                 f"it takes {', '.join(RUN_SETTINGS)} (those it has); flags given with it override")
         self.add(cls, "")
 
     def add(self, cls, prefix: str) -> None:
@@ -77,11 +86,9 @@ class Flags:
             many = typing.get_origin(inner) is list
             self.parser.add_argument(dest, nargs="*" if many else None, help=help, metavar=f.name.upper())
             self.flags[(self.cls.__name__, f.name)] = f.name.upper()
-        elif inner is bool:
-            on = default is True
-            self.parser.add_argument(flag.replace("--", "--no-", 1) if on else flag, dest=dest,
-                                     action="store_false" if on else "store_true", default=default,
-                                     help=("turn off: " if on else "") + help)
+        elif inner is bool:   # --x and --no-x: a setting taken from --config can be turned either way
+            self.parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                                     help=help + f" (default: {'on' if default else 'off'})")
         else:
             choices = typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else None
             convert = comma_list if typing.get_origin(inner) is tuple else (type(choices[0]) if choices else inner)
@@ -115,13 +122,16 @@ class Flags:
         return self.flags.get((e.owner, e.name), e.name)
 
     def main(self, fn, argv: list[str] | None = None):
-        """Parse the flags and call fn(config): a bad setting or input is one line (naming the flag) and exit 1."""
+        """Parse the flags and call fn(config): a bad setting or input is one line (naming the flag) and exit 1;
+        Ctrl-C is one line and exit 130, as shells expect (every file is written whole or not at all)."""
         try:
             return fn(self.parse(argv))
         except SettingError as e:
             self.parser.exit(1, f"{self.parser.prog}: error: {self.flag(e)}: {e.message}\n")
         except ERRORS as e:
             self.parser.exit(1, f"{self.parser.prog}: error: {e}\n")
+        except KeyboardInterrupt:
+            self.parser.exit(130, f"\n{self.parser.prog}: stopped (Ctrl-C) before it was done; no file was left half-written\n")
 
 
 def is_optional(kind) -> bool:
@@ -144,11 +154,17 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def read_settings(path: str, cls) -> dict:
-    """A config's settings from a JSON file; a key the config does not have is named."""
+    """A config's settings from a JSON file: the config's own (a key it does not have is named), or a training run's
+    train_config.json, of which a command other than training takes RUN_SETTINGS."""
     d = read_json(path, f"--config: {cls.__name__}'s settings as JSON")
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    d = {k: v for k, v in d.items() if k not in NOT_FROM_FILE}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown and {"lora", "epochs", "train_file"} <= d.keys():   # a training run's train_config.json
+        return {k: d[k] for k in RUN_SETTINGS if k in d and k in fields}
     if unknown:
-        raise ValueError(f"--config {path}: {', '.join(unknown)} not among {cls.__name__}'s settings")
+        raise ValueError(f"--config {path}: {', '.join(unknown)} not among {cls.__name__}'s settings (nor a "
+                         f"training run's train_config.json, of which {', '.join(RUN_SETTINGS)} would be taken)")
     return d
 
 

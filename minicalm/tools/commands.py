@@ -11,10 +11,10 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
-from ..config import DEVICE, SettingError, check, resolve_dtype
+from ..config import DEVICE, SettingError, check, check_positions, resolve_dtype
 from ..generate import decode_n_tokens, greedy, prefill, sampler
 from ..io.adapter import base_for, load_adapter, save_merged
-from ..io.files import write_text
+from ..io.files import atomic_folder, check_writable, write_text
 from ..io.tokenizer import load_tokenizer
 from ..io.weights import convert_bin_to_safetensors, load_model, resolve, stored_dtype
 from ..model import eval_mode
@@ -54,10 +54,15 @@ class GenerateConfig:
                      "temperature": (0 <= self.temperature < math.inf, "finite and >= 0 (0: greedy)"),
                      "top_k": (self.top_k is None or self.top_k >= 1, "at least 1"),
                      "max_len": (self.max_len >= 1, "at least 1 token")})
+        # a task's answer is greedy, as evaluation's: sampling settings without --raw would be silently ignored
+        check(self, {"temperature": (self.raw or self.temperature == 0, "0 without --raw (a task's answers are greedy)"),
+                     "top_k": (self.raw or self.top_k is None, "unset without --raw (a task's answers are greedy)")})
 
 
 def stdin_lines() -> list[str]:
     """The non-blank lines of stdin, decoded as UTF-8 whatever the locale says; a line that is not names itself."""
+    if sys.stdin is None:   # started with stdin closed (<&-)
+        raise ValueError("no texts: give them as arguments, or as lines on stdin (which is closed)")
     lines = []
     for n, raw in enumerate(sys.stdin.buffer, 1):
         try:
@@ -70,15 +75,15 @@ def stdin_lines() -> list[str]:
 
 
 def check_fits(model, prompt: list[int], more: int, text: str, fix: str) -> None:
-    """Refuse a prompt that, with `more` tokens after it, would run past the model's positions: the model would go on
-    at positions it was never trained at and write garbage without a word (and a huge count would first allocate a
-    cache for all of them)."""
-    positions = model.config.max_position_embeddings
-    if len(prompt) + more > positions:
-        shown = repr(text[:30]) + ("..." if len(text) > 30 else "")
-        raise SettingError("GenerateConfig", "max_new_tokens", f"the prompt's {len(prompt)} tokens (text {shown}) "
-                           f"plus {more} more exceed the model's {positions} positions (max_position_embeddings); "
-                           f"{fix}")
+    """Refuse a prompt that, with `more` tokens after it, would run past the model's positions (and a huge count would
+    first allocate a cache for all of them)."""
+    check_positions(model.config, len(prompt) + more, ("GenerateConfig", "max_new_tokens"),
+                    f"the prompt's {len(prompt)} tokens (text {shown(text)}) plus {more} more", fix)
+
+
+def shown(text: str) -> str:
+    """A text as messages show it: its first 30 characters."""
+    return repr(text[:30]) + ("..." if len(text) > 30 else "")
 
 
 def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_tokens: int) -> Iterator[str]:
@@ -102,9 +107,13 @@ def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_token
             raise ValueError(f"task {task.name} needs {len(task.fields)} tab-separated fields "
                              f"({', '.join(task.fields)}), got {len(values)} in {text!r}")
         row = Row(dict(zip(task.fields, values)), "", "0", choices=tuple(values[task.fields.index(f)] for f in named))
-        prompts.append(enc.encode_prompt(row)[0])
+        ids, cut = enc.encode_prompt(row)
+        if cut:   # the answer is to what the model saw: say so
+            print(f"{shown(text)}: cut to --max-len {max_len} tokens with the prompt (raise --max-len to answer all "
+                  f"of it)", file=sys.stderr)
+        prompts.append(ids)
         choices.append(row.choices if task.multiple_choice else None)
-        check_fits(model, prompts[-1], more, text, "lower --max-len (a longer text is cut to it) or --max-new-tokens")
+        check_fits(model, ids, more, text, "lower --max-len (a longer text is cut to it) or --max-new-tokens")
     for prompt, text, offered in zip(prompts, texts, choices):
         (p,) = answers([prompt], offered and [offered])
         if task.free_form:
@@ -137,6 +146,8 @@ def continue_text(model, tok, ids: list[int], max_new_tokens: int, pick: Callabl
 
 def generate(a: GenerateConfig) -> None:
     texts = a.text or stdin_lines()
+    if not texts:
+        raise ValueError("no texts: give them as arguments, or as lines on stdin")
     model_id, revision = base_for(a.adapter, a.model, a.revision)
     tok = load_tokenizer(model_id, revision=revision)
     task = None if a.raw else find_task(a.task, a.adapter, model_id)
@@ -176,34 +187,60 @@ def generate_main(argv: list[str] | None = None) -> None:
 @dataclass
 class MergeConfig:
     adapter: str                             # adapter folder (adapter_config.json + adapter_model.safetensors)
-    out: str = "runs/merged"                 # output folder for the merged checkpoint
+    out: str = "runs/merged"                 # output folder for the merged checkpoint: new or empty (never the base's)
     model: str | None = None                 # base checkpoint; default: the one the adapter records
     revision: str | None = None              # hub revision; default: the one the adapter records
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the merged weights' dtype; auto: the
                                              # base checkpoint's own (W + s B A is computed in fp32, rounded once)
+    force: bool = False                      # replace a checkpoint already in --out (never the base or the adapter)
+
+
+def check_out(out: str, keep: dict[str, Path], force: bool) -> None:
+    """Refuse an --out for a new checkpoint that would overwrite what must be kept (`keep`: {what: folder}; resolved,
+    symlinks too) or an existing checkpoint (unless `force`), or that holds other files; and one that cannot be
+    written. Before any work."""
+    out_path = Path(out)
+    where = out_path.resolve()
+    for what, folder in keep.items():
+        if where == folder.resolve() or where in folder.resolve().parents:
+            raise FileExistsError(f"--out {out} is the folder of {what} ({folder.resolve()}) or holds it: writing "
+                                  f"there would overwrite it; choose another --out")
+    held = sorted(p.name for p in out_path.iterdir()) if out_path.is_dir() else []
+    if held and not any(n == "config.json" or n.endswith((".safetensors", ".bin")) for n in held):
+        raise FileExistsError(f"--out {out} holds other files ({', '.join(held[:3])}...): choose a new or empty folder")
+    if held and not force:
+        raise FileExistsError(f"--out {out} already holds a checkpoint: pass --force to replace it, or choose another "
+                              f"--out")
+    check_writable(out_path, "--out")
+    check_writable(out_path.parent, "--out's parent folder")   # the new checkpoint is written beside it first
 
 
 def merge(a: MergeConfig) -> None:
     model_id, revision = base_for(a.adapter, a.model, a.revision)
     folder = resolve(model_id, revision)
+    check_out(a.out, {"the adapter's base": folder, "the adapter": Path(a.adapter)}, a.force)
     model = load_model(model_id, dtype=resolve_dtype(a.dtype, "cpu", stored=stored_dtype(folder)), revision=revision)
     load_adapter(model, a.adapter, base=model_id)
-    out = save_merged(model, a.out, tokenizer_dir=folder)
-    if (Path(a.adapter) / "task.json").is_file():   # the question the adapter was trained to answer
-        write_text(out / "task.json", (Path(a.adapter) / "task.json").read_text(encoding="utf-8"))
-    print(f"wrote {out}")
+    with atomic_folder(a.out, replace=a.force) as tmp:   # whole or not at all: tokenizer and task.json included
+        save_merged(model, tmp, tokenizer_dir=folder)
+        if (Path(a.adapter) / "task.json").is_file():   # the question the adapter was trained to answer
+            write_text(tmp / "task.json", (Path(a.adapter) / "task.json").read_text(encoding="utf-8"))
+    print(f"wrote {a.out}")
 
 
 @dataclass
 class ConvertConfig:
     src: str                                 # checkpoint folder or hub id with pytorch_model*.bin weights
-    out: str                                 # output folder for sharded safetensors
+    out: str                                 # output folder for sharded safetensors: new or empty (never src)
     revision: str | None = None              # hub revision of src
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # auto: the checkpoint's own
+    force: bool = False                      # replace a checkpoint already in --out (never src)
 
 
 def convert(a: ConvertConfig) -> None:
-    print(f"wrote {convert_bin_to_safetensors(a.src, a.out, a.dtype, a.revision)}")
+    folder = resolve(a.src, a.revision)
+    check_out(a.out, {"the checkpoint converted": folder}, a.force)
+    print(f"wrote {convert_bin_to_safetensors(folder, a.out, a.dtype, replace=a.force)}")
 
 
 COMMANDS = {   # name: (config, function, what it does)

@@ -21,10 +21,10 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from ..config import DEVICE, CalmConfig, SettingError, check
+from ..config import DEVICE, CalmConfig, SettingError, check, check_positions
 from ..generate import Decoding, decode_n_tokens, left_pad, prefill, score_continuations
 from ..io.adapter import base_for, load_adapter
-from ..io.files import write_json, write_text
+from ..io.files import check_writable, write_json, write_text
 from ..io.tokenizer import Tokenizer, load_tokenizer
 from ..io.weights import load_model, resolve
 from ..lora import lora_disabled
@@ -66,8 +66,10 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
         answers = Answers(model, tok, enc, budget, mode != "generate" and not task.free_form)
         encoded, cut = zip(*enc.encode_prompts(rows))
         # a free-form answer takes its whole budget; a label word or choice and EOS the room max_len leaves after it
-        fits(max(len(ids) + (budget if task.free_form else reserve or enc.reserve)
-                 for ids, reserve in zip(encoded, enc.row_reserves(rows))), positions)
+        need = max(len(ids) + (budget if task.free_form else reserve or enc.reserve)
+                   for ids, reserve in zip(encoded, enc.row_reserves(rows)))
+        check_positions(model.config, need, ("EvalConfig", "max_len"), "the longest prompt plus the answer",
+                        "lower it (or --max-new-tokens)")
         if cfg.log and any(cut):
             print(f"eval: {sum(cut)} of {len(rows)} rows cut to fit --max-len {cfg.max_len}", file=sys.stderr)
         P = answers.share_prefix(shared_prompt_prefix(list(encoded))) if cfg.share_prefix else 0
@@ -111,14 +113,6 @@ def settled(cfg: "EvalConfig", task: Task, positions: int) -> "EvalConfig":
     mode = cfg.mode or ("likelihood" if task.multiple_choice else "generate")
     budget = (cfg.max_new_tokens or task.answer_budget) if task.free_form else 0
     return dataclasses.replace(cfg, mode=mode, max_len=cfg.max_len or max(2, positions - budget))
-
-
-def fits(need: int, positions: int) -> None:
-    """The one check that prompts and their answers fit the model's positions: past them the model would go on
-    writing garbage without a word."""
-    if need > positions:
-        raise SettingError("EvalConfig", "max_len", f"the longest prompt plus the answer take {need} tokens, past the "
-                                                    f"model's {positions} positions: lower it (or --max-new-tokens)")
 
 
 def choice_results(rows: list[data.Row], preds: list[dict], mode: str) -> dict:
@@ -316,6 +310,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     task = find_task(cfg.task, cfg.adapter, model_id)
     tok = load_tokenizer(model_id, revision=revision)
     cfg, task, rows = prepare(cfg, task, tok, positions_of(model_id, revision))
+    check_writable(cfg.out, "--out")   # before the work: results that cannot be written are lost
     model = load_model(model_id, dtype=cfg.dtype, device=cfg.device, revision=revision, quantize=cfg.quantize)
     if cfg.adapter:
         load_adapter(model, cfg.adapter, base=model_id)
@@ -361,6 +356,7 @@ def evaluate_task(model, tok: Tokenizer, cfg: EvalConfig, base: tuple[str, str |
                "n_rows": len(rows), "shots": cfg.shots, "seconds": round(seconds, 2),
                "rows_per_s": round(len(rows) * len(runs) / seconds, 2),
                **{name: r["metrics"] for name, r in runs.items()}}
+    (out / "metrics.json").unlink(missing_ok=True)   # an earlier evaluation's, which the files below replace
     write_text(out / "predictions.jsonl", "".join(json.dumps({"model": name, **p}, ensure_ascii=False) + "\n"
                                                   for name, r in runs.items() for p in r["predictions"]))
     pictures = {}   # each run's confusion matrix, of its greedy answers when there are any
@@ -372,7 +368,7 @@ def evaluate_task(model, tok: Tokenizer, cfg: EvalConfig, base: tuple[str, str |
     report = format_report(cfg, model_id, task, metrics, runs) + "".join(f"![{title}]({path.name})\n\n"
                                                                          for title, path in pictures.items())
     write_text(out / "report.md", report)
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)   # last: a folder with metrics.json holds a whole evaluation
     if cfg.log and show:
         print(report)
     return {"metrics": metrics, "runs": runs, "report": report}

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io.files import atomic_write, read_records
+from ..io.files import atomic_write, check_writable, read_records
 
 MISSING = 'drawing needs matplotlib: pip install "minicalm[plot]"'
 
@@ -65,12 +65,16 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     """Draw RUN_DIR/metrics.jsonl into RUN_DIR/plots/*.png; returns the files written."""
-    run = Path(run_dir)
-    records = [r for r in read_records(run / "metrics.jsonl") if "step" in r]
+    run, damaged = Path(run_dir), []
+    records = [r for r in read_records(run / "metrics.jsonl", damaged) if "step" in r]
     if not records:
         raise ValueError(f"{run / 'metrics.jsonl'}: no complete step yet")
+    if damaged:   # drawn without them: say which
+        more = f", ... ({len(damaged)} in all)" if len(damaged) > 5 else ""
+        print(f"{run / 'metrics.jsonl'}: skipped {len(damaged)} damaged line(s) (line {', '.join(map(str, damaged[:5]))}"
+              f"{more})", file=sys.stderr)
+    out = check_writable(run / "plots", "the pictures' folder")
     fig, (ax,) = new_figure()   # before any folder is made: without matplotlib nothing is left behind
-    out = run / "plots"
     out.mkdir(exist_ok=True)
     ax.plot(*series(records, "loss"), label="training loss", lw=1)
     if series(records, "val_loss")[0]:

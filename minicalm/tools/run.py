@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..io.files import atomic_write, read_records, remove_stale_temps, running, write_json, write_text
+try:
+    import fcntl
+except ImportError:   # Windows has no flock: a run there does not lock its folder
+    fcntl = None
+
+from ..io.weights import fingerprint
+from ..io.files import append_line, atomic_write, check_writable, read_records, remove_stale_temps, write_json, write_text
 from .cli import flag_name, flatten
 
 
@@ -139,48 +145,78 @@ class RunFolder:
 
     @contextmanager
     def locked(self, enabled: bool = True):
-        """One run at a time in this folder: run.lock holds the pid and host of the run working here, taken
-        atomically (O_EXCL) and removed on exit. A lock whose process is gone (kill -9, a crashed machine) is
-        reported and taken over; on another host it cannot be checked, so it is refused. The temporary files of a
-        killed save are removed once the lock is held. A folder made here and left empty is removed again."""
+        """One run at a time in this folder. run.lock is held with an exclusive flock while the run works here: the
+        kernel decides who holds it, atomically, and lets go when the process ends however it ends (kill -9
+        included), so there is no stale-lock guessing and no race between runs starting together. The file names
+        the holder (pid, host, start) for the message a second run gets; a lock left by a process that is gone is
+        taken over, saying so. One whose file names another host is refused: a disk shared between machines may not
+        carry the lock across them. The temporary files of a killed save are removed once the lock is held. A folder
+        made here and left empty is removed again."""
         if not enabled:
             yield
             return
         made = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                break
-            except FileExistsError:
-                self.take_stale()
-        else:
-            raise FileExistsError(f"{self.path} is in use: could not take {self.lock_file}")
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        check_writable(self.path, "--out", keep=True)   # made here, removed on exit if the run leaves it empty
+        fd = self.take_lock()
         try:
             for tmp in remove_stale_temps(self.path):
                 say(True, f"removed {tmp}, left by a save that was killed")
             yield
         finally:
-            self.lock_file.unlink(missing_ok=True)
-            if made and not any(self.path.iterdir()):
+            self.lock_file.unlink(missing_ok=True)   # still held: a run that opened the old file retries (take_lock)
+            os.close(fd)
+            if made and self.path.is_dir() and not any(self.path.iterdir()):
                 self.path.rmdir()
 
-    def take_stale(self) -> None:
-        """Remove run.lock if its process is dead; otherwise refuse, naming the process."""
+    def take_lock(self) -> int:
+        """The locked run.lock's descriptor, with this process written into it; refuses a folder in use."""
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:
+                break
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = self.holder(fd)
+                os.close(fd)
+                raise FileExistsError(f"{self.path} is in use by another run ({held}); wait for it or choose another "
+                                      f"--out") from None
+            try:   # the holder may have removed the file between our open and flock: lock the one that is there now
+                same = os.stat(self.lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        before = self.holder(fd, parsed=True)
+        if before is not None and before["host"] != socket.gethostname():
+            os.close(fd)
+            raise FileExistsError(f"{self.path} is in use by another run ({self.holder_text(before)}), on another "
+                                  f"machine, which cannot be checked from here; wait for it or choose another --out "
+                                  f"(if that run is gone, delete {self.lock_file})")
+        if before is not None:
+            say(True, f"{self.lock_file}: taking over the lock of process {before['pid']}, which is no longer running")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        return fd
+
+    @staticmethod
+    def holder(fd: int, parsed: bool = False):
+        """Who run.lock names: {"pid", "host", "started"} (parsed) or a phrase for messages; an empty or torn file
+        (a run killed as it started, or one writing it right now) is None or says so."""
         try:
-            held = json.loads(self.lock_file.read_text(encoding="utf-8"))
-            pid, host, since = int(held["pid"]), str(held["host"]), held.get("started", "?")
-        except (OSError, ValueError, KeyError, TypeError):   # torn by a kill while it was written: nobody holds it
-            pid, host, since = None, socket.gethostname(), "?"
-        if host == socket.gethostname() and (pid is None or not running(pid)):
-            say(True, f"{self.lock_file}: taking over the lock of process {pid}, which is no longer running")
-            self.lock_file.unlink(missing_ok=True)
-            return
-        raise FileExistsError(f"{self.path} is in use by another run (pid {pid} on {host}, since {since}); wait for "
-                              f"it or choose another --out (if that process is gone, delete {self.lock_file})")
+            held = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+            held = {"pid": int(held["pid"]), "host": str(held["host"]), "started": held.get("started", "?")}
+        except (OSError, ValueError, KeyError, TypeError):
+            held = None
+        if parsed:
+            return held
+        return "a run that is just starting" if held is None else RunFolder.holder_text(held)
+
+    @staticmethod
+    def holder_text(held: dict) -> str:
+        return f"pid {held['pid']} on {held['host']}, since {held['started']}"
 
     def check(self, resume: bool) -> None:
         """Refuse a folder that holds another run (without resume), and resume without a run."""
@@ -203,6 +239,13 @@ class RunFolder:
             raise ValueError(f"--resume: {self.state_file} cannot be read ({why}); start the run over in another "
                              f"--out, or delete this folder's state.pt to start over here") from None
         now, then = flatten(asdict(cfg)), flatten(state["config"])   # lora.r, ... with lists as tuples on both sides
+        if now["model"] == then["model"] and Path(now["model"]).is_absolute() and not Path(now["model"]).exists():
+            raise ValueError(f"--resume: the base model {now['model']} that {self.state_file} was trained on is not "
+                             f"there any more; if it moved, pass --model with its new folder (the same weights are "
+                             f"recognised by their fingerprint)")
+        if now["model"] != then["model"] and self.base_moved(state, now["model"]):
+            say(True, f"--resume: the base moved from {then['model']} to {now['model']} (the same weights)")
+            then["model"] = now["model"]
         changed = [f"{flag_name(*k.rpartition('.')[::2])} {then.get(k)!r} now {v!r}" for k, v in now.items()
                    if k not in RESUME_MAY_CHANGE and then.get(k) != v]
         if changed:
@@ -210,6 +253,11 @@ class RunFolder:
             raise ValueError(f"--resume: {self.state_file} was trained with other settings: {', '.join(changed)} "
                              f"(a resumed run may change only {free})")
         return state
+
+    @staticmethod
+    def base_moved(state: dict, model: str) -> bool:
+        """Whether the folder `model` holds the checkpoint's base (the same weights' fingerprint, io.weights)."""
+        return bool(state.get("base")) and Path(model).is_dir() and fingerprint(model) == state["base"]
 
     def check_data(self, state: dict, digest: str) -> None:
         """Refuse to resume on other training examples than the checkpoint's (a data file edited or swapped)."""
@@ -219,9 +267,10 @@ class RunFolder:
                              f"a new run in another --out")
 
     def start(self, cfg, task, step: int) -> None:
-        """The settings and the task, and metrics.jsonl cut back to the checkpoint's step (those steps run again)."""
+        """The settings and the task, and metrics.jsonl cut back to the checkpoint's step (those steps run again).
+        train_config.json holds what to rerun (a resume's new limits too), not how the run was started: no resume."""
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.path / "train_config.json", asdict(cfg))   # what is used now (a resume's new limits too)
+        write_json(self.path / "train_config.json", {k: v for k, v in asdict(cfg).items() if k != "resume"})
         write_json(self.path / "task.json", task.to_dict())
         metrics = self.path / "metrics.jsonl"
         if metrics.exists():   # a line torn by a crash is dropped too
@@ -229,8 +278,7 @@ class RunFolder:
             write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path / "metrics.jsonl", json.dumps(record))
 
     def save_state(self, state: dict) -> None:
         atomic_write(self.state_file, lambda p: torch.save(state, p))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import SettingError
 from ..io.adapter import base_for, load_adapter
-from ..io.files import read_json, write_json, write_text
+from ..io.files import check_writable, read_json, write_json, write_text
 from ..io.tokenizer import load_tokenizer
 from ..io.weights import load_model
 from ..tasks.task import NUMERIC, Task, load_task
@@ -118,6 +118,7 @@ def run_suite(cfg: EvalConfig) -> dict:
             continue
         mine = dataclasses.replace(cfg, suite=None, task=name, out=str(out / name), mode=mode_of(task))
         todo.append((i, name, *prepare(mine, task, tok, positions)))
+    check_writable(out, "--out")   # before the work: results that cannot be written are lost
     if todo:
         model = load_model(model_id, dtype=cfg.dtype, device=cfg.device, revision=revision, quantize=cfg.quantize)
         if cfg.adapter:
