@@ -1,7 +1,7 @@
 """minicalm vs transformers + peft on the same work, same random weights, in one process.
 
-    python bench/bench.py [--size small|tiny] [--part all|training|variants|qlora|small|free-form|serve] [--reps N]
-                          [--device cpu|cuda]
+    python bench/bench.py [--size small|tiny] [--part all|training|variants|qlora|small|free-form|choices|serve]
+                          [--reps N] [--device cpu|cuda]
 
 A random transformers GPTNeoXForCausalLM is saved with save_pretrained and loaded by both sides (minicalm through
 minicalm.load_model), LoRA r=8 alpha=16 dropout 0.05 on query_key_value is added to both, and the adapter A
@@ -9,19 +9,23 @@ matrices are copied so that both start from identical weights. Each repetition t
 back to back, alternating which goes first; the table reports medians of the rates and of the paired ratios
 (ratio = minicalm rate / transformers rate, above 1 means minicalm is faster). Writes bench/results.json.
 
-Six parts: `training` (the main job's step on 7B-shaped proxies, where the LM head is a small share of the work,
+Seven parts: `training` (the main job's step on 7B-shaped proxies, where the LM head is a small share of the work,
 and the whole train_lora.py step against transformers + peft), `variants` (DoRA's step, PiSSA's initialisation),
 `qlora` (the step on an NF4 base against the full-precision one and against transformers + peft + bitsandbytes'
-4-bit), `small` (open-calm-small's shape: a training step, evaluation, decoding) and `free-form` (free-form
+4-bit), `small` (open-calm-small's shape: a training step, evaluation, decoding), `free-form` (free-form
 evaluation's greedy answers against transformers' generate, in generated tokens/s, on the 7B-shaped proxy and
-open-calm-small's shape) and `serve` (a batch whose rows use 4 adapters against the same batch on one; python -m
-minicalm serve under load against --max-batch 1 and against transformers + peft's generate(adapter_names=...) in
-static batches, in generated tokens/s and latency).
+open-calm-small's shape), `choices` (a multiple-choice question's five choices scored by log-likelihood: one batch
+on copies of each row's prompt cache, against one forward per choice and against transformers' prompt + choice per
+sequence, as the JP harness scores them) and `serve` (a batch whose rows use 4 adapters against the same batch on
+one; python -m minicalm serve under load against --max-batch 1 and against transformers + peft's
+generate(adapter_names=...) in static batches, in generated tokens/s and latency). A part run alone keeps the other
+parts' entries of --out.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import shutil
@@ -44,8 +48,9 @@ from minicalm.io.tokenizer import train_tokenizer
 from minicalm.lora import trainable_parameters
 from minicalm.loss import IGNORE_INDEX, answer_loss, shared_prefix_len
 from minicalm.tasks import data
-from minicalm.tasks.task import ALPACA, MARC_JA
-from minicalm.tools.evaluate import Answers, evaluate_rows, shared_prompt_prefix
+from minicalm.generate import left_pad, prefill
+from minicalm.tasks.task import ALPACA, JCOMMONSENSEQA, MARC_JA
+from minicalm.tools.evaluate import Answers, evaluate_rows, score_choices, shared_prompt_prefix
 from minicalm.tools.run import Processes
 from minicalm.train import TrainConfig, global_batch, setup, train_step
 
@@ -772,6 +777,106 @@ def serving_load(b: Bench, size: str, batches: list[int]) -> list[dict]:
                          "ratio": statistics.median(t["seconds"] / o["seconds"] for o, t in zip(ours, results[other])),
                          "ratio_cpu_time": None})
     return rows
+def question_rows(n: int) -> list[data.Row]:
+    """n JCommonsenseQA-shaped questions from the validation reviews: a review's opening as the question, five
+    choices of 1 to 9 characters (so their token counts differ), the right one's place cycling."""
+    reviews = data.read_jsonl(REVIEWS / "valid.jsonl", limit=n + 8)
+    return [data.parse_row({"q_id": i, "question": f"「{reviews[i].text[:30]}」の次は?", "label": i % 5,
+                            **{f"choice{k}": r.text[3:4 + (i + k) % 9] for k, r in enumerate(reviews[i:i + 5])}},
+                           JCOMMONSENSEQA, i) for i in range(n)]
+
+
+@torch.inference_mode()
+def five_forwards(model, logits: torch.Tensor, state, choices: list[list[list[int]]]) -> list[list[float]]:
+    """score_choices' numbers the other way: the rows' prompts once (prefill's cache, with room for the longest
+    choice), then one forward per choice place, each row feeding its own choice there (score_continuations' way for
+    label words, with per-row tokens), overwriting the same free slots."""
+    B, device = len(choices), logits.device
+    first, out = logits.float().log_softmax(-1), torch.zeros(B, len(choices[0]))
+    for j in range(len(choices[0])):
+        cj = [cs[j] for cs in choices]
+        score = first[torch.arange(B), torch.tensor([c[0] for c in cj])]
+        K = max(map(len, cj)) - 1
+        if K > 0:
+            pad = lambda c: c + [0] * (K + 1 - len(c))   # noqa: E731
+            feed = torch.tensor([pad(c)[:-1] for c in cj], device=device)
+            target = torch.tensor([pad(c)[1:] for c in cj], device=device)
+            real = torch.arange(K, device=device)[None] < torch.tensor([len(c) - 1 for c in cj], device=device)[:, None]
+            pos = state.positions[:, None] + 1 + torch.arange(K, device=device)
+            lg = model(feed, pos, start=state.slot, cache=state.cache, logits_at=real)
+            picked = lg.float().log_softmax(-1).gather(1, target[real][:, None])[:, 0]
+            score = score.index_add(0, torch.nonzero(real)[:, 0], picked)
+        out[:, j] = score
+    return out.tolist()
+
+
+def choices_7b(b: Bench) -> list[dict]:
+    """A multiple-choice question's five choices by log-likelihood on the 7B-shaped proxy (its 4,000-token BPE), 64
+    questions in batches of 16 rows, the prompts' shared prefix once (evaluate_rows' path) on minicalm's side: the
+    choices of each row as one batch on copies of its prompt cache (score_choices, evaluation's) against one forward
+    per choice place (five_forwards); and against transformers + peft scoring each choice as the JP harness does,
+    prompt + choice as one sequence (80 per batch of rows, in batches of 16 sequences, right padded). Fails unless the
+    three give the same numbers."""
+    bpe = proxy_tokenizer(b)
+    ours, theirs = build_models(PROXY_7B, b.device, b.dtype, b.tmp / "choices", vocab_size=4000, tokenizer=bpe.path)
+    ours.eval(), theirs.eval()
+    rows, batch = question_rows(b.args.questions), 16
+    enc = data.PromptEncoder(bpe, 512, JCOMMONSENSEQA)
+    prompts, choices = [ids for ids, _ in enc.encode_prompts(rows)], enc.choice_ids(rows)
+    shared = shared_prompt_prefix(prompts)
+    P, K = len(shared), max(len(c) for cs in choices for c in cs)
+    got = {}
+
+    def ours_with(scorer, key):
+        @torch.inference_mode()
+        def run():
+            answers = Answers(ours, bpe, enc, 0, likelihood=True)
+            answers.share_prefix(shared)   # once per evaluation, as evaluate_rows does
+            out = []
+            for b0 in range(0, len(rows), batch):
+                ids, mask = left_pad([p[P:] for p in prompts[b0:b0 + batch]], bpe.pad_token_id, b.device)
+                logits, state = prefill(ours, ids, mask, extra=K, prefix=answers.prefix, start=answers.start)
+                out += scorer(ours, logits, state, choices[b0:b0 + batch])
+            got[key] = torch.tensor(out)
+        return run
+
+    sequences = [(p, c) for p, cs in zip(prompts, choices) for c in cs]
+
+    @torch.inference_mode()
+    def harness():
+        out = []
+        for s0 in range(0, len(sequences), batch):
+            part = sequences[s0:s0 + batch]
+            T = max(len(p) + len(c) for p, c in part)
+            ids = torch.tensor([p + c + [bpe.pad_token_id] * (T - len(p) - len(c)) for p, c in part], device=b.device)
+            mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (T - len(p) - len(c)) for p, c in part],
+                                device=b.device)
+            logits = theirs(input_ids=ids, attention_mask=mask).logits                        # (16, T, V)
+            for r, (p, c) in enumerate(part):
+                lp = logits[r, len(p) - 1:len(p) + len(c) - 1].float().log_softmax(-1)
+                out.append(float(lp.gather(1, torch.tensor(c, device=b.device)[:, None]).sum()))
+        got["transformers"] = torch.tensor(out).view(len(rows), -1)
+
+    def same() -> float:
+        """The work is the same: the three sides' log-likelihoods agree (and so their picks)."""
+        scale = got["transformers"].abs().max().item()
+        diffs = {k: (got[k] - got["transformers"]).abs().max().item() for k in ("batched", "five")}
+        if max(diffs.values()) > 1e-4 * scale:
+            raise RuntimeError(f"choices: the sides' log-likelihoods differ by {diffs} (scale {scale:.3g})")
+        b.info["choices"] = {"questions": len(rows), "choices": 5, "rows_per_batch": batch, "shared_tokens": P,
+                             "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
+                             "mean_choice_tokens": round(sum(len(c) for cs in choices for c in cs) / 5 / len(rows), 2),
+                             "max_abs_difference": diffs, "scale": scale,
+                             "same_picks": bool((got["batched"].argmax(1) == got["transformers"].argmax(1)).all())}
+        return len(rows)
+
+    batched, five = ours_with(score_choices, "batched"), ours_with(five_forwards, "five")
+    harness()
+    return [b.paired(f"multiple choice, 7B-shaped proxy: {len(rows)} questions x 5 choices, {batch} rows per batch, "
+                     f"each row's choices as one batch on its prompt cache vs one forward per choice", batched, five,
+                     same, "questions/s", names=("batched", "five forwards")),
+            b.paired(f"multiple choice, 7B-shaped proxy: the same vs transformers + peft, prompt + choice per sequence "
+                     f"(the JP harness's way), {batch} sequences per batch", batched, harness, same, "questions/s")]
 
 
 def format_table(b: Bench, results: list[dict]) -> str:
@@ -792,7 +897,8 @@ def format_table(b: Bench, results: list[dict]) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("all", "training", "variants", "qlora", "small", "free-form", "serve"),
+    ap.add_argument("--part", choices=("all", "training", "variants", "qlora", "small", "free-form", "choices",
+                                       "serve"),
                     default="all")
     ap.add_argument("--size", choices=SIZES, default="small", help="the shape of the `small` part")
     ap.add_argument("--reps", type=int, default=5)
@@ -801,6 +907,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8, help="the `small` part's training micro-batch")
     ap.add_argument("--eval-reviews", type=int, default=64)
     ap.add_argument("--free-form-reviews", type=int, default=32, help="reviews answered free-form (batches of 16)")
+    ap.add_argument("--questions", type=int, default=64, help="multiple-choice questions scored (batches of 16)")
     ap.add_argument("--serve-requests", type=int, default=32, help="the `serve` part's requests, sent at once")
     ap.add_argument("--serve-sizes", default="tiny,small", help="the `serve` part's shapes")
     ap.add_argument("--serve-max-batch", default="8,16", help="the `serve` part's --max-batch values (and static "
@@ -831,6 +938,8 @@ def main():
                 train_row, flops_row = small_train_step(b, m)
                 results += [train_row, *small_evaluation(b, m), small_decoding(b, m), flops_row]
             results += free_form
+        if args.part in ("all", "choices"):
+            results += choices_7b(b)
         if args.part in ("all", "serve"):
             for size in args.serve_sizes.split(","):
                 results += many_adapters(b, size) + serving_load(b, size, [int(x) for x in
@@ -840,6 +949,14 @@ def main():
     print(table)
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.part != "all" and out.is_file():   # one part: the other parts' latest entries stay
+        kept = json.loads(out.read_text(encoding="utf-8"))
+        mine = {r["work"] for r in results}
+        results = [r for r in kept.get("results", []) if r["work"] not in mine] + results
+        table = format_table(b, results)
+        run = {k: info[k] for k in ("args", "machine")}   # the top-level ones stay those of the run they came from
+        info = ({k: v for k, v in kept.items() if k not in ("results", "table")} |
+                {k: v for k, v in info.items() if k not in run} | {f"{args.part}_run": run})
     write_json(out, {**info, "results": results, "table": table})
     print(f"\nwrote {out}", file=sys.stderr)
 

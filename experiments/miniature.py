@@ -9,9 +9,10 @@
 Everything runs through minicalm's own train() and evaluate_rows(); nothing here re-implements them. Data: the
 task's own (for marc-ja a fixed 10,000 / 1,000-row sample of MARC-ja from the hub, cached), or --train-file and
 --valid-file, which is how it runs offline. `--sweep-ranks 1,2,4,...` trains one adapter per rank on one base,
-`--sweep-variants lora,dora,...` one per variant of LoRA, and `--free-form` a free-form story on the same base (each
-review's first sentence, written out: zero-shot, k-shot and after LoRA). The flags are MiniatureConfig's fields (--help
-lists them).
+`--sweep-variants lora,dora,...` one per variant of LoRA, `--free-form` a free-form story on the same base (each
+review's first sentence, written out: zero-shot, k-shot and after LoRA), and `--jglue` JGLUE's two other kinds of
+task built from the reviews (a multiple-choice question and a number, before and after LoRA). The flags are
+MiniatureConfig's fields (--help lists them).
 
 An experiment, not a part of the library: it imports minicalm as a user would (pip install -e . first).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -35,7 +37,7 @@ from minicalm.io.weights import load_model, save_checkpoint
 from minicalm.lora import DoRALinear, trainable_parameters
 from minicalm.model import CalmForCausalLM
 from minicalm.tasks import data
-from minicalm.tasks.task import MARC_JA, load_task
+from minicalm.tasks.task import MARC_JA, POST_HEADER, load_task
 from minicalm.tools.cli import command
 from minicalm.tools.evaluate import EvalConfig, draw_shots, evaluate_rows, pct, table
 from minicalm.tools.plot import draw_if_possible, plot_dora_analysis, plot_losses, plot_sweep
@@ -81,6 +83,9 @@ class MiniatureConfig:
                                              # question
     sentence_chars: int = 40                 # the free-form story's rows: reviews whose first sentence is at most
                                              # this many characters
+    jglue: bool = False                      # JGLUE's other two kinds of task instead, built from the task's
+                                             # reviews: a multiple-choice question (JCommonsenseQA's kind) and a
+                                             # number (JSTS's), each before and after LoRA, in jglue.md
 
 
 def micro_config(vocab_size: int) -> CalmConfig:
@@ -397,13 +402,131 @@ def format_free_form(res: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- JGLUE's other kinds, in miniature
+
+# Multiple choice (JCommonsenseQA's kind): which of five words says how this reviewer felt? Every row offers one word
+# of praise, one of complaint and three of what reviews talk about, drawn from three lists, so the choices differ in
+# every row and in length (1 to 7 characters); the choices alone say only that it is one of two, the review which.
+# Learnable from what the base's pretraining text holds: how praise and complaint read. Chance: 20% (50% for a model
+# that knows the two kinds of word but not the review). Tried first and dropped: one word of the review's kind among
+# four of the other (the odd one out answers it without the review: 99.8% after LoRA), and other reviews' opening
+# sentences as the choices (LoRA on the right one's text learned the sentences, not the choice: 25.4% both before and
+# after).
+PRAISE = ("満足", "最高", "おすすめ", "便利", "気に入った", "快適", "丈夫", "綺麗", "安心", "買ってよかった", "使いやすい", "良い")
+COMPLAINT = ("残念", "最悪", "不良品", "壊れた", "返品", "がっかり", "使えない", "期待外れ", "不満", "二度と買わない", "届かない",
+             "高い")
+TOPICS = ("配送", "説明書", "色", "サイズ", "箱", "電池", "ケース", "画面", "重さ", "音", "値段", "デザイン")
+FEELING_WORD = {
+    "name": "feeling-word",
+    "prompt": POST_HEADER + "このレビューを書いた人の気持ちに合う言葉を選択肢から選んで、その言葉を書いて。\n\n### Input:\n"
+                            "{review}\n選択肢:\n" + "".join(f"- {{choice{k}}}\n" for k in range(5)) + "\n### Response:\n",
+    "choice_fields": [f"choice{k}" for k in range(5)], "cut": ["review"]}
+# A number (JSTS's kind): five opening sentences of reviews, k of them from positive ones; the answer is k written as
+# 0.0 to 5.0. Learnable from the same signal, summed over the lines; scored by Pearson and Spearman (0 for a constant
+# or no answer: the before row).
+HOW_POSITIVE = {
+    "name": "how-positive",
+    "prompt": POST_HEADER + "次の5つの文のうち、肯定的なレビューの文はいくつですか?0.0から5.0の数で書いて。\n\n### Input:\n"
+                            "{text}\n\n### Response:\n",
+    "answer_field": "positives", "metrics": ["pearson", "spearman"], "decimals": 1, "max_new_tokens": 8,
+    "stop": ["\n"]}
+STORY_ROWS = {"train": 6000, "valid": 500}   # rows made for each story from the reviews
+
+
+def openings(rows: list[data.Row], chars: int = 40) -> dict[str, list[str]]:
+    """Each label's opening sentences (up to and including the first 。) of at most `chars` characters, one line."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        first = r.text.strip()[:r.text.strip().find("。") + 1]
+        if first and "\n" not in first and len(first) <= chars:
+            out.setdefault(r.label, []).append(first)
+    return out
+
+
+def feeling_word_rows(rows: list[data.Row], n: int, seed: int) -> list[dict]:
+    """n questions: a review and, in a random order, a word of praise, one of complaint and three topics; the answer
+    is the word of the review's sentiment."""
+    rng, out = random.Random(seed), []
+    for r in rng.sample(rows, min(n, len(rows))):
+        right = rng.choice(PRAISE if r.label == "positive" else COMPLAINT)
+        choices = [right, rng.choice(COMPLAINT if r.label == "positive" else PRAISE), *rng.sample(TOPICS, 3)]
+        rng.shuffle(choices)
+        out.append({"review": r.text, **{f"choice{k}": c for k, c in enumerate(choices)}, "label": choices.index(right)})
+    return out
+
+
+def how_positive_rows(rows: list[data.Row], n: int, seed: int) -> list[dict]:
+    """n texts of five openings, k (uniform over 0..5) of them from positive reviews, shuffled; the answer k."""
+    rng, pool = random.Random(seed), openings(rows)
+    out = []
+    for _ in range(n):
+        k = rng.randrange(6)
+        lines = rng.sample(pool["positive"], k) + rng.sample(pool["negative"], 5 - k)
+        rng.shuffle(lines)
+        out.append({"text": "\n".join(lines), "positives": float(k)})
+    return out
+
+
+def run_jglue(cfg: MiniatureConfig, eval_limit: int | None = None, vocab_size: int = 4000, log: bool = True) -> dict:
+    """Both stories in cfg.out/jglue/: their rows and task files (made from the task's reviews, training and held-out
+    apart), the base's scores, LoRA (r 16 on all four targets, the story's settings) and its scores; jglue.json and
+    jglue.md. eval_limit: the held-out rows scored (default all)."""
+    t0, cfg, task, out_dir, stage = start(cfg, log, [*(PRETRAINED if cfg.base is None else ()), "jglue",
+                                                     "jglue.json", "jglue.md"])
+    base = cfg.base or pretrain(out_dir, cfg, vocab_size, log, stage)[0]
+    reviews = {split: data.read_jsonl(path, task) for split, path in (("train", cfg.train_file),
+                                                                     ("valid", cfg.valid_file))}
+    tok, res = load_tokenizer(base), {"seconds": 0.0, "stories": {}}
+    for spec, make in ((FEELING_WORD, feeling_word_rows), (HOW_POSITIVE, how_positive_rows)):
+        folder = out_dir / "jglue" / spec["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {split: write_jsonl(folder / f"{split}.jsonl", make(reviews[split], STORY_ROWS[split], cfg.seed + i))
+                 for i, split in enumerate(("train", "valid"))}
+        write_json(folder / "task.json", spec)
+        story = load_task(folder / "task.json")
+        valid = data.read_jsonl(files["valid"], story, limit=eval_limit)
+        settings = EvalConfig(batch_size=32, max_len=256, log=log)
+        stage(f"{story.name}: the base on {len(valid)} held-out rows")
+        before = evaluate_rows(load_model(base), tok, valid, story, settings)
+        stage(f"{story.name}: LoRA (r 16, alpha 32, all four linear layers) on {STORY_ROWS['train']} rows")
+        tuned = finetune(Path(base), folder / "lora", replace(cfg, task=str(folder / "task.json"),
+                                                              train_file=files["train"], valid_file=files["valid"],
+                                                              lora_targets=BLOCK_LINEARS), {"r": 16}, log)
+        stage(f"{story.name}: base + adapter")
+        after = evaluate_rows(tuned["model"], tok, valid, story, settings)
+        res["stories"][story.name] = {"task": spec, "n_valid": len(valid), "before": before["metrics"],
+                                      "after": after["metrics"], "chance": before["metrics"].get("chance"),
+                                      "lora": {k: tuned[k] for k in ("step", "loss", "val_loss", "seconds")}}
+    res["seconds"] = round(time.time() - t0, 1)
+    return save_results(out_dir, "jglue.json", "jglue.md", res, format_jglue(res), log)
+
+
+def format_jglue(res: dict) -> str:
+    """One table: each story's metrics before and after LoRA, with chance."""
+    lines = ["| task (held-out rows) | chance | metric | micro GPT-NeoX before LoRA | + LoRA |", "|---|---|---|---|---|"]
+    for name, x in res["stories"].items():
+        b, a = x["before"], x["after"]
+        if "accuracy_norm" in b:
+            lines.append(f"| {name}: which of 5 choices ({x['n_valid']}) | {pct(x['chance'])} | accuracy / "
+                         f"accuracy_norm | {pct(b['accuracy'])} / {pct(b['accuracy_norm'])} | {pct(a['accuracy'])} / "
+                         f"{pct(a['accuracy_norm'])} |")
+        else:
+            cell = lambda m: f"{m['pearson']:.3f} / {m['spearman']:.3f} ({m['n_unparsable']} no number)"  # noqa: E731
+            lines.append(f"| {name}: a number 0.0-5.0 ({x['n_valid']}) | 0.000 | Pearson / Spearman | {cell(b)} | "
+                         f"{cell(a)} |")
+    steps = "; ".join(f"{name}: {x['lora']['step']} steps in {fmt_time(x['lora']['seconds'])}, loss "
+                      f"{x['lora']['loss']:.3f}" for name, x in res["stories"].items())
+    return "\n".join(lines + ["", f"LoRA: {steps}. Total {fmt_time(res['seconds'])}.", ""])
+
+
 def miniature(cfg: MiniatureConfig):
-    """The command: the before/after story, with --free-form the free-form story, or with --sweep-ranks or
-    --sweep-variants a sweep."""
-    if cfg.free_form:
-        if cfg.sweep_ranks or cfg.sweep_variants:
-            raise ValueError("--free-form is a story of its own: not with --sweep-ranks or --sweep-variants")
-        return run_free_form(cfg)
+    """The command: the before/after story, with --free-form the free-form story, --jglue JGLUE's other kinds, or
+    with --sweep-ranks or --sweep-variants a sweep."""
+    if cfg.free_form or cfg.jglue:
+        if cfg.sweep_ranks or cfg.sweep_variants or cfg.free_form and cfg.jglue:
+            raise ValueError("--free-form and --jglue are stories of their own: one at a time, not with --sweep-ranks "
+                             "or --sweep-variants")
+        return run_free_form(cfg) if cfg.free_form else run_jglue(cfg)
     if cfg.sweep_ranks or cfg.sweep_variants:
         return sweep(cfg, sweep_settings(cfg))
     return run(cfg)

@@ -293,15 +293,15 @@ def validation_loss(model, examples: list[Example], micro_batch_size: int, pad_i
 
 
 def validate(run: Run) -> dict:
-    """The validation loss, and the greedy answers' accuracy (free-form: exact match, char F1) on the first
-    eval_accuracy rows (evaluation's path)."""
+    """The validation loss, and evaluation's scores on the first eval_accuracy rows: accuracy (multiple choice: by
+    likelihood), a free-form task's exact match and char F1, and Pearson's r for numbers."""
     cfg = run.cfg
     rec = {"val_loss": validation_loss(run.model, run.valid_set, cfg.micro_batch_size, run.tok.pad_token_id,
                                        run.proc.device, cfg.share_prefix)}
     if run.accuracy_rows:
         m = evaluate_rows(run.model, run.tok, run.accuracy_rows, run.task, max_len=cfg.max_len,
                           batch_size=cfg.micro_batch_size, log=False)["metrics"]
-        rec |= {f"val_{k}": m[k] for k in ("accuracy", "exact_match", "char_f1") if k in m}   # labels / free-form
+        rec |= {f"val_{k}": m[k] for k in ("accuracy", "exact_match", "char_f1", "pearson") if k in m}   # any kind
     return rec
 
 

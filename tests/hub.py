@@ -342,13 +342,48 @@ def jsquad_row(r: dict, i: int) -> dict:
             "answers": {"text": golds, "answer_start": [start] * len(golds)}, "is_impossible": False}
 
 
+def jcommonsenseqa_row(rows: list[dict], i: int) -> dict:
+    """A JCommonsenseQA row (q_id int, question, choice0..choice4, label int) from reviews: which of five words is in
+    this review's opening sentence? The right one is a word of it, the others words of the next four reviews; the
+    right one's place cycles through the five."""
+    def word(r: dict) -> str:   # a run of 2-4 characters from the middle of the review's first sentence
+        s = first_sentence(r["sentence"]).strip("。 ")
+        return s[len(s) // 2:len(s) // 2 + 2 + len(s) % 3] or s[:2]
+    others = [word(r) for r in rows[i + 1:i + 5]]
+    label = i % 5
+    choices = others[:label] + [word(rows[i])] + others[label:]
+    return {"q_id": 8000 + i, "question": f"「{first_sentence(rows[i]['sentence'])}」に出てくる言葉はどれ?",
+            **{f"choice{k}": c for k, c in enumerate(choices)}, "label": label}
+
+
+def jsts_rows(rows: list[dict], n: int) -> "pa.Table":
+    """JSTS rows (sentence_pair_id, yjcaptions_id, sentence1, sentence2, label float32, as the loading script's
+    Value("float32") is stored) from reviews: a sentence with itself (5.0), with another of the same sentiment (2.4) or
+    of the other one (0.6)."""
+    import pyarrow as pa
+
+    out = []
+    for i in range(n):
+        a, b = rows[i], rows[i + 1 + i % 2]
+        same = i % 3 == 0
+        label = 5.0 if same else 2.4 if a["label"] == b["label"] else 0.6
+        out.append({"sentence_pair_id": str(i), "yjcaptions_id": f"{a['review_id']}-{b['review_id']}",
+                    "sentence1": first_sentence(a["sentence"]),
+                    "sentence2": first_sentence((a if same else b)["sentence"]), "label": label})
+    schema = pa.schema([(k, pa.string()) for k in ("sentence_pair_id", "yjcaptions_id", "sentence1", "sentence2")]
+                       + [("label", pa.float32())])
+    return pa.Table.from_pylist(out, schema=schema)
+
+
 def build_jglue(folder: Path, reviews: Path, marc_rows=(128, 32), jnli_rows=(96, 24),
-                jsquad_rows=(48, 16)) -> dict:
+                jsquad_rows=(48, 16), jcqa_rows=(60, 15), jsts_n=(60, 18)) -> dict:
     """shunk031/JGLUE: a loading script on `main`, Parquet files on refs/convert/parquet, in the two layouts its
     listings have shown. MARC-ja is real reviews, as jglue-{split}.parquet with a train/ folder beside them (the same
     rows); JNLI pairs the first sentences of two reviews, labels cycling 0 entailment, 1 contradiction, 2 neutral;
     JSQuAD asks for spans of reviews (jsquad_row), as {split}/NNNN.parquet beside an index.duckdb, train in two
-    shards."""
+    shards; JCommonsenseQA (jcommonsenseqa_row) as {split}/0000.parquet, JSTS (jsts_rows) as jglue-{split}.parquet."""
+    import pyarrow.parquet as pq
+
     main, parquet = folder / "main", folder / PARQUET_REF
     main.mkdir(parents=True)
     (main / "JGLUE.py").write_text(JGLUE_SCRIPT)
@@ -356,7 +391,7 @@ def build_jglue(folder: Path, reviews: Path, marc_rows=(128, 32), jnli_rows=(96,
     for split, file, n_marc, n_jnli, n_jsquad in zip(("train", "validation"), ("train.jsonl", "valid.jsonl"),
                                                      marc_rows, jnli_rows, jsquad_rows):
         with open(reviews / file, encoding="utf-8") as f:
-            rows = [json.loads(line) for line, _ in zip(f, range(max(n_marc, 2 * n_jnli, n_jsquad)))]
+            rows = [json.loads(line) for line, _ in zip(f, range(max(n_marc, 2 * n_jnli, n_jsquad, 200)))]
         marc = [{"sentence": r["sentence"], "label": MARC_LABELS[r["label"]], "review_id": r["review_id"]}
                 for r in rows[:n_marc]]
         write_parquet(parquet / f"MARC-ja/jglue-{split}.parquet", marc)
@@ -371,6 +406,11 @@ def build_jglue(folder: Path, reviews: Path, marc_rows=(128, 32), jnli_rows=(96,
             {"sentence_pair_id": str(i), "yjcaptions_id": f"{a['review_id']}-{b['review_id']}",
              "sentence1": first_sentence(a["sentence"]), "sentence2": first_sentence(b["sentence"]), "label": i % 3}
             for i, (a, b) in enumerate(zip(rows[0:2 * n_jnli:2], rows[1:2 * n_jnli:2]))])
+        n_jcqa, n_jsts = jcqa_rows[split == "validation"], jsts_n[split == "validation"]
+        write_parquet(parquet / f"JCommonsenseQA/{split}/0000.parquet", [jcommonsenseqa_row(rows, i)
+                                                                         for i in range(n_jcqa)])
+        (parquet / "JSTS").mkdir(exist_ok=True)
+        pq.write_table(jsts_rows(rows, n_jsts), parquet / f"JSTS/jglue-{split}.parquet")
     return {("dataset", "shunk031/JGLUE", "main"): main, ("dataset", "shunk031/JGLUE", PARQUET_REF): parquet}
 
 

@@ -246,7 +246,7 @@ def llm_jp_file(path: Path, **changes) -> Path:
     rows = [{"input": r.fields["sentence"][:60], "output": "positive" if r.label == "positive" else "negative"}
             for r in reviews]
     d = {"instruction": "レビューの評価をpositiveかnegativeで答えて。", "output_length": 3,
-         "metrics": ["exact_match", "char_f1", "pearson"], "few_shots": rows[:2], "samples": rows[2:]} | changes
+         "metrics": ["exact_match", "char_f1"], "few_shots": rows[:2], "samples": rows[2:]} | changes
     path.write_text(json.dumps({k: v for k, v in d.items() if v is not None}, ensure_ascii=False), encoding="utf-8")
     return path
 
@@ -257,11 +257,12 @@ def test_an_llm_jp_eval_file_is_evaluated_as_given_and_trained_on(base, tmp_path
     task = load_task(path)
     assert (task.name, task.answer_field, task.max_new_tokens, len(task.samples), len(task.few_shots)) == \
         ("marc_ja_sample", "output", 3, 6, 2)
-    assert f"{path}: metrics pearson are not computed here (minicalm scores exact_match and char_f1)" in \
-        capsys.readouterr().err
+    assert (task.metrics, task.llm_jp_eval_metrics) == (["exact_match", "token_sort_ratio"], ["exact_match", "char_f1"])
     out = run_eval(EvalConfig(model=str(folder), task=str(path), shots=1, out=str(tmp_path / "e"), max_len=250,
                               device="cpu", log=False))
     assert out["metrics"]["n_rows"] == 6 and out["metrics"]["shots"] == 1 and "1-shot" in out["report"]
+    m = out["metrics"]["base"]   # the file's metrics again under its own names: its char_f1 is the fuzzy ratio
+    assert m["llm_jp_eval"] == {"exact_match": m["exact_match"], "char_f1": m["token_sort_ratio"]}
     res = train(TrainConfig(model=str(folder), task=str(path), out=str(tmp_path / "run"), max_len=MAX_LEN,
                             batch_size=2, micro_batch_size=2, max_steps=2, warmup_steps=0, eval_every=0, seed=0,
                             device="cpu", dtype="float32", log=False))

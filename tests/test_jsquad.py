@@ -105,7 +105,7 @@ def test_neither_layout_on_the_hub_is_one_line(standin_hub, hub_env, tmp_path):
     task = Task("jsquad", JSQUAD.prompt, answer_field="answers", id_field="id",
                 hub=JSQUAD.hub | {"files": {"validation": "JSQuAD-v2/jglue-validation.parquet"}})
     message = (rf"^{WHERE} has neither JSQuAD-v2/jglue-validation\.parquet nor JSQuAD-v2/validation/\*\.parquet: "
-               r"there is no folder JSQuAD-v2/; the top level holds JNLI/, JSQuAD/, MARC-ja/$")
+               r"there is no folder JSQuAD-v2/; the top level holds JCommonsenseQA/, JNLI/, JSQuAD/, JSTS/, MARC-ja/$")
     with pytest.raises(HubError, match=message):
         task_data(task, "validation", cache_dir=tmp_path / "cache")
     assert fetched(standin_hub) == [] and not (tmp_path / "cache").exists()

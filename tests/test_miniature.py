@@ -197,3 +197,21 @@ def test_free_form_story_before_k_shot_and_after(long_base, tmp_path, capsys):
     assert e.value.code == 1 and capsys.readouterr().err == (
         f"experiments/miniature.py: error: --out {out} already holds free_form, free_form.json, free_form.md from an "
         f"earlier run; choose another --out or delete it\n")
+
+
+def test_jglue_story_rows_ask_what_only_the_review_answers():
+    """feeling-word: one word of praise, one of complaint, three topics, the answer the review's kind (the choices
+    alone leave two); how-positive: five openings, k of them from positive reviews, the answer k."""
+    from experiments.miniature import COMPLAINT, PRAISE, TOPICS, feeling_word_rows, how_positive_rows, openings
+    from minicalm.tasks.data import read_jsonl
+    reviews = read_jsonl(need(REVIEWS / "valid.jsonl"), limit=300)
+    by_text = {r.text: r.label for r in reviews}
+    for row in feeling_word_rows(reviews, 100, seed=0):
+        choices = [row[f"choice{k}"] for k in range(5)]
+        assert sum(c in PRAISE for c in choices) == sum(c in COMPLAINT for c in choices) == 1
+        assert sum(c in TOPICS for c in choices) == 3
+        assert choices[row["label"]] in (PRAISE if by_text[row["review"]] == "positive" else COMPLAINT)
+    pool = openings(reviews)
+    for row in how_positive_rows(reviews, 50, seed=0):
+        lines = row["text"].split("\n")
+        assert len(lines) == 5 and row["positives"] == sum(s in pool["positive"] for s in lines)

@@ -143,7 +143,26 @@ def check_train(r: Ran) -> None:
         assert not [q for q in r.requests if q.path.endswith(".bin")] and r.requests
 
 
+def check_suite(r: Ran) -> None:
+    """A suite: each task's own evaluation in its folder, suite.json's numbers theirs, suite.md a row per task."""
+    from minicalm.tools.suite import SUITES, TITLES, headline
+    out, names = r.path(r.flag("--out", EvalConfig.out)), SUITES[r.flag("--suite")]
+    suite = read_json(out / "suite.json")
+    run = "adapter" if r.flag("--adapter") else "base"
+    assert list(suite["tasks"]) == list(names) and suite["shots"] == int(r.flag("--shots", 0))
+    for name in names:
+        metrics = read_json(out / name / "metrics.json")
+        assert metrics["task"]["name"] == name and (out / name / "report.md").is_file()
+        assert suite["tasks"][name] == headline(load_task(name), metrics[run])
+    table = (out / "suite.md").read_text(encoding="utf-8")
+    assert [line.split(" | ")[0][2:] for line in table.splitlines() if line.startswith("| ") and " | " in line][1:] \
+        == [TITLES[n] for n in names]
+    assert all(f"[{i}/{len(names)}] {n}" in r.stderr for i, n in enumerate(names, 1))   # progress across tasks
+
+
 def check_eval(r: Ran) -> None:
+    if r.flag("--suite"):
+        return check_suite(r)
     out, adapter = r.path(r.flag("--out", EvalConfig.out)), r.flag("--adapter")
     metrics = read_json(out / "metrics.json")
     runs = ["base", "adapter"] if "--compare-base" in r.args else ["adapter" if adapter else "base"]
@@ -219,6 +238,12 @@ def check_miniature(r: Ran) -> None:
         res = read_json(out / "free_form.json")
         assert all({"exact_match", "char_f1"} <= res[k].keys() for k in ("before", "k_shot", "after"))
         assert (out / "free_form.md").read_text(encoding="utf-8").count("| micro GPT-NeoX") == 3
+        return
+    if "--jglue" in r.args:   # JGLUE's other kinds: a multiple-choice task and a number, before and after LoRA
+        res = read_json(out / "jglue.json")["stories"]
+        assert {"accuracy", "accuracy_norm"} <= res["feeling-word"]["after"].keys()
+        assert {"pearson", "spearman", "n_unparsable"} <= res["how-positive"]["after"].keys()
+        assert (out / "jglue.md").read_text(encoding="utf-8").count("| feeling-word") == 1
         return
     if r.flag("--sweep-ranks") or r.flag("--sweep-variants"):
         runs = read_json(out / "sweep.json")["runs"]

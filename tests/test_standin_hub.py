@@ -103,14 +103,15 @@ def test_tree_pages_and_folders(standin_hub, hub_env, monkeypatch):
     parquet = standin_hub.revision(JGLUE, "refs/convert/parquet", "dataset")
     entries = list(HfApi().list_repo_tree(JGLUE, repo_type="dataset", revision="refs/convert/parquet",
                                           recursive=True))
-    assert len(entries) == 16 and len(standin_hub.log) == 3   # 6 a page: huggingface_hub followed the Link twice
-    assert [e.path for e in entries if isinstance(e, RepoFolder)] == ["JNLI", "JSQuAD", "JSQuAD/train",
-                                                                      "JSQuAD/validation", "MARC-ja", "MARC-ja/train"]
+    assert len(entries) == 24 and len(standin_hub.log) == 4   # 6 a page: huggingface_hub followed the Link 3 times
+    assert [e.path for e in entries if isinstance(e, RepoFolder)] == [
+        "JCommonsenseQA", "JCommonsenseQA/train", "JCommonsenseQA/validation", "JNLI", "JSQuAD", "JSQuAD/train",
+        "JSQuAD/validation", "JSTS", "MARC-ja", "MARC-ja/train"]
     for e in (e for e in entries if isinstance(e, RepoFile)):
         data = parquet.files[e.path].data
         assert (e.size, e.lfs.size, e.lfs.sha256) == (len(data), len(data), hashlib.sha256(data).hexdigest())
     top = HfApi().list_repo_tree(JGLUE, repo_type="dataset", revision="refs/convert/parquet")
-    assert [e.path for e in top] == ["JNLI", "JSQuAD", "MARC-ja"]
+    assert [e.path for e in top] == ["JCommonsenseQA", "JNLI", "JSQuAD", "JSTS", "MARC-ja"]
 
 
 @DOWNLOADS

@@ -26,9 +26,12 @@ from .task import MARC_JA, Task
 @dataclass
 class Row:
     fields: dict[str, str]   # the values of the task's prompt fields
-    label: str               # the label's name; free-form: the answer trained on (the first reference)
+    label: str               # the label's name; free-form: the answer trained on (the first reference); multiple
+                             # choice: the right choice's text
     id: str
     references: tuple[str, ...] = ()   # free-form: every acceptable answer (scored: the best of them)
+    choices: tuple[str, ...] = ()      # multiple choice: the row's choices, in index order
+    gold: int | None = None            # multiple choice: the right choice's index
 
     @property
     def text(self) -> str:
@@ -42,6 +45,9 @@ def parse_row(row, task: Task, line: int) -> Row:
     answer = task.answer_field or task.label_field
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object with fields {', '.join(map(task.key, task.fields + [answer]))}")
+    choices = task.choices(row) if task.multiple_choice else []
+    if task.choices_field is not None:   # the list's items are the prompt's {choice0}, {choice1}, ...
+        row = row | {f"choice{i}": c for i, c in enumerate(choices)}
     fields = {}
     for name in task.fields:
         key, value = task.key(name), row.get(task.key(name), "" if name in task.optional else None)
@@ -57,6 +63,9 @@ def parse_row(row, task: Task, line: int) -> Row:
     if task.free_form:
         refs = task.references(row[task.key(answer)])
         return Row(fields, refs[0], row_id, tuple(refs))
+    if task.multiple_choice:
+        gold = task.choice_index(row[task.key(answer)], len(choices))
+        return Row(fields, choices[gold], row_id, choices=tuple(choices), gold=gold)
     return Row(fields, task.label_name(row[task.label_field]), row_id)
 
 
@@ -118,7 +127,10 @@ def parquet_to_jsonl(parquet: str | Path | list[Path], out_path: str | Path, tas
     except ImportError:
         raise ImportError('reading JGLUE\'s Parquet files needs pyarrow: pip install "minicalm[marc]"') from None
     answer = task.answer_field or task.label_field
-    columns = [task.key(f) for f in task.fields + [answer]] + ([task.id_field] if task.id_field else [])
+    choices = [task.key(f) for f in task.choice_fields or []] + ([task.key(task.choices_field)] if
+                                                                  task.choices_field else [])
+    own = [task.key(f) for f in task.fields if task.choices_field is None or not f.startswith("choice")]
+    columns = list(dict.fromkeys(own + choices + [task.key(answer)] + ([task.id_field] if task.id_field else [])))
     lines, counts = [], {"rows": 0} | {label: 0 for label in task.labels or {}}
     for path in parquet if isinstance(parquet, list) else [parquet]:
         try:
@@ -138,11 +150,11 @@ def parquet_to_jsonl(parquet: str | Path | list[Path], out_path: str | Path, tas
             except ValueError as e:
                 raise ValueError(f"{path}: row {n}: {e}") from None
             counts["rows"] += 1
-            if not task.free_form:
+            if task.labels:
                 counts[r.label] += 1
-            out = ({task.key(f): v for f, v in r.fields.items()} |
-                   {task.key(answer): list(r.references) if task.free_form else r.label} |
-                   ({task.id_field: r.id} if task.id_field else {}))
+            out = ({k: row[k] for k in own + choices} |
+                   {task.key(answer): list(r.references) if task.free_form else r.gold if task.multiple_choice else
+                    r.label} | ({task.id_field: r.id} if task.id_field else {}))
             lines.append(json.dumps(out, ensure_ascii=False))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,8 +243,7 @@ class PromptEncoder:
         self.literal_ids = self.templates[0][0]
         firsts = [lits[0] for lits, _ in self.templates]
         self.prefix_ids = firsts[0][:common_prefix(firsts)]   # the shared prefix: the same in every prompt
-        self.answer_ids = {} if task.free_form else {label: tokenizer.encode(word) for label, word in
-                                                     task.labels.items()}   # without eos
+        self.answer_ids = {label: tokenizer.encode(word) for label, word in (task.labels or {}).items()}   # no eos
         for a, ids_a in self.answer_ids.items():
             for b, ids_b in self.answer_ids.items():
                 if a != b and ids_b[:len(ids_a)] == ids_a:
@@ -240,13 +251,14 @@ class PromptEncoder:
                                      f"({task.labels[a]!r}) is, in tokens, a prefix of that of {b!r} "
                                      f"({task.labels[b]!r}): an answer could not tell them apart")
         # room left after the prompt: the longest label word and eos; a free-form prompt alone fills max_len (its
-        # answer comes on top in evaluation; in training, the row's own answer is made room for)
-        self.reserve = 0 if task.free_form else max(map(len, self.answer_ids.values())) + 1
+        # answer comes on top in evaluation; in training, the row's own answer is made room for); a multiple-choice
+        # row leaves room for its own longest choice and eos (row_reserve), in training and evaluation alike
+        self.reserve = max(map(len, self.answer_ids.values())) + 1 if task.labels else 0
         fixed = max(sum(map(len, lits)) for lits, _ in self.templates) + self.reserve
         self.field_budget = max_len - fixed   # the most field tokens that fit
-        if self.field_budget < (1 if task.free_form else len(task.fields)):
+        if self.field_budget < (len(task.fields) if task.labels else 1):
             raise ValueError(f"max_len {max_len} leaves no room for the rows' text: the prompt's fixed text and the "
-                             f"{'answer' if task.free_form else 'longest answer + eos'} take {fixed} tokens with "
+                             f"{'longest answer + eos' if task.labels else 'answer'} take {fixed} tokens with "
                              f"this tokenizer")
 
     def template(self, segments) -> tuple[list[list[int]], list[int]]:
@@ -273,11 +285,12 @@ class PromptEncoder:
         return ids, keep != [len(f) for f in parts]
 
     def example_from_ids(self, field_ids: list[list[int]], label: str, train_on_inputs: bool = False,
-                         short: bool = False) -> tuple[list[int], list[int], bool] | None:
-        """(input_ids, labels, truncated), or None for a free-form row whose answer cannot fit max_len."""
-        if self.task.free_form:
+                         short: bool = False, reserve: int | None = None) -> tuple[list[int], list[int], bool] | None:
+        """(input_ids, labels, truncated), or None for a row whose own answer (free-form, or the right choice) cannot
+        fit max_len; `reserve`: the room a multiple-choice row leaves (row_reserve)."""
+        if not self.task.labels:
             answer = self.tokenizer.encode(label) + [self.eos_id]
-            prompt, truncated = self.prompt_from_ids(field_ids, short, reserve=len(answer))
+            prompt, truncated = self.prompt_from_ids(field_ids, short, reserve=reserve or len(answer))
             if len(prompt) + len(answer) > self.max_len:
                 return None
         else:
@@ -299,12 +312,30 @@ class PromptEncoder:
         return self.encode_prompts([row])[0]
 
     def encode_prompts(self, rows: list[Row]) -> list[tuple[list[int], bool]]:
-        return [self.prompt_from_ids(f, self.task.short(r.fields)) for r, f in zip(rows, self.field_ids(rows))]
+        return [self.prompt_from_ids(f, self.task.short(r.fields), res) for r, f, res in
+                zip(rows, self.field_ids(rows), self.row_reserves(rows))]
+
+    def choice_ids(self, rows: list[Row]) -> list[list[list[int]]]:
+        """Each multiple-choice row's choices tokenized (without eos), one batch for all of them."""
+        flat = self.tokenizer.encode_batch([c for r in rows for c in r.choices])
+        out, i = [], 0
+        for r in rows:
+            out.append(flat[i:i + len(r.choices)])
+            i += len(r.choices)
+        return out
+
+    def row_reserves(self, rows: list[Row]) -> list[int | None]:
+        """The room each row's prompt leaves within max_len: a multiple-choice row's longest choice and eos, so that
+        training and evaluation cut its prompt alike; None (self.reserve) for the others."""
+        if not self.task.multiple_choice:
+            return [None] * len(rows)
+        return [max(map(len, ids)) + 1 for ids in self.choice_ids(rows)]
 
     def encode_example(self, row: Row, train_on_inputs: bool = False) -> tuple[list[int], list[int], bool] | None:
         """(input_ids, labels, truncated). labels align with input_ids (the loss shifts them) and are -100
         except on the answer + eos; with train_on_inputs they equal input_ids (loss on the whole sequence)."""
-        return self.example_from_ids(self.field_ids([row])[0], row.label, train_on_inputs, self.task.short(row.fields))
+        return self.example_from_ids(self.field_ids([row])[0], row.label, train_on_inputs, self.task.short(row.fields),
+                                     self.row_reserves([row])[0])
 
 
 @dataclass
@@ -385,8 +416,8 @@ def encode_rows(encoder: PromptEncoder, rows: list[Row],
     """(examples, how many rows were truncated), tokenized in parallel batches; the free-form rows that cannot fit
     are left out (as many as len(rows) - len(examples))."""
     examples, n_truncated = [], 0
-    for row, fids in zip(rows, encoder.field_ids(rows)):
-        made = encoder.example_from_ids(fids, row.label, train_on_inputs, encoder.task.short(row.fields))
+    for row, fids, reserve in zip(rows, encoder.field_ids(rows), encoder.row_reserves(rows)):
+        made = encoder.example_from_ids(fids, row.label, train_on_inputs, encoder.task.short(row.fields), reserve)
         if made is not None:
             examples.append(Example(*made[:2]))
             n_truncated += made[2]

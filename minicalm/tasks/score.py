@@ -1,8 +1,11 @@
 """Scoring: parse a generated answer and compute the metrics (label likelihoods come from generate.py); free-form
-answers by exact match and character F1 against their references."""
+answers by exact match and character F1 against their references, and by the metrics a task names (llm-jp-eval's:
+its fuzzy char_f1, set_f1, Pearson and Spearman of answers read as numbers); multiple choice by accuracy and the JP
+LM evaluation harness's length-normalised accuracy."""
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from collections import Counter
 
@@ -108,14 +111,149 @@ def char_f1(answer: str, reference: str) -> float:
     return 0.0 if common == 0 else 2 * common / (len(a) + len(r))
 
 
-def text_metrics(references: list[list[str]], answers: list[str]) -> dict:
+def text_metrics(references: list[list[str]], answers: list[str], names: list[str] | tuple = ()) -> dict:
     """exact_match and char_f1, each row's best over its references (as SQuAD scores several golds), averaged; the
-    share of empty answers; a 95% interval of exact_match."""
+    share of empty answers; a 95% interval of exact_match; and each metric of `names` (a task's metrics):
+    token_sort_ratio and set_f1 (the best over the references, averaged), pearson and spearman (of the answers read
+    as numbers against the first reference's number, with how many answers were no number: n_unparsable)."""
     if len(references) != len(answers) or not answers:
         raise ValueError(f"need as many answers as reference lists (at least one): {len(answers)} vs "
                          f"{len(references)}")
     em = [max(normalize(a) == normalize(r) for r in refs) for refs, a in zip(references, answers)]
     f1 = [max(char_f1(a, r) for r in refs) for refs, a in zip(references, answers)]
     n = len(answers)
-    return {"n": n, "exact_match": sum(em) / n, "exact_match_ci95": wilson_interval(sum(em), n),
-            "char_f1": sum(f1) / n, "empty_rate": sum(not normalize(a) for a in answers) / n}
+    out = {"n": n, "exact_match": sum(em) / n, "exact_match_ci95": wilson_interval(sum(em), n),
+           "char_f1": sum(f1) / n, "empty_rate": sum(not normalize(a) for a in answers) / n}
+    for name in ("token_sort_ratio", "set_f1"):
+        if name in names:
+            score = PER_ROW[name]
+            out[name] = sum(max(score(normalize(a), normalize(r)) for r in refs)
+                            for refs, a in zip(references, answers)) / n
+    if {"pearson", "spearman"} & set(names):
+        golds, read = [float(refs[0]) for refs in references], [llm_jp_float(a) for a in answers]
+        guesses = [UNPARSABLE if x is None else x for x in read]
+        out |= {name: fn(golds, guesses) for name, fn in (("pearson", pearson), ("spearman", spearman))
+                if name in names} | {"n_unparsable": sum(x is None for x in read)}
+    return out
+
+
+# ----------------------------------------------------------------------------- llm-jp-eval's metrics
+# As llm-jp-eval computes them (github.com/llm-jp/llm-jp-eval, src/llm_jp_eval/utils.py and evaluator.py): both texts
+# NFKC-normalised; char_f1 is fuzzywuzzy's (now thefuzz's) token_sort_ratio / 100, not SQuAD's character F1 (minicalm
+# calls it token_sort_ratio); set_f1 compares the sets of lines; pearson and spearman are scipy's over the answers
+# read as numbers (everything but digits and "." removed; what float() then refuses counts as -2.0), a NaN
+# correlation (a constant side) counting as 0. Written out here, checked against scipy and thefuzz in the tests.
+
+UNPARSABLE = -2.0   # llm-jp-eval's value for an answer that reads as no number
+
+
+def llm_jp_float(text: str) -> float | None:
+    """An answer read as a number by llm-jp-eval's rule (NFKC, then only digits and "." kept); None where float()
+    refuses what is left ("", ".", "1.2.3"), which llm-jp-eval scores as UNPARSABLE."""
+    try:
+        return float(re.sub(r"[^0-9.]", "", unicodedata.normalize("NFKC", str(text))))
+    except ValueError:
+        return None
+
+
+def token_sort_ratio(answer: str, reference: str) -> float:
+    """thefuzz's fuzz.token_sort_ratio(answer, reference) / 100, which llm-jp-eval reports as char_f1: both texts
+    lose the characters U+0080-U+00FF (its force_ascii), every other character that is not a letter or digit becomes
+    a space, letters are lowercased; the whitespace-separated tokens are sorted and joined by one space; the score is
+    the Indel similarity 1 - (len a + len b - 2 LCS) / (len a + len b) of the two, in whole percent (Python's round: ties to even). Two texts
+    with no token left agree (1.0); one alone scores 0."""
+    a, b = (" ".join(sorted(sort_tokens(t))) for t in (answer, reference))
+    if not a or not b:
+        return float(a == b)
+    total = len(a) + len(b)   # rapidfuzz's order of operations, so that ties round as in thefuzz
+    return round(100 * (1 - (total - 2 * lcs_length(a, b)) / total)) / 100
+
+
+def sort_tokens(text: str) -> list[str]:
+    """thefuzz's full_process (force_ascii: U+0080-U+00FF dropped) then rapidfuzz's default_process, as tokens."""
+    kept = "".join(c for c in text if not 0x80 <= ord(c) <= 0xFF)
+    return "".join((c.lower() if len(c.lower()) == 1 else c) if c.isalnum() else " " for c in kept).split()
+
+
+def lcs_length(a: str, b: str) -> int:
+    """Length of the longest common subsequence, bit-parallel (Hyyro 2004): one bit per character of a, one pass of
+    integer arithmetic per character of b, so long answers cost O(len b) big-integer steps, not len a x len b."""
+    masks: dict[str, int] = {}
+    for i, c in enumerate(a):
+        masks[c] = masks.get(c, 0) | 1 << i
+    full = (1 << len(a)) - 1
+    v = full
+    for c in b:
+        u = v & masks.get(c, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - bin(v).count("1")
+
+
+def set_f1(answer: str, reference: str) -> float:
+    """llm-jp-eval's set_f1: the answer's lines as a set and the reference's as a list (each stripped); precision and
+    recall of the answer lines found among the reference's, and their F1 (0 when both are 0)."""
+    got, want = {x.strip() for x in answer.split("\n")}, [x.strip() for x in reference.split("\n")]
+    hits = sum(x in want for x in got)
+    p, r = hits / len(got), hits / len(want)
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+PER_ROW = {"token_sort_ratio": token_sort_ratio, "set_f1": set_f1}
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    """Pearson's r (scipy.stats.pearsonr's statistic); 0.0 where it is undefined (a constant side, fewer than two
+    rows): llm-jp-eval counts a NaN correlation as 0."""
+    n = len(x)
+    if n < 2:
+        return 0.0
+    mx, my = sum(x) / n, sum(y) / n
+    dx, dy = [v - mx for v in x], [v - my for v in y]
+    sxx, syy = sum(d * d for d in dx), sum(d * d for d in dy)
+    if sxx == 0 or syy == 0:
+        return 0.0
+    return max(-1.0, min(1.0, sum(a * b for a, b in zip(dx, dy)) / math.sqrt(sxx * syy)))
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, tied values sharing the mean of their ranks (scipy.stats.rankdata's "average")."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho (scipy.stats.spearmanr's statistic): Pearson's r of the ranks; 0.0 where undefined."""
+    return pearson(ranks(x), ranks(y))
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+def choice_metrics(golds: list[int], answers: list[int], answers_norm: list[int], n_choices: list[int]) -> dict:
+    """Accuracy of the choices picked by log-likelihood and by log-likelihood per character of the choice (the JP LM
+    evaluation harness's acc and acc_norm), each with its 95% interval, and chance: the mean of 1 / choices."""
+    n = len(golds)
+    if not n or not len(answers) == len(answers_norm) == len(n_choices) == n:
+        raise ValueError(f"need one answer of each kind per gold (at least one): {n}, {len(answers)}, "
+                         f"{len(answers_norm)}, {len(n_choices)}")
+    right, right_norm = (sum(a == g for a, g in zip(got, golds)) for got in (answers, answers_norm))
+    return {"n": n, "accuracy": right / n, "accuracy_ci95": wilson_interval(right, n),
+            "accuracy_norm": right_norm / n, "accuracy_norm_ci95": wilson_interval(right_norm, n),
+            "chance": sum(1 / k for k in n_choices) / n}
+
+
+def generated_choice_metrics(golds: list[int], answers: list[int | None], n_choices: list[int]) -> dict:
+    """Greedy answers matched to the row's choices: accuracy, the share that matched no choice (invalid), accuracy
+    among the valid ones, and chance."""
+    n, valid = len(golds), sum(a is not None for a in answers)
+    right = sum(a == g for a, g in zip(answers, golds))
+    return {"n": n, "accuracy": right / n, "accuracy_ci95": wilson_interval(right, n), "invalid_rate": 1 - valid / n,
+            "n_valid": valid, "valid_accuracy": _ratio(right, valid), "chance": sum(1 / k for k in n_choices) / n}

@@ -94,18 +94,30 @@ def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_token
     enc = PromptEncoder(tok, max_len, task)
     answers = Answers(model, tok, enc, max_new_tokens, likelihood=not task.free_form)
     more = max([max_new_tokens, *map(len, enc.answer_ids.values())])   # the answer written, or a label word scored
-    prompts = []
+    named = task.choice_fields or [f"choice{k}" for k in range(len(task.fields)) if f"choice{k}" in task.fields]
+    if task.multiple_choice and not (named and set(named) <= set(task.fields)):   # they must come with the text
+        raise ValueError(f"task {task.name}'s choices are not all in its prompt: generate takes the prompt's fields "
+                         f"({', '.join(task.fields)})")
+    prompts, choices = [], []
     for text in texts:
-        ids, cut = enc.encode_prompt(Row(task_fields(task, text), "", "0"))
+        fields = task_fields(task, text)
+        row = Row(fields, "", "0", choices=tuple(fields[f] for f in named))
+        ids, cut = enc.encode_prompt(row)
         if cut:   # the answer is to what the model saw: say so
             print(f"{shown(text)}: cut to --max-len {max_len} tokens with the prompt (raise --max-len to answer all "
                   f"of it)", file=sys.stderr)
         prompts.append(ids)
+        choices.append(row.choices if task.multiple_choice else None)
         check_fits(model, ids, more, text, "lower --max-len (a longer text is cut to it) or --max-new-tokens")
-    for prompt, text in zip(prompts, texts):
-        (p,) = answers([prompt])
+    for prompt, text, offered in zip(prompts, texts, choices):
+        (p,) = answers([prompt], offered and [offered])
         if task.free_form:
             yield f"{p['answer']}\t{text}".replace("\n", "\\n")
+            continue
+        if offered:   # the greedy answer's choice (or invalid), what was written, each choice's probability
+            probs = " ".join(f"p({k})={math.exp(x):.3f}" for k, x in enumerate(p["logprobs"]))
+            pick = p["generated_answer"]
+            yield f"{'invalid' if pick is None else pick}\t{p['continuation']!r}\t{probs}\t{text}"
             continue
         probs = " ".join(f"p({label})={torch.tensor(p[f'logprob_{label}']).exp():.3f}" for label in task.labels)
         yield f"{p['answer'] or 'invalid'}\t{p['continuation']!r}\t{probs}\t{text}"

@@ -441,6 +441,9 @@ def make_app(server: Server):
         body = await read_body(request)
         name, served = server.model_named(body)
         task, ans = served.task, served.answers
+        if task.multiple_choice:   # its answer is one of the row's own choices, scored by generate's other path
+            raise ApiError(400, f"model {name}'s task {task.name} answers with one of each row's choices, which "
+                                f"/v1/answers does not take yet: ask /v1/completions", "model")
         text = need(body, "text", str, None)
         try:   # `text` as generate takes it (the task's fields tab-separated), else the fields by name
             given = task_fields(task, text) if text is not None else {f: need(body, f, str, "") for f in task.fields}
