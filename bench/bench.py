@@ -1,6 +1,6 @@
 """minicalm vs transformers + peft on the same work, same random weights, in one process.
 
-    python bench/bench.py [--size small|tiny] [--part all|training|variants|qlora|small|free-form|choices]
+    python bench/bench.py [--size small|tiny] [--part all|training|variants|qlora|small|free-form|choices|serve]
                           [--reps N] [--device cpu|cuda]
 
 A random transformers GPTNeoXForCausalLM is saved with save_pretrained and loaded by both sides (minicalm through
@@ -9,14 +9,17 @@ matrices are copied so that both start from identical weights. Each repetition t
 back to back, alternating which goes first; the table reports medians of the rates and of the paired ratios
 (ratio = minicalm rate / transformers rate, above 1 means minicalm is faster). Writes bench/results.json.
 
-Six parts: `training` (the main job's step on 7B-shaped proxies, where the LM head is a small share of the work,
+Seven parts: `training` (the main job's step on 7B-shaped proxies, where the LM head is a small share of the work,
 and the whole train_lora.py step against transformers + peft), `variants` (DoRA's step, PiSSA's initialisation),
 `qlora` (the step on an NF4 base against the full-precision one and against transformers + peft + bitsandbytes'
-4-bit), `small` (open-calm-small's shape: a training step, evaluation, decoding) and `free-form` (free-form
+4-bit), `small` (open-calm-small's shape: a training step, evaluation, decoding), `free-form` (free-form
 evaluation's greedy answers against transformers' generate, in generated tokens/s, on the 7B-shaped proxy and
-open-calm-small's shape) and `choices` (a multiple-choice question's five choices scored by log-likelihood: one batch
+open-calm-small's shape), `choices` (a multiple-choice question's five choices scored by log-likelihood: one batch
 on copies of each row's prompt cache, against one forward per choice and against transformers' prompt + choice per
-sequence, as the JP harness scores them). A part run alone keeps the other parts' entries of --out.
+sequence, as the JP harness scores them) and `serve` (a batch whose rows use 4 adapters against the same batch on
+one; python -m minicalm serve under load against --max-batch 1 and against transformers + peft's
+generate(adapter_names=...) in static batches, in generated tokens/s and latency). A part run alone keeps the other
+parts' entries of --out.
 """
 from __future__ import annotations
 
@@ -582,6 +585,198 @@ def free_form_7b(b: Bench) -> dict:
     return free_form_answers(b, "7B-shaped proxy", ours, theirs, bpe)
 
 
+# ----------------------------------------------------------------------------- serving: many adapters, one batch
+
+SERVE_ADAPTERS = {   # three adapters a server might hold: different ranks, scales and targets
+    "qkv8": LoraConfig(r=8, alpha=16),
+    "rs16": LoraConfig(r=16, alpha=16, use_rslora=True, targets=("query_key_value", "dense")),
+    "mlp4": LoraConfig(r=4, alpha=8, targets=("dense_h_to_4h", "dense_4h_to_h")),
+}
+
+
+def random_adapter(folder: Path, out: Path, cfg: LoraConfig, seed: int) -> Path:
+    """An adapter for the checkpoint in `folder` whose A and B are random (B not zero: it changes the answers)."""
+    from minicalm.io.adapter import save_adapter
+    model = minicalm.apply_lora(minicalm.load_model(folder), cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return save_adapter(model, out)
+
+
+def serving_checkpoint(b: Bench, size: str, adapters: dict[str, LoraConfig]) -> tuple[Path, dict[str, Path]]:
+    """A random GPT-NeoX of `size`'s shape (vocab 50304, the GPT-NeoX-20B tokenizer) and adapters for it."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    folder = b.tmp / f"serve-{size}-{len(adapters)}"
+    if not folder.is_dir():
+        torch.manual_seed(0)
+        GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, rotary_pct=1.0, use_parallel_residual=False,
+                                         max_position_embeddings=2048, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                                         tie_word_embeddings=False, **SIZES[size])).save_pretrained(folder)
+        shutil.copy(TOKENIZER, folder / "tokenizer.json")
+    return folder, {name: random_adapter(folder, folder.parent / f"{folder.name}-{name}", cfg, i)
+                    for i, (name, cfg) in enumerate(adapters.items())}
+
+
+def many_adapters(b: Bench, size: str, rows: int = 16, prompt: int = 64, steps: int = 32) -> list[dict]:
+    """What serving many adapters in one batch costs (multi_lora.py): the same batch with its rows over 4 adapters
+    against all its rows on one (LoRALinear), r 8 on query_key_value alike: a prefill of rows x prompt tokens, and
+    `steps` decoding steps of the rows."""
+    from minicalm.generate import Decoding, decode_one_token, prefill
+    from minicalm.io.adapter import load_adapter, load_adapters
+    from minicalm.multi_lora import row_adapters
+
+    folder, dirs = serving_checkpoint(b, size, {f"a{i}": LoraConfig(r=8, alpha=16) for i in range(4)})
+    multi = minicalm.load_model(folder, dtype=b.dtype, device=b.device).eval()
+    load_adapters(multi, dirs)
+    single = load_adapter(minicalm.load_model(folder, dtype=b.dtype, device=b.device), dirs["a0"]).eval()
+    which = torch.arange(rows, device=b.device) % 4 + 1                     # rows over the 4 adapters
+    x = torch.randint(2, 50000, (rows, prompt), generator=torch.Generator().manual_seed(0)).to(b.device)
+    token = x[:, -1]
+
+    def run(model, part):
+        with torch.inference_mode(), row_adapters(model, which):
+            _, after = prefill(model, x, extra=steps)   # decoding continues from here, each call over the same slots
+
+        @torch.inference_mode()
+        def call():
+            with row_adapters(model, which):
+                if part == "prefill":
+                    prefill(model, x, extra=steps)
+                    return
+                state = Decoding(after.cache, after.positions.clone(), after.slot)
+                for _ in range(steps):
+                    decode_one_token(model, token, state)
+        return call
+
+    out = []
+    for part, work in (("prefill", rows * prompt), ("decode", rows * steps)):
+        name = (f"{size} shape: {rows} rows over 4 adapters vs the same rows on 1 adapter, " +
+                (f"prefill of {prompt} tokens each" if part == "prefill" else f"{steps} decoding steps"))
+        out.append(b.paired(name, run(multi, part), run(single, part), work, "tokens/s",
+                            names=("4 adapters (multi_lora)", "1 adapter (LoRALinear)")))
+    return out
+
+
+def serving_requests(n: int, seed: int = 0) -> list[tuple[int, list[int], int]]:
+    """n requests as (model index 0-3, prompt ids, max_tokens): real reviews cut to 16-96 tokens of the GPT-NeoX
+    tokenizer, 8-40 new tokens each, round robin over the base and three adapters."""
+    tok = minicalm.load_tokenizer(TOKENIZER)
+    g = torch.Generator().manual_seed(seed)
+    reviews = [r.text for r in data.read_jsonl(REVIEWS / "valid.jsonl", limit=n)]
+    return [(i % 4, tok.encode(text)[:int(torch.randint(16, 97, (1,), generator=g))],
+             int(torch.randint(8, 41, (1,), generator=g))) for i, text in enumerate(reviews)]
+
+
+def serving_load(b: Bench, size: str, batches: list[int]) -> list[dict]:
+    """python -m minicalm serve under load: every request sent at once by its own client (the openai client, greedy),
+    answered in one continuous batch of at most B rows, for each B in `batches`; against the same server with
+    --max-batch 1 (one request at a time) and against transformers + peft's generate(adapter_names=...) on the same
+    requests in static batches of B in order of arrival (a batch ends with its longest answer). Generated tokens/s,
+    and each request's latency from the start (p50, p95). Every side's answers are checked to be the same."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+    from peft import PeftModel
+    from transformers import GPTNeoXForCausalLM
+    from minicalm.generate import left_pad
+    from minicalm.tools.serve import ServeConfig, running
+
+    folder, dirs = serving_checkpoint(b, size, SERVE_ADAPTERS)
+    models = [str(folder), *dirs]
+    requests = serving_requests(b.args.serve_requests)
+    tok = minicalm.load_tokenizer(TOKENIZER)
+    results: dict[str, list] = {}
+
+    def over_http(batch: int):
+        cfg = ServeConfig(model=str(folder), adapter=[f"{n}={d}" for n, d in dirs.items()], port=0, max_batch=batch,
+                          max_queue=len(requests), device=b.device.type, dtype=str(b.dtype).removeprefix("torch."))
+
+        def run() -> dict:
+            with running(cfg) as (url, _):
+                client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
+
+                def ask(req):
+                    m, prompt, n = req
+                    out = client.completions.create(model=models[m], prompt=prompt, max_tokens=n, temperature=0)
+                    return time.perf_counter() - t0, out.usage.completion_tokens, out.choices[0].text
+
+                with ThreadPoolExecutor(len(requests)) as pool:
+                    t0 = time.perf_counter()
+                    done = list(pool.map(ask, requests))
+                    seconds = time.perf_counter() - t0
+            return {"seconds": seconds, "latency": [d[0] for d in done], "tokens": [d[1] for d in done],
+                    "texts": [d[2] for d in done]}
+        return run
+
+    hf = PeftModel.from_pretrained(GPTNeoXForCausalLM.from_pretrained(folder, dtype=b.dtype).to(b.device),
+                                   dirs["qkv8"], adapter_name="qkv8")
+    for name in ("rs16", "mlp4"):
+        hf.load_adapter(dirs[name], adapter_name=name)
+    hf.eval()
+
+    def static(max_batch: int):
+        @torch.inference_mode()
+        def run() -> dict:
+            return static_batches(max_batch)
+        return run
+
+    def static_batches(max_batch: int) -> dict:
+        t0, latency, tokens, texts = time.perf_counter(), [], [], []
+        for i in range(0, len(requests), max_batch):
+            batch = requests[i:i + max_batch]
+            ids, mask = left_pad([p for _, p, _ in batch], tok.pad_token_id, b.device)
+            out = hf.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False, eos_token_id=0,
+                              pad_token_id=tok.pad_token_id, max_new_tokens=max(n for _, _, n in batch),
+                              adapter_names=[["__base__", *SERVE_ADAPTERS][m] for m, _, _ in batch])
+            for (_, _, n), row in zip(batch, out[:, ids.shape[1]:].tolist()):
+                new = up_to_eos(row[:n], 0)
+                tokens.append(len(new))
+                texts.append(tok.decode(new[:-1] if new[-1:] == [0] else new))
+                latency.append(time.perf_counter() - t0)
+        return {"seconds": time.perf_counter() - t0, "latency": latency, "tokens": tokens, "texts": texts}
+
+    sides = {"--max-batch 1": over_http(1)}
+    for B in batches:
+        sides |= {f"--max-batch {B}": over_http(B), f"static {B}": static(B)}
+    for side in sides.values():
+        side()   # warm-up
+    for rep in range(b.args.reps):
+        for name in list(sides) if rep % 2 == 0 else list(reversed(sides)):
+            results.setdefault(name, []).append(sides[name]())
+            r = results[name][-1]
+            print(f"  serving {size} rep {rep + 1}: {name} {r['seconds']:.2f}s, {sum(r['tokens'])} tokens",
+                  file=sys.stderr, flush=True)
+    texts = {name: runs[0]["texts"] for name, runs in results.items()}
+    differ = [i for i in range(len(requests)) if len({t[i] for t in texts.values()}) > 1]
+    if differ:   # the same greedy answers on every side, or the comparison is of different work
+        raise RuntimeError(f"serving, {size}: the sides' answers differ for {len(differ)} of {len(requests)} requests; "
+                           f"the first, {differ[0]}: " + "; ".join(f"{k}: {v[differ[0]]!r}" for k, v in texts.items()))
+
+    def summary(runs: list[dict]) -> dict:
+        lat = sorted(x for r in runs for x in r["latency"])
+        return {"tokens_per_s": statistics.median(sum(r["tokens"]) / r["seconds"] for r in runs),
+                "p50_s": lat[len(lat) // 2], "p95_s": lat[int(0.95 * (len(lat) - 1))],
+                "seconds": [r["seconds"] for r in runs]}
+    stats = {name: summary(runs) for name, runs in results.items()}
+    b.info.setdefault("serve", {})[size] = {
+        "requests": len(requests), "prompt_tokens": sum(len(p) for _, p, _ in requests),
+        "generated_tokens": sum(results["--max-batch 1"][0]["tokens"]), **stats}
+    rows = []
+    for B in batches:
+        ours = results[f"--max-batch {B}"]
+        for other, label in (("--max-batch 1", "--max-batch 1 (one request at a time)"),
+                             (f"static {B}", f"transformers + peft generate(adapter_names) in static batches of {B}")):
+            rows.append({"work": f"{size} shape: {len(requests)} requests at once over the base and 3 adapters, "
+                                 f"--max-batch {B} vs {label}", "unit": "generated tokens/s",
+                         "sides": [f"minicalm serve --max-batch {B}", other],
+                         "minicalm": stats[f"--max-batch {B}"]["tokens_per_s"],
+                         "transformers": stats[other]["tokens_per_s"],
+                         "ratio": statistics.median(t["seconds"] / o["seconds"] for o, t in zip(ours, results[other])),
+                         "ratio_cpu_time": None})
+    return rows
 def question_rows(n: int) -> list[data.Row]:
     """n JCommonsenseQA-shaped questions from the validation reviews: a review's opening as the question, five
     choices of 1 to 9 characters (so their token counts differ), the right one's place cycling."""
@@ -691,8 +886,9 @@ def format_table(b: Bench, results: list[dict]) -> str:
         if "text" in r:
             lines.append(f"| {r['work']} | {r['text']} | | | |")
         else:
+            cpu = "" if r["ratio_cpu_time"] is None else f"{r['ratio_cpu_time']:.2f}x"
             lines.append(f"| {r['work']} ({r['unit']}) | {r['minicalm']:.1f} | {r['transformers']:.1f} | "
-                         f"{r['ratio']:.2f}x | {r['ratio_cpu_time']:.2f}x |")
+                         f"{r['ratio']:.2f}x | {cpu} |")
     load = " -> ".join(f"{b.info['machine'][k][0]:.1f}" for k in ("loadavg_start", "loadavg_end"))
     return "\n".join(lines + ["", "rates: work / median wall time; ratios: median over repetitions of the other "
                               "side's time / minicalm's (above 1: minicalm faster). Load average " + load +
@@ -701,7 +897,8 @@ def format_table(b: Bench, results: list[dict]) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("all", "training", "variants", "qlora", "small", "free-form", "choices"),
+    ap.add_argument("--part", choices=("all", "training", "variants", "qlora", "small", "free-form", "choices",
+                                       "serve"),
                     default="all")
     ap.add_argument("--size", choices=SIZES, default="small", help="the shape of the `small` part")
     ap.add_argument("--reps", type=int, default=5)
@@ -711,6 +908,10 @@ def main():
     ap.add_argument("--eval-reviews", type=int, default=64)
     ap.add_argument("--free-form-reviews", type=int, default=32, help="reviews answered free-form (batches of 16)")
     ap.add_argument("--questions", type=int, default=64, help="multiple-choice questions scored (batches of 16)")
+    ap.add_argument("--serve-requests", type=int, default=32, help="the `serve` part's requests, sent at once")
+    ap.add_argument("--serve-sizes", default="tiny,small", help="the `serve` part's shapes")
+    ap.add_argument("--serve-max-batch", default="8,16", help="the `serve` part's --max-batch values (and static "
+                                                              "batch sizes on the other side)")
     ap.add_argument("--out", default="bench/results.json", help="relative paths are to the repository")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -739,6 +940,10 @@ def main():
             results += free_form
         if args.part in ("all", "choices"):
             results += choices_7b(b)
+        if args.part in ("all", "serve"):
+            for size in args.serve_sizes.split(","):
+                results += many_adapters(b, size) + serving_load(b, size, [int(x) for x in
+                                                                          args.serve_max_batch.split(",")])
     info["machine"]["loadavg_end"] = os.getloadavg()
     table = format_table(b, results)
     print(table)

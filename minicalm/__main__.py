@@ -1,4 +1,4 @@
-"""`python -m minicalm COMMAND`: generate, merge, convert, plan, plot, stats (each with --help)."""
+"""`python -m minicalm COMMAND`: generate, merge, convert, plan, plot, stats, serve (each with --help)."""
 from .tools.commands import main
 
 main()

@@ -39,10 +39,12 @@ class Decoding:
 
 
 def prefill(model: CalmForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-            extra: int, prefix: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, Decoding]:
+            extra: int, prefix: KVCache | None = None, start: int = 0,
+            every: bool = False) -> tuple[torch.Tensor, Decoding]:
     """Run prompts (B, L), left-padded where attention_mask (B, L) is False, into a new cache with room for `extra`
     more tokens; after `start` slots of `prefix`, a one-row cache every row continues from. Returns the next-token
-    logits (B, V) and the decoding state."""
+    logits (B, V) (with `every`, those after every prompt position, (B, L, V): what scoring the prompt needs) and the
+    decoding state."""
     B, L = input_ids.shape
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     positions = start + (mask.long().cumsum(-1) - 1).clamp(min=0)                   # (B, L)
@@ -53,8 +55,8 @@ def prefill(model: CalmForCausalLM, input_ids: torch.Tensor, attention_mask: tor
     cache = model.new_cache(B, start + L + extra, key_valid)
     if prefix is not None:
         cache.copy_prefix(prefix, start)
-    logits = model(input_ids, positions, start=start, cache=cache, logits_at=LAST.to(input_ids.device))[:, -1]
-    return logits, Decoding(cache, positions[:, -1], start + L)
+    logits = model(input_ids, positions, start=start, cache=cache, logits_at=None if every else LAST.to(mask.device))
+    return logits if every else logits[:, -1], Decoding(cache, positions[:, -1], start + L)
 
 
 def decode_one_token(model: CalmForCausalLM, token: torch.Tensor, state: Decoding) -> torch.Tensor:
@@ -69,13 +71,19 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sampler(temperature: float, top_k: int | None = None, generator: torch.Generator | None = None) -> Callable:
-    """A `pick` for decode_n_tokens that samples from softmax(logits / temperature), among the top_k if given."""
+def sampler(temperature: float, top_k: int | None = None, generator: torch.Generator | None = None,
+            top_p: float = 1.0) -> Callable:
+    """A `pick` for decode_n_tokens that samples from softmax(logits / temperature), among the top_k if given, and
+    among the likeliest tokens whose probabilities sum to top_p (nucleus sampling, Holtzman et al. 2019) if below 1."""
     def pick(logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float() / temperature
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
             logits = logits.masked_fill(logits < kth, -float("inf"))
+        if top_p < 1:   # drop a token once the likelier ones before it already hold top_p
+            p, order = logits.softmax(-1).sort(-1, descending=True)
+            after = p.cumsum(-1) - p >= top_p                                     # in order of probability
+            logits = logits.masked_fill(torch.empty_like(after).scatter_(-1, order, after), -float("inf"))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[..., 0]
     return pick
 

@@ -104,3 +104,56 @@ def hub_env(standin_hub, tmp_path, monkeypatch):
 
     standin_hub.log.clear()
     return use_hub(monkeypatch, standin_hub, tmp_path / "hf_home")
+
+
+# ----------------------------------------------------------------------------- many adapters, and serving them
+
+def make_adapter(folder: Path, out: Path, cfg, seed: int, task=None, std: float = 0.1) -> Path:
+    """A trained-looking adapter (random A and B, B not zero) for the checkpoint in `folder`, saved in PEFT's format,
+    with its task.json (a minicalm Task) beside it as a training run writes it."""
+    from minicalm import apply_lora, load_model
+    from minicalm.io.adapter import save_adapter
+    from minicalm.io.files import write_json
+
+    model = apply_lora(load_model(folder), cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    save_adapter(model, out)
+    if task is not None:
+        write_json(out / "task.json", task.to_dict())
+    return out
+
+
+@pytest.fixture(scope="session")
+def serving(tmp_path_factory):
+    """What the serving tests run: a random GPT-NeoX checkpoint written by transformers with a 500-token BPE trained
+    on review text (tokenizer.json in its folder), and three adapters of different ranks, scales and targets with
+    their tasks: {"marc": MARC-ja's label words, "marc-rs": the same task with rsLoRA on the MLP, "alpaca": free-form
+    answers, 24 tokens at most}. Weights at std 0.1 make logits peaked enough that greedy decoding meets no near-tie (the tests that
+    compare tokens check the gaps they rely on). Returns (folder, tokenizer, {name: adapter folder})."""
+    import shutil
+    from dataclasses import replace
+
+    from minicalm.config import LoraConfig
+    from minicalm.io.tokenizer import train_tokenizer
+    from minicalm.tasks.data import read_jsonl
+    from minicalm.tasks.task import ALPACA, MARC_JA
+
+    root = tmp_path_factory.mktemp("serving")
+    texts = [r.text for r in read_jsonl(need(REVIEWS / "train.jsonl"), limit=1000)]
+    tok = train_tokenizer(texts + [MARC_JA.format({"sentence": ""})] * 500, root / "tok" / "tokenizer.json", 500)
+    folder, _ = hf_tiny(root, "base", seed=5, vocab_size=tok.vocab_size, initializer_range=0.1, eos_token_id=0,
+                        max_position_embeddings=256)
+    shutil.copy(tok.path, folder / "tokenizer.json")
+    adapters = {
+        "marc": (LoraConfig(r=4, alpha=8, targets=("query_key_value",)), MARC_JA),
+        "marc-rs": (LoraConfig(r=8, alpha=4, targets=("dense", "dense_4h_to_h"), use_rslora=True), MARC_JA),
+        "alpaca": (LoraConfig(r=2, alpha=16, targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+                   replace(ALPACA, max_new_tokens=24)),   # a budget that fits the 256 positions
+    }
+    dirs = {name: make_adapter(folder, root / name, cfg, seed, task) for seed, (name, (cfg, task)) in
+            enumerate(adapters.items())}
+    return folder, tok, dirs

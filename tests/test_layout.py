@@ -12,7 +12,8 @@ import sys
 from conftest import ROOT
 
 PACKAGE = ROOT / "minicalm"
-LESSON = ["config", "model", "lora", "variants", "nf4", "loss", "generate", "train"]   # the README's reading order
+LESSON = ["config", "model", "lora", "multi_lora", "variants", "nf4", "loss", "generate", "engine",
+          "train"]   # the README's reading order
 MACHINERY = ("minicalm.io", "minicalm.tasks", "minicalm.tools")
 BORDER = {   # a lesson module: the machinery it imports, where it must read, save or hand over to a command
     "config": {"minicalm.io.files"},   # config.json
@@ -88,7 +89,9 @@ def test_old_module_paths_lead_to_the_new_ones():
 def test_the_commands_run_as_python_m_minicalm():
     listing = run("-m", "minicalm")
     assert listing.returncode == 1 and all(c in listing.stderr for c in ("generate", "merge", "convert", "plan",
-                                                                         "plot", "stats"))
+                                                                         "plot", "stats", "serve"))
     for args in (("-m", "minicalm.generate", "--help"), ("-m", "minicalm", "generate", "--help")):
         done = run(*args)
         assert done.returncode == 0 and "--adapter" in done.stdout and "--max-new-tokens" in done.stdout
+    done = run("-m", "minicalm", "serve", "--help")
+    assert done.returncode == 0 and "--adapter ADAPTER" in done.stdout and "repeat the flag" in done.stdout

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from ..config import POST_MODEL, LoraConfig, SettingError
 from ..lora import adaptable, apply_lora, lora_config, lora_layers, merge_lora
 from ..model import CalmForCausalLM
+from ..multi_lora import add_adapters
 from ..nf4 import NF4Linear
 from ..variants import as_plain_lora
 from .files import atomic_write, read_json, write_json
@@ -219,6 +220,16 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base: str | N
             if want.use_dora:
                 m.lora_magnitude_vector.copy_(adapter.factors[name].magnitude)
     return model
+
+
+def load_adapters(model: nn.Module, adapter_dirs: dict[str, str | os.PathLike]) -> list[str]:
+    """Several adapters on one base at once, each row of a batch on its own (multi_lora.py): {name: folder}. Returns the
+    names in index order, from 1 (0 is the base). The model is unchanged if any adapter is refused."""
+    adapters = {}
+    for name, folder in adapter_dirs.items():
+        a = read_adapter(folder)
+        adapters[name] = (a.config, {module: (f.A, f.B) for module, f in a.factors.items()})
+    return add_adapters(model, adapters)
 
 
 def format_settings(c: LoraConfig) -> str:

@@ -8,7 +8,8 @@ switches named `use_*`, which read as they are (`--use-dora`). `--config FILE` t
 the command's own (a run's train_config.json for train_lora.py), or, for the other commands, a training run's
 train_config.json, of which they take what names the model and the question (RUN_SETTINGS); flags given with it
 override. A bad setting or input ends the command with one line that
-names the flag or the file, and exit status 1 (argparse's own usage errors: 2).
+names the flag or the file, and exit status 1 (argparse's own usage errors: 2). A list with a default is a flag given
+once per value (`--adapter a=x --adapter b=y`).
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ class Flags:
             many = typing.get_origin(inner) is list
             self.parser.add_argument(dest, nargs="*" if many else None, help=help, metavar=f.name.upper())
             self.flags[(self.cls.__name__, f.name)] = f.name.upper()
+        elif typing.get_origin(inner) is list:   # a flag given once per value: --adapter a=x --adapter b=y
+            self.parser.add_argument(flag, dest=dest, action="append", default=list(default), help=help + " (repeat "
+                                     "the flag for more)", metavar=flag[2:].replace("-", "_").upper())
         elif inner is bool:   # --x and --no-x: a setting taken from --config can be turned either way
             self.parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                      help=help + f" (default: {'on' if default else 'off'})")

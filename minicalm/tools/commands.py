@@ -100,13 +100,8 @@ def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_token
                          f"({', '.join(task.fields)})")
     prompts, choices = [], []
     for text in texts:
-        values = text.split("\t") if len(task.fields) > 1 else [text]
-        if set(task.fields[len(values):]) <= set(task.optional):   # Alpaca's input left out: empty
-            values += [""] * (len(task.fields) - len(values))
-        if len(values) != len(task.fields):
-            raise ValueError(f"task {task.name} needs {len(task.fields)} tab-separated fields "
-                             f"({', '.join(task.fields)}), got {len(values)} in {text!r}")
-        row = Row(dict(zip(task.fields, values)), "", "0", choices=tuple(values[task.fields.index(f)] for f in named))
+        fields = task_fields(task, text)
+        row = Row(fields, "", "0", choices=tuple(fields[f] for f in named))
         ids, cut = enc.encode_prompt(row)
         if cut:   # the answer is to what the model saw: say so
             print(f"{shown(text)}: cut to --max-len {max_len} tokens with the prompt (raise --max-len to answer all "
@@ -126,6 +121,17 @@ def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_token
             continue
         probs = " ".join(f"p({label})={torch.tensor(p[f'logprob_{label}']).exp():.3f}" for label in task.labels)
         yield f"{p['answer'] or 'invalid'}\t{p['continuation']!r}\t{probs}\t{text}"
+
+
+def task_fields(task, text: str) -> dict[str, str]:
+    """A text as generate takes it: the task's fields, tab-separated in its order (Alpaca's input may be left out)."""
+    values = text.split("\t") if len(task.fields) > 1 else [text]
+    if set(task.fields[len(values):]) <= set(task.optional):   # Alpaca's input left out: empty
+        values += [""] * (len(task.fields) - len(values))
+    if len(values) != len(task.fields):
+        raise ValueError(f"task {task.name} needs {len(task.fields)} tab-separated fields "
+                         f"({', '.join(task.fields)}), got {len(values)} in {text!r}")
+    return dict(zip(task.fields, values))
 
 
 @torch.inference_mode()
@@ -256,12 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     from . import plan as planner
     from .adapter_stats import StatsConfig, stats
     from .plot import PlotConfig, plot
+    from .serve import SERVE, ServeConfig, serve
     table = COMMANDS | {
         "plan": (planner.PlanConfig, planner.show, planner.__doc__),
         "plot": (PlotConfig, plot, "Draw a run's metrics.jsonl (loss, lr, gradient norm, tokens/s) into "
                                    "RUN_DIR/plots/*.png; works while the run is still going."),
         "stats": (StatsConfig, stats, "What a LoRA adapter changed: update norms, spectra, amplification, and "
                                       "subspace similarity with another adapter (adapter_stats.json + PNGs)."),
+        "serve": (ServeConfig, serve, SERVE),
     }
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in table:
