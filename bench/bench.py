@@ -50,7 +50,7 @@ from minicalm.loss import IGNORE_INDEX, answer_loss, shared_prefix_len
 from minicalm.tasks import data
 from minicalm.generate import left_pad, prefill
 from minicalm.tasks.task import ALPACA, JCOMMONSENSEQA, MARC_JA
-from minicalm.tools.evaluate import Answers, evaluate_rows, score_choices, shared_prompt_prefix
+from minicalm.tools.evaluate import Answers, evaluate_rows, score_choices
 from minicalm.tools.run import Processes
 from minicalm.train import TrainConfig, global_batch, setup, train_step
 
@@ -216,7 +216,7 @@ def proxy_7b(b: Bench) -> list[dict]:
             for share in (True, False)}
     batch = median_batch(runs[True])
     x, y = (t.to(b.device) for t in data.collate([runs[True].train_set[i] for i in batch], bpe.pad_token_id))
-    P, n_tokens = shared_prefix_len(x.cpu()), int((x != bpe.pad_token_id).sum())
+    P, n_tokens = shared_prefix_len(x.tolist()), int((x != bpe.pad_token_id).sum())
     with FlopCounterMode(display=False) as full:
         ours(x)
     with FlopCounterMode(display=False) as head:
@@ -384,7 +384,7 @@ def small_train_step(b: Bench, m: Small) -> tuple[dict, dict]:
     idx = data.length_batches([len(e.input_ids) for e in examples], b.args.batch_size, seed=0)[0]
     x, y = (t.to(b.device) for t in data.collate([examples[i] for i in idx], m.tok.pad_token_id))
     n_target, n_tokens = scored(y), sum(len(examples[i].input_ids) for i in idx)
-    shared = shared_prefix_len(x.cpu())   # the prompt's shared prefix, computed once per micro-batch as train() does
+    shared = shared_prefix_len(x.tolist())   # the prompt's shared prefix, computed once per micro-batch as train() does
     b.info["train_batch"] = {"shape": list(x.shape), "real_tokens": n_tokens, "answer_tokens": n_target,
                              "shared_tokens": shared}
     with torch.no_grad():   # the same loss on both sides (dropout off), so both do the same work
@@ -531,7 +531,7 @@ def free_form_answers(b: Bench, where: str, ours, theirs, tok: minicalm.Tokenize
     enc = data.PromptEncoder(tok, 256, task)   # evaluate_rows' max_len
     rows = free_form_rows(b.args.free_form_reviews)
     prompts = sorted((ids for ids, _ in enc.encode_prompts(rows)), key=len)   # as evaluate_rows batches them
-    shared, eos = shared_prompt_prefix(prompts), tok.eos_token_id   # as evaluate_rows shares it
+    shared, eos = prompts[0][:shared_prefix_len(prompts)], tok.eos_token_id   # as evaluate_rows shares it
     P = len(shared)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     padded = left_padded_batches(prompts, tok.pad_token_id, b.device, batch_size)
@@ -603,7 +603,7 @@ def random_adapter(folder: Path, out: Path, cfg: LoraConfig, seed: int) -> Path:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return save_adapter(model, out)
+    return save_adapter(model, out, base=str(folder))
 
 
 def serving_checkpoint(b: Bench, size: str, adapters: dict[str, LoraConfig]) -> tuple[Path, dict[str, Path]]:
@@ -823,7 +823,7 @@ def choices_7b(b: Bench) -> list[dict]:
     rows, batch = question_rows(b.args.questions), 16
     enc = data.PromptEncoder(bpe, 512, JCOMMONSENSEQA)
     prompts, choices = [ids for ids, _ in enc.encode_prompts(rows)], enc.choice_ids(rows)
-    shared = shared_prompt_prefix(prompts)
+    shared = prompts[0][:shared_prefix_len(prompts)]   # as evaluate_rows shares it
     P, K = len(shared), max(len(c) for cs in choices for c in cs)
     got = {}
 

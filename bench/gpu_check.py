@@ -28,6 +28,7 @@ from minicalm.config import CalmConfig  # noqa: E402
 from minicalm.generate import greedy_generate  # noqa: E402
 from minicalm.io.tokenizer import load_tokenizer  # noqa: E402
 from minicalm.io.weights import load_model, save_checkpoint  # noqa: E402
+from minicalm.loss import shared_prefix_len  # noqa: E402
 from minicalm.model import CalmForCausalLM  # noqa: E402
 from minicalm.tasks import data  # noqa: E402
 from minicalm.tools.plan import GiB, PlanConfig, plan  # noqa: E402
@@ -94,7 +95,8 @@ def main():
 def shared_prefix(tc: TrainConfig) -> int:
     """The prompt prefix every training example starts with (what train() shares), for the plan."""
     enc = data.PromptEncoder(load_tokenizer(tc.model), tc.max_len)
-    return data.shared_prefix_tokens(data.encode_rows(enc, data.read_jsonl(tc.train_file, limit=tc.limit_train))[0])
+    examples = data.encode_rows(enc, data.read_jsonl(tc.train_file, limit=tc.limit_train))[0]
+    return shared_prefix_len([e.input_ids for e in examples])
 
 
 if __name__ == "__main__":

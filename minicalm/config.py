@@ -1,6 +1,6 @@
 """The settings, each in one typed home: CalmConfig (the model, from a checkpoint's config.json), LoraConfig (the
-adapter), and the dtype rule. Each checks itself when it is built, so a bad value fails where it is made.
-(TrainConfig, the training run's settings, opens train.py.)
+adapter), the dtype rule, and TrainConfig (the training run's, which train.py's loop takes). Each checks itself when
+it is built, in plain statements, so a bad value fails where it is made, naming the field (a command names its flag).
 """
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import dataclasses
 import math
 import re
 import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -131,7 +132,7 @@ def get_preset(name: str) -> CalmConfig:
     return PRESETS[key]
 
 
-# ----------------------------------------------------------------------------- LoRA's settings
+# ----------------------------------------------------------------------------- settings that check themselves
 
 class SettingError(ValueError):
     """A setting that cannot be used; `name` is the parameter, so a command can name its flag instead."""
@@ -141,21 +142,23 @@ class SettingError(ValueError):
         self.owner, self.name, self.message = owner, name, message
 
 
-def check(settings, rules: dict[str, tuple[bool, str]]) -> None:
-    """Refuse a settings dataclass's first bad value: a Literal field outside its choices, or a rule that does not
-    hold ({field: (holds, what it must be)}); one SettingError naming the field, what it must be and its value."""
+def refuse(settings, name: str, rule: str) -> SettingError:
+    """The error for a settings dataclass's bad value: the field, what it must be and what it is."""
+    return SettingError(type(settings).__name__, name, f"must be {rule}, got {getattr(settings, name)!r}")
+
+
+def check_choices(settings) -> None:
+    """Refuse a Literal field (a dtype, a mode) outside its choices; None where the field is Optional."""
     hints = typing.get_type_hints(type(settings))
     for f in dataclasses.fields(settings):
         kind = hints[f.name]
         choices = [c for a in (kind, *typing.get_args(kind)) if typing.get_origin(a) is typing.Literal
                    for c in typing.get_args(a)]
         if choices and getattr(settings, f.name) not in choices + [None] * (type(None) in typing.get_args(kind)):
-            rules = {f.name: (False, f"one of {', '.join(map(str, choices))}")}   # this one first, alone
-            break
-    for name, (holds, rule) in rules.items():
-        if not holds:
-            raise SettingError(type(settings).__name__, name, f"must be {rule}, got {getattr(settings, name)!r}")
+            raise refuse(settings, f.name, f"one of {', '.join(map(str, choices))}")
 
+
+# ----------------------------------------------------------------------------- LoRA's settings
 
 BLOCK_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")   # a block's linear layers, in order
 INITS = ("default", "gaussian", "pissa", "pissa_niter_K", "olora")   # K: a number of subspace iterations
@@ -186,10 +189,9 @@ class LoraConfig:
         if unknown or not targets:
             raise bad("targets", f"unknown {unknown or 'none given'}; the block's linear layers are "
                                  f"{', '.join(BLOCK_LINEARS)}")
-        init = "default" if self.init is True else self.init   # PEFT's init_lora_weights=True
+        init = self.init
         if not (init in INITS[:3] + INITS[4:] or isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
             raise bad("init", f"{init!r}: expected one of {', '.join(INITS)} (K a number of iterations)")
-        object.__setattr__(self, "init", init)
         if self.use_dora and self.residual:
             raise bad("init", f"{init} with use_dora: an adapter on a residual base cannot be saved for the original "
                               f"base (the conversion to a plain LoRA does not hold for DoRA's norms)")
@@ -208,7 +210,8 @@ class LoraConfig:
 
 # ----------------------------------------------------------------------------- the dtype rule
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]   # every command's --dtype: resolve_dtype's names
+DTYPES = typing.get_args(Dtype)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device, stored: torch.dtype | None = None,
@@ -230,3 +233,80 @@ def resolve_dtype(dtype: str | torch.dtype | None, device, stored: torch.dtype |
     if bf16 is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return torch.bfloat16 if bf16 else torch.float32
+
+
+# ----------------------------------------------------------------------------- the training run's settings
+
+@dataclass
+class TrainConfig:
+    """train()'s settings (train.py), each a flag of train_lora.py: its comment is the help."""
+    model: str = POST_MODEL                  # hub id (cyberagent/open-calm-small ... -7b) or local checkpoint folder
+    revision: str | None = None              # hub branch, tag or commit (refs/pr/5: 7b's safetensors); recorded in
+                                             # the adapter, so evaluation loads the same one
+    task: str = "marc-ja"                    # built-in task (marc-ja, jnli, jsts, jcommonsenseqa, alpaca, jsquad), a
+                                             # task JSON file (label words, choices per row, a free-form answer or a
+                                             # number) or an llm-jp-eval file
+    train_file: str | None = None            # JSON lines (or a JSON array) of the task's rows; default: the task
+                                             # file's samples, else its train split from the hub
+    valid_file: str | None = None            # JSON lines; default: the task's validation split; "none" skips it
+    out: str = "runs/open-calm-7b-lora"      # run folder: adapter/, state.pt, metrics.jsonl, train_config.json
+    epochs: float = 3.0                      # passes over the training set
+    lr: float = 3e-4                         # peak learning rate
+    batch_size: int = 64                     # examples per optimizer step, all processes together
+    micro_batch_size: int = 16               # examples per forward/backward on one process
+    max_len: int = 256                       # tokens per example; a longer row's text is cut to fit
+    lora: LoraConfig = field(default_factory=LoraConfig)   # the adapter: rank, alpha, dropout, targets, variant
+    loraplus_lr_ratio: float | None = None   # LoRA+: B (and DoRA's m) learn at lr x this ratio, A at lr (e.g. 16)
+    quantize: Literal["nf4"] | None = None   # QLoRA: the base's block weights in 4-bit NormalFloat (nf4.py)
+    warmup_steps: int = 100                  # steps of linear warmup to lr
+    schedule: Literal["cosine", "linear"] = "cosine"   # the decay after warmup, to zero
+    weight_decay: float = 0.0                # AdamW's
+    grad_clip: float = 1.0                   # largest gradient norm (0: no clipping)
+    eval_every: int = 500                    # steps between validation losses (0: only at the end)
+    eval_limit: int = 500                    # validation rows for the loss
+    eval_accuracy: int = 0                   # validation rows answered greedily: accuracy, or exact match and
+                                             # char F1 for free-form answers (0: none)
+    save_every: int = 500                    # steps between checkpoints (0: only at the end)
+    max_steps: int | None = None             # stop after this many steps (instead of epochs)
+    max_time: float | None = None            # seconds; stop and save once exceeded
+    limit_train: int | None = None           # use only the first N training rows
+    seed: int = 1337                         # data order, LoRA's A, dropout
+    device: str = DEVICE                     # cuda if this torch has it, else cpu
+    dtype: Dtype = "auto"                    # the base's (resolve_dtype); float16 (GPUs without bf16: T4, V100)
+                                             # trains with a dynamic loss scale
+    resume: bool = False                     # continue the run checkpointed in out
+    train_on_inputs: bool = False            # loss on the whole prompt (the post's way), not on the answer only
+    grad_checkpoint: bool = False            # recompute activations in backward to save memory
+    share_prefix: bool = True                # compute the prompt prefix the rows share once per micro-batch (the same
+                                             # loss and gradients; LoRA dropout's masks in it are then shared too)
+    compile: bool = False                    # torch.compile each block (GPU runs; slow to start)
+    full: bool = False                       # train every parameter (fp32) instead of LoRA: pretraining
+    text: bool = False                       # raw-text language modelling (packed blocks of max_len), no prompt
+    log: bool = True                         # progress bar and messages on stderr
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):      # as train_config.json holds it
+            self.lora = LoraConfig(**self.lora)
+        for name in ("model", "task", "train_file", "valid_file"):   # local paths recorded whole: the adapter names
+            if getattr(self, name) and Path(getattr(self, name)).exists():   # its base, found from any folder
+                setattr(self, name, str(Path(getattr(self, name)).resolve()))
+        check_choices(self)
+        for name in ("epochs", "lr", "max_time", "loraplus_lr_ratio"):   # None: unset
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise refuse(self, name, "positive (B's lr is lr x it)" if name == "loraplus_lr_ratio" else "positive")
+        if self.micro_batch_size < 1:
+            raise refuse(self, "micro_batch_size", "at least 1")
+        if self.batch_size < 1 or self.batch_size % self.micro_batch_size:
+            raise refuse(self, "batch_size", f"a positive multiple of micro_batch_size {self.micro_batch_size}")
+        if self.max_len < 2:
+            raise refuse(self, "max_len", "at least 2 tokens")
+        if self.full and self.quantize:
+            raise refuse(self, "quantize", "unset with full: a 4-bit base is frozen")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "eval_limit", "eval_accuracy",
+                     "save_every"):
+            if getattr(self, name) < 0:
+                raise refuse(self, name, ">= 0 (0: off)")
+        for name in ("max_steps", "limit_train"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise refuse(self, name, "at least 1")

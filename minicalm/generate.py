@@ -5,7 +5,7 @@ What decoding carries from step to step is one small object, `Decoding`: the cac
 each row's last rotary position and the first free slot. Prompts of different lengths are left-padded (`left_pad`)
 so that every row's next token lands in the same slot; a prompt prefix that every row shares may sit in a one-row
 cache (evaluation computes it once per run), which prefill copies in before the prompts.
-`python -m minicalm.generate` answers texts with a task's prompt, or continues them (tools/commands.py).
+`python -m minicalm generate` answers texts with a task's prompt, or continues them (tools/commands.py).
 """
 from __future__ import annotations
 
@@ -149,6 +149,5 @@ def greedy_generate(model: CalmForCausalLM, input_ids: torch.Tensor, max_new_tok
     return torch.cat([input_ids, *(t[:, None] for t in new)], dim=1)
 
 
-if __name__ == "__main__":   # python -m minicalm.generate: the command lives with the others
-    from .tools.commands import generate_main
-    generate_main()
+if __name__ == "__main__":   # the command lives with the others, which this file does not import
+    raise SystemExit("python -m minicalm.generate: the command is `python -m minicalm generate` (--help lists its flags)")

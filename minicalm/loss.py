@@ -7,24 +7,41 @@ micro-batch share their first P tokens. They run once, as one row, into a cache 
 row continues from it with its own tokens at positions P, P+1, ... Autograd sums the rows' gradients into the prefix,
 so the logits, the loss and every gradient equal those of running each row in full, for about (B-1) P fewer
 token-passes. Built from the model's public pieces (`hidden` with a cache, `logits`). One difference: LoRA
-dropout's masks in the prefix are drawn once and shared by the rows. train.py and the planner use it.
+dropout's masks in the prefix are drawn once and shared by the rows. train.py and the planner use it; evaluation shares
+its prompts' prefix by the same rule (shared_prefix_len), and scores reference answers by validation_loss.
 """
 from __future__ import annotations
+
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .model import eval_mode
+
 IGNORE_INDEX = -100   # a label the loss skips (F.cross_entropy's default ignore_index): the prompt, the padding
 
 
-def shared_prefix_len(input_ids: torch.Tensor) -> int:
-    """The one rule for the shared prefix's length: how many leading tokens every row has in common, leaving each row
-    at least one token of its own; 0 for a single row, where there is nothing to share."""
-    B, T = input_ids.shape
-    if B < 2:
-        return 0
-    same = (input_ids == input_ids[:1]).all(dim=0)                 # (T,) column is identical in every row
-    return min(int(same.long().cumprod(dim=0).sum()), T - 1)
+def targets(labels: torch.Tensor) -> torch.Tensor:
+    """What each position is scored against: the label one position on, (..., T) -> (..., T-1). The one place the
+    labels shift: position t's label is token t, predicted from the tokens before it."""
+    return labels[..., 1:]
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """How many tokens every row of ids begins with."""
+    n = len(rows[0])
+    for ids in rows[1:]:
+        while list(ids[:n]) != list(rows[0][:n]):
+            n -= 1
+    return n
+
+
+def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """The one rule for the shared prefix, in training's micro-batches, evaluation's prompts and the planner: how many
+    leading tokens every row of ids has in common, leaving each row at least one token of its own (the prefix is
+    continued from there); 0 for a single row, where there is nothing to share."""
+    return 0 if len(rows) < 2 else min(common_prefix(rows), min(map(len, rows)) - 1)
 
 
 class PrefixKV:
@@ -65,9 +82,20 @@ def shared_prefix_hidden(model, input_ids: torch.Tensor, P: int) -> torch.Tensor
 def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, prefix: int = 0) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled positions of (B, T) input_ids. prefix = P > 0: the rows'
     common first P tokens (shared_prefix_len) are computed once; the same loss and gradients."""
-    targets = labels[:, 1:]                                   # (B, T-1) the token after each position
-    where = torch.zeros_like(labels, dtype=torch.bool)
-    where[:, :-1] = targets != IGNORE_INDEX                   # (B, T) positions whose next token is scored
+    scored = targets(labels) != IGNORE_INDEX                  # (B, T-1) positions whose next token is scored
+    where = F.pad(scored, (0, 1))                             # (B, T): the last position predicts nothing
     h = shared_prefix_hidden(model, input_ids, prefix) if prefix else model.hidden(input_ids)
     logits = model.logits(h[where])                           # (N, V)
-    return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
+    return F.cross_entropy(logits.float(), targets(labels)[scored], reduction="sum")
+
+
+@torch.no_grad()
+def validation_loss(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], share_prefix: bool = True) -> float:
+    """answer_loss per scored token over batches of (input_ids, labels), in eval mode (no dropout): training's
+    validation loss, and evaluation's loss of the reference answers."""
+    total, scored = 0.0, 0
+    with eval_mode(model):
+        for x, y in batches:
+            total += answer_loss(model, x, y, prefix=shared_prefix_len(x.tolist()) if share_prefix else 0).item()
+            scored += int((targets(y) != IGNORE_INDEX).sum())
+    return total / max(scored, 1)

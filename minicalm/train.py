@@ -17,97 +17,28 @@ evaluation, the plan, the run's bookkeeping) is imported in one block, below the
 """
 from __future__ import annotations
 
-import errno
 import math
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
-from .config import DEVICE, POST_MODEL, CalmConfig, LoraConfig, SettingError, check, check_positions, resolve_dtype
+from .config import CalmConfig, SettingError, TrainConfig, check_positions, resolve_dtype
 from .lora import apply_lora, trainable_parameters
-from .loss import answer_loss, shared_prefix_len
-from .model import eval_mode
+from .loss import answer_loss, shared_prefix_len, validation_loss
 from .variants import loraplus_groups
 # ---- the border: the machinery this file calls to read, load, save and keep the run's books
 from .io.adapter import save_adapter
 from .io.files import write_json
-from .io.tokenizer import load_tokenizer
+from .io.tokenizer import Tokenizer, load_tokenizer
 from .io.weights import fingerprint, load_model, resolve, save_checkpoint
-from .tasks.data import Example, collate, length_batches, run_data, shared_prefix_tokens
-from .tasks.task import load_task
+from .tasks.data import Example, collate, length_batches, loss_batches, run_data
+from .tasks.task import Task, load_task
 from .tools.evaluate import evaluate_rows
 from .tools.plan import preflight
 from .tools.run import Processes, RunFolder, StopSignals, data_digest, fmt_time, peak_memory, processes, say
 from tqdm import tqdm
-
-
-@dataclass
-class TrainConfig:
-    model: str = POST_MODEL                  # hub id (cyberagent/open-calm-small ... -7b) or local checkpoint folder
-    revision: str | None = None              # hub branch, tag or commit (refs/pr/5: 7b's safetensors); recorded in
-                                             # the adapter, so evaluation loads the same one
-    task: str = "marc-ja"                    # built-in task (marc-ja, jnli, alpaca, jsquad), a task JSON file (a
-                                             # prompt with label words or a free-form answer) or an llm-jp-eval file
-    train_file: str | None = None            # JSON lines (or a JSON array) of the task's rows; default: the task
-                                             # file's samples, else its train split from the hub
-    valid_file: str | None = None            # JSON lines; default: the task's validation split; "none" skips it
-    out: str = "runs/open-calm-7b-lora"      # run folder: adapter/, state.pt, metrics.jsonl, train_config.json
-    epochs: float = 3.0                      # passes over the training set
-    lr: float = 3e-4                         # peak learning rate
-    batch_size: int = 64                     # examples per optimizer step, all processes together
-    micro_batch_size: int = 16               # examples per forward/backward on one process
-    max_len: int = 256                       # tokens per example; a longer row's text is cut to fit
-    lora: LoraConfig = field(default_factory=LoraConfig)   # the adapter: rank, alpha, dropout, targets, variant
-    loraplus_lr_ratio: float | None = None   # LoRA+: B (and DoRA's m) learn at lr x this ratio, A at lr (e.g. 16)
-    quantize: Literal["nf4"] | None = None   # QLoRA: the base's block weights in 4-bit NormalFloat (nf4.py)
-    warmup_steps: int = 100                  # steps of linear warmup to lr
-    schedule: Literal["cosine", "linear"] = "cosine"   # the decay after warmup, to zero
-    weight_decay: float = 0.0                # AdamW's
-    grad_clip: float = 1.0                   # largest gradient norm (0: no clipping)
-    eval_every: int = 500                    # steps between validation losses (0: only at the end)
-    eval_limit: int = 500                    # validation rows for the loss
-    eval_accuracy: int = 0                   # validation rows answered greedily: accuracy, or exact match and
-                                             # char F1 for free-form answers (0: none)
-    save_every: int = 500                    # steps between checkpoints (0: only at the end)
-    max_steps: int | None = None             # stop after this many steps (instead of epochs)
-    max_time: float | None = None            # seconds; stop and save once exceeded
-    limit_train: int | None = None           # use only the first N training rows
-    seed: int = 1337                         # data order, LoRA's A, dropout
-    device: str = DEVICE                     # cuda if this torch has it, else cpu
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype);
-                                             # float16 (GPUs without bf16: T4, V100) trains with a dynamic loss scale
-    resume: bool = False                     # continue the run checkpointed in out
-    train_on_inputs: bool = False            # loss on the whole prompt (the post's way), not on the answer only
-    grad_checkpoint: bool = False            # recompute activations in backward to save memory
-    share_prefix: bool = True                # compute the prompt prefix the rows share once per micro-batch (the same
-                                             # loss and gradients; LoRA dropout's masks in it are then shared too)
-    compile: bool = False                    # torch.compile each block (GPU runs; slow to start)
-    full: bool = False                       # train every parameter (fp32) instead of LoRA: pretraining
-    text: bool = False                       # raw-text language modelling (packed blocks of max_len), no prompt
-    log: bool = True                         # progress bar and messages on stderr
-
-    def __post_init__(self):
-        if isinstance(self.lora, dict):      # as train_config.json holds it
-            self.lora = LoraConfig(**self.lora)
-        for name in ("model", "task", "train_file", "valid_file"):   # local paths recorded whole: the adapter names
-            if getattr(self, name) and Path(getattr(self, name)).exists():   # its base, found from any folder
-                setattr(self, name, str(Path(getattr(self, name)).resolve()))
-        positive = lambda x: x is None or x > 0 and math.isfinite(x)   # noqa: E731 (None: unset)
-        check(self, {"epochs": (positive(self.epochs), "positive"), "lr": (positive(self.lr), "positive"),
-                     "micro_batch_size": (self.micro_batch_size >= 1, "at least 1"),
-                     "batch_size": (self.batch_size >= 1 and self.batch_size % max(self.micro_batch_size, 1) == 0,
-                                    f"a positive multiple of micro_batch_size {self.micro_batch_size}"),
-                     "max_len": (self.max_len >= 2, "at least 2 tokens"), "max_time": (positive(self.max_time),
-                                                                                    "positive"),
-                     "loraplus_lr_ratio": (positive(self.loraplus_lr_ratio), "positive (B's lr is lr x it)"),
-                     "quantize": (not (self.full and self.quantize), "unset with full: a 4-bit base is frozen"),
-                     **{n: (getattr(self, n) >= 0, ">= 0 (0: off)") for n in ("warmup_steps", "weight_decay",
-                        "grad_clip", "eval_every", "eval_limit", "eval_accuracy", "save_every")},
-                     **{n: (getattr(self, n) is None or getattr(self, n) >= 1, "at least 1")
-                        for n in ("max_steps", "limit_train")}})
 
 
 @dataclass
@@ -116,8 +47,8 @@ class Run:
     cfg: TrainConfig
     proc: Processes
     folder: RunFolder
-    tok: object
-    task: object
+    tok: Tokenizer
+    task: Task
     train_set: list[Example]
     valid_set: list[Example]
     accuracy_rows: list                     # validation rows answered greedily at each validation
@@ -164,7 +95,7 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     if proc.rank == 0:   # memory and time from the real step on fake tensors; refuses what will not fit
         lengths = [len(e.input_ids) for e in train_set]
         preflight(cfg, model_config, lengths, device, dtype,
-                  shared=shared_prefix_tokens(train_set) if cfg.share_prefix else 0)
+                  shared=shared_prefix_len([e.input_ids for e in train_set]) if cfg.share_prefix else 0)
     model = trainable_model(cfg, checkpoint, dtype, device)
     groups = ([p for p in model.parameters() if p.requires_grad] if cfg.loraplus_lr_ratio is None else
               loraplus_groups(model, cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay))
@@ -190,7 +121,6 @@ def trainable_model(cfg: TrainConfig, checkpoint, dtype: torch.dtype, device: to
     """The base model with LoRA (or, with cfg.full, every parameter trainable), in train mode."""
     torch.manual_seed(cfg.seed)   # LoRA's A is drawn here
     model = load_model(checkpoint, dtype=dtype, device=device, quantize=cfg.quantize)
-    model.checkpoint = (cfg.model, cfg.revision)   # the name the adapter records, not the download folder
     if cfg.full:
         model.requires_grad_(True)
     else:
@@ -241,8 +171,10 @@ def train_step(run: Run, batch: list[int]) -> dict:
     torch.manual_seed(cfg.seed * 1_000_003 + run.step * proc.world + proc.rank)   # dropout: a function of the step
     t0, loss_sum, tokens = time.time(), torch.zeros((), device=device), 0
     for idx in micro[proc.rank::proc.world]:
-        x, y = (t.to(device) for t in collate([run.train_set[j] for j in idx], run.tok.pad_token_id))
-        loss = answer_loss(model, x, y, prefix=shared_prefix_len(x) if cfg.share_prefix else 0)
+        rows = [run.train_set[j] for j in idx]
+        x, y = (t.to(device) for t in collate(rows, run.tok.pad_token_id))
+        P = shared_prefix_len([e.input_ids for e in rows]) if cfg.share_prefix else 0   # the rows' common start
+        loss = answer_loss(model, x, y, prefix=P)
         run.scaler.scale(loss / n_target).backward()
         loss_sum += loss.detach()
         tokens += x.numel()
@@ -255,12 +187,13 @@ def train_step(run: Run, batch: list[int]) -> dict:
         loss_sum, tokens = flat[-2], int(flat[-1])
     loss = loss_sum.item() / n_target
     if not math.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss} at step {run.step + 1}" + kept(run) + " (try a lower lr)")
+        raise FloatingPointError(f"non-finite loss {loss} at step {run.step + 1}{run.folder.kept()} (try a lower lr)")
     lr, scale = run.schedule.get_last_lr()[0], run.scaler.get_scale()
     run.scaler.unscale_(run.opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)
     if not run.scaler.is_enabled() and not torch.isfinite(grad_norm):
-        raise FloatingPointError(f"non-finite gradient norm at step {run.step + 1}" + kept(run) + " (try a lower lr)")
+        raise FloatingPointError(f"non-finite gradient norm at step {run.step + 1}{run.folder.kept()} (try a lower "
+                                 f"lr)")
     run.scaler.step(run.opt)   # fp16: skipped if a gradient overflowed (then the scale halves)
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
@@ -274,30 +207,12 @@ def train_step(run: Run, batch: list[int]) -> dict:
     return rec
 
 
-def kept(run: Run) -> str:
-    """Where the last good checkpoint is, if one was written."""
-    return f"; the last good checkpoint is kept in {run.folder.path}" if run.folder.state_file.exists() else \
-        "; no checkpoint was written yet"
-
-
-@torch.no_grad()
-def validation_loss(model, examples: list[Example], micro_batch_size: int, pad_id: int, device,
-                    share_prefix: bool = True) -> float:
-    """The loss per scored token over the examples, in eval mode (no dropout)."""
-    total = 0.0
-    with eval_mode(model):
-        for idx in length_batches([len(e.input_ids) for e in examples], micro_batch_size, seed=0):
-            x, y = (t.to(device) for t in collate([examples[i] for i in idx], pad_id))
-            total += answer_loss(model, x, y, prefix=shared_prefix_len(x) if share_prefix else 0).item()
-    return total / max(sum(e.n_scored for e in examples), 1)
-
-
 def validate(run: Run) -> dict:
     """The validation loss, and evaluation's scores on the first eval_accuracy rows: accuracy (multiple choice: by
     likelihood), a free-form task's exact match and char F1, and Pearson's r for numbers."""
     cfg = run.cfg
-    rec = {"val_loss": validation_loss(run.model, run.valid_set, cfg.micro_batch_size, run.tok.pad_token_id,
-                                       run.proc.device, cfg.share_prefix)}
+    batches = loss_batches(run.valid_set, cfg.micro_batch_size, run.tok.pad_token_id, run.proc.device)
+    rec = {"val_loss": validation_loss(run.model, batches, cfg.share_prefix)}
     if run.accuracy_rows:
         m = evaluate_rows(run.model, run.tok, run.accuracy_rows, run.task, max_len=cfg.max_len,
                           batch_size=cfg.micro_batch_size, log=False)["metrics"]
@@ -313,30 +228,24 @@ def train(cfg: TrainConfig, on_step: Callable[[Run, dict], None] | None = None) 
     with processes(cfg.device) as proc, RunFolder(cfg.out).locked(proc.rank == 0), StopSignals() as stop:
         run, t0, rec, val = setup(cfg, proc), time.time(), None, None
         loud = cfg.log and proc.rank == 0
-        with tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not loud) as bar:
-            try:
-                while run.step < run.total_steps:
-                    rec = train_step(run, global_batch(run, run.step)) | {"elapsed_s": round(time.time() - t0, 2)}
-                    if on_step is not None:
-                        on_step(run, rec)
-                    if run.valid_set and (run.step == run.total_steps or
-                                          cfg.eval_every and run.step % cfg.eval_every == 0):
-                        rec |= validate(run)
-                        val = rec["val_loss"]
-                    if proc.rank == 0:
-                        run.folder.log(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                    bar.update()
-                    stopping = stop.agreed(proc, bool(cfg.max_time) and time.time() - t0 > cfg.max_time)
-                    if cfg.save_every and run.step % cfg.save_every == 0 or run.step == run.total_steps or stopping:
-                        save(run)
-                    if stopping:
-                        break
-            except OSError as e:   # a full disk while saving or logging: say what is kept and how to go on
-                if e.errno != errno.ENOSPC:
-                    raise
-                resume = "; once there is room, --resume continues from it" if run.folder.state_file.exists() else ""
-                raise OSError(e.errno, f"{e.strerror}{kept(run)}{resume}") from None
+        with tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not loud) as bar, \
+                run.folder.full_disk():   # while saving or logging: says what is kept and how to go on
+            while run.step < run.total_steps:
+                rec = train_step(run, global_batch(run, run.step)) | {"elapsed_s": round(time.time() - t0, 2)}
+                if on_step is not None:
+                    on_step(run, rec)
+                if run.valid_set and (run.step == run.total_steps or cfg.eval_every and run.step % cfg.eval_every == 0):
+                    rec |= validate(run)
+                    val = rec["val_loss"]
+                if proc.rank == 0:
+                    run.folder.log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.update()
+                stopping = stop.agreed(proc, bool(cfg.max_time) and time.time() - t0 > cfg.max_time)
+                if cfg.save_every and run.step % cfg.save_every == 0 or run.step == run.total_steps or stopping:
+                    save(run)
+                if stopping:
+                    break
     if rec is None:
         say(loud, f"nothing to train: {cfg.out} is at step {run.step} of {run.total_steps} already (raise --epochs or "
                   f"--max-steps to train on)")
@@ -346,8 +255,8 @@ def train(cfg: TrainConfig, on_step: Callable[[Run, dict], None] | None = None) 
         say(loud, f"done: {run.step} steps in {fmt_time(time.time() - t0)}, last loss "
             f"{rec['loss']:.4f}" + (f", validation loss {val:.4f}" if val is not None else "") +
             f"; checkpoint in {cfg.out}")
-    return {"step": run.step, "total_steps": run.total_steps, "loss": None if rec is None else rec["loss"], "val_loss": val,
-            "out": cfg.out, "model": run.model, "seconds": time.time() - t0, "stopped": stop.reason}
+    return {"step": run.step, "total_steps": run.total_steps, "loss": None if rec is None else rec["loss"],
+            "val_loss": val, "out": cfg.out, "model": run.model, "seconds": time.time() - t0, "stopped": stop.reason}
 
 
 def save(run: Run) -> None:
@@ -362,7 +271,7 @@ def save(run: Run) -> None:
                            "scaler": run.scaler.state_dict(),
                            "trainable": {k: v for k, v in model.state_dict().items() if k in trainable}})
     out = (save_checkpoint(model, run.folder.path / "model", tokenizer_dir=run.tok.path.parent) if cfg.full
-           else save_adapter(model, run.folder.path / "adapter"))
+           else save_adapter(model, run.folder.path / "adapter", base=cfg.model, revision=cfg.revision))
     if not cfg.text:   # what it was tuned to answer: eval.py asks the same by default (pretraining tunes to none)
         write_json(out / "task.json", run.task.to_dict())
     say(cfg.log, f"\nsaved step {run.step} to {cfg.out}" + (" (final)" if run.step == run.total_steps else ""))

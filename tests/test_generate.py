@@ -21,7 +21,7 @@ from minicalm import greedy_generate, load_model
 from minicalm.tasks.data import Row
 from minicalm.tools.evaluate import evaluate_rows
 from minicalm.generate import decode_n_tokens, left_pad, prefill, score_continuations
-from minicalm.tools.commands import generate_main as main
+from minicalm.tools import commands
 from minicalm.tasks.task import MARC_JA
 from reference import greedy_no_cache
 
@@ -165,7 +165,11 @@ def left_padded_lists(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Ten
     return ids, torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
 
 
-# ----------------------------------------------------------------------------- python -m minicalm.generate
+# ----------------------------------------------------------------------------- python -m minicalm generate
+
+def main(argv: list[str]) -> None:
+    commands.main(["generate", *argv])
+
 
 def test_command_answers_each_text_as_evaluation_does(base, capsys, monkeypatch):
     """One line per text (arguments, or lines of stdin): the answer evaluation would give, what the model wrote,
@@ -221,7 +225,7 @@ def test_command_refuses_a_text_without_the_task_s_fields_in_one_line(base, caps
     with pytest.raises(SystemExit) as e:
         main(["--model", str(base[0]), "--device", "cpu", "--task", "jnli", "前提だけ"])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err == ("python -m minicalm.generate: error: task jnli needs 2 tab-separated fields "
+    assert e.value.code == 1 and err == ("python -m minicalm generate: error: task jnli needs 2 tab-separated fields "
                                          "(sentence1, sentence2), got 1 in '前提だけ'\n")
 
 
@@ -267,7 +271,7 @@ def test_command_refuses_what_would_go_silently_wrong_in_one_line(base, args, st
 def test_command_checks_its_settings_before_loading(flag, value, says, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "no/such-model", flag, value, "良い"])   # refused before the model is looked for
-    assert e.value.code == 1 and capsys.readouterr().err == f"python -m minicalm.generate: error: {flag}: {says}\n"
+    assert e.value.code == 1 and capsys.readouterr().err == f"python -m minicalm generate: error: {flag}: {says}\n"
 
 
 def test_command_raw_budget_fills_the_model_s_positions_exactly(base, capsys):

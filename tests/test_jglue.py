@@ -349,7 +349,7 @@ def test_suite_loads_the_model_once(monkeypatch, standin_hub, hub_env, tmp_path)
     real = suite.load_model
     monkeypatch.setattr(suite, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    res = run_eval(EvalConfig(suite="jglue", model="cyberagent/open-calm-small", limit=2, out=str(tmp_path / "s"),
+    res = suite.run_suite(EvalConfig(suite="jglue", model="cyberagent/open-calm-small", limit=2, out=str(tmp_path / "s"),
                               device="cpu", log=False))
     assert len(loads) == 1 and list(res["suite"]["tasks"]) == list(suite.SUITES["jglue"])
     assert evaluate.settled(EvalConfig(), JSTS, 512).max_len == 512 - 8 == 504   # each task's own fit

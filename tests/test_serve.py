@@ -204,12 +204,12 @@ def test_sampling_follows_the_seed_and_stop_strings_cut_the_text(api, twin):
 def test_answers_are_what_generate_prints(api, serving, capsys):
     """/v1/answers for each model against `python -m minicalm generate` with the same adapter and text: the answer (or
     invalid), the text written, each label word's probability; a free-form task's answer."""
-    from minicalm.tools.commands import generate_main
+    from minicalm.tools.commands import main
     url, _ = api
     folder, _, dirs = serving
     texts = ["この商品は最高です。", "二度と買いません。"]
     for name, adapter in [(str(folder), None), *dirs.items()]:
-        generate_main(["--model", str(folder), "--device", "cpu", *(["--adapter", str(adapter)] if adapter else []),
+        main(["generate", "--model", str(folder), "--device", "cpu", *(["--adapter", str(adapter)] if adapter else []),
                        *texts])
         printed = capsys.readouterr().out.split("\n")[:-1]   # (not splitlines: a random model writes \x0c and such)
         for text, line in zip(texts, printed):
@@ -281,7 +281,7 @@ def test_each_fault_gets_its_4xx_and_the_next_request_is_served(api):
     assert error(400, **ok | {"temperature": -1})["param"] == "temperature"
     assert error(400, **ok | {"prompt": [3, "x"]})["param"] == "prompt"
     assert error(400, **ok | {"max_tokens": True})["param"] == "max_tokens"
-    assert "a prompt of 1 tokens plus max_tokens 300 is 301, past the model's 256 positions" in error(
+    assert "a prompt of 1 tokens plus max_tokens 300: 301 tokens, past the model's 256 positions" in error(
         400, **ok | {"prompt": [5], "max_tokens": 300})["message"]
     long = error(400, **ok | {"prompt": "良い商品です。" * 14_286})   # 100,000 characters
     assert long["param"] == "max_tokens" and "past the model's 256 positions" in long["message"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import minicalm.train as T
+T = importlib.import_module("minicalm.train")   # minicalm.train is the function train()
 from conftest import FP32_REL, REVIEWS, ROOT, assert_close_to_scale
 from minicalm import apply_lora, load_adapter, load_model
 from minicalm.loss import IGNORE_INDEX

@@ -7,6 +7,7 @@ row, and a prompt is tokenized identically whether it is trained on or evaluated
 """
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 import random
@@ -14,12 +15,13 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from ..io import hub
 from ..io.files import text_lines, write_text
-from ..loss import IGNORE_INDEX
+from ..loss import IGNORE_INDEX, common_prefix, targets
 from .task import MARC_JA, Task
 
 
@@ -343,10 +345,10 @@ class Example:
     input_ids: list[int]
     labels: list[int]      # aligned with input_ids; IGNORE_INDEX where nothing is scored
 
-    @property
+    @functools.cached_property
     def n_scored(self) -> int:
-        """Tokens the loss scores: the labels after the first (each is predicted from the ones before it)."""
-        return sum(t != IGNORE_INDEX for t in self.labels[1:])
+        """Tokens the loss scores (loss.targets: each label is predicted from the tokens before it)."""
+        return int((targets(torch.tensor(self.labels)) != IGNORE_INDEX).sum())
 
 
 def split_rows(task: Task, split: str, given: str | Path | None, instead: str) -> str | Path | list[Row]:
@@ -396,21 +398,6 @@ def run_data(cfg, task: Task, tokenizer) -> tuple[list[Example], list[Example], 
     return train, read(valid, cfg.eval_limit) if valid is not None else [], rows
 
 
-def shared_prefix_tokens(examples: list[Example]) -> int:
-    """How many tokens every example begins with (the prompt's shared prefix): what the plan counts on."""
-    return common_prefix([e.input_ids for e in examples])
-
-
-def common_prefix(seqs: list[list[int]]) -> int:
-    """How many tokens every sequence begins with."""
-    first = seqs[0]
-    n = len(first)
-    for ids in seqs[1:]:
-        while ids[:n] != first[:n]:
-            n -= 1
-    return n
-
-
 def encode_rows(encoder: PromptEncoder, rows: list[Row],
                 train_on_inputs: bool = False) -> tuple[list[Example], int]:
     """(examples, how many rows were truncated), tokenized in parallel batches; the free-form rows that cannot fit
@@ -440,6 +427,15 @@ def length_batches(lengths: list[int], batch_size: int, seed: int, window: int =
         batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def loss_batches(examples: list[Example], micro_batch_size: int, pad_id: int,
+                 device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, labels) on `device` for micro-batches of similar lengths, always in the same order: what
+    loss.validation_loss reads."""
+    for idx in length_batches([len(e.input_ids) for e in examples], micro_batch_size, seed=0):
+        x, y = collate([examples[i] for i in idx], pad_id)
+        yield x.to(device), y.to(device)
 
 
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

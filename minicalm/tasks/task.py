@@ -246,6 +246,17 @@ class Task:
             raise ValueError(f"{self.label_field} {value} is out of range for the row's {n} choices (0..{n - 1})")
         return value
 
+    def fields_of(self, text: str) -> dict[str, str]:
+        """A text as generate and /v1/answers take it: the task's fields, tab-separated in its order (Alpaca's input
+        may be left out)."""
+        values = text.split("\t") if len(self.fields) > 1 else [text]
+        if set(self.fields[len(values):]) <= set(self.optional):   # Alpaca's input left out: empty
+            values += [""] * (len(self.fields) - len(values))
+        if len(values) != len(self.fields):
+            raise ValueError(f"task {self.name} needs {len(self.fields)} tab-separated fields "
+                             f"({', '.join(self.fields)}), got {len(values)} in {text!r}")
+        return dict(zip(self.fields, values))
+
     def answer_text(self, label: str) -> str:
         """What a row's answer is written as: its label's word, or the answer itself (free-form; the right choice)."""
         return self.labels[label] if self.labels else label

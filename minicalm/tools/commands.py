@@ -1,4 +1,4 @@
-"""The small commands of `python -m minicalm`: generate (also `python -m minicalm.generate`), merge and convert; each
+"""The small commands of `python -m minicalm`: generate, merge and convert; each
 a config dataclass (its flags, tools/cli.py) and a function.
 """
 from __future__ import annotations
@@ -7,11 +7,11 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 
-from ..config import DEVICE, SettingError, check, check_positions, resolve_dtype
+from ..config import DEVICE, Dtype, check_choices, check_positions, refuse, resolve_dtype
 from ..generate import decode_n_tokens, greedy, prefill, sampler
 from ..io.adapter import base_for, load_adapter, save_merged
 from ..io.files import atomic_folder, check_writable, write_text
@@ -47,16 +47,23 @@ class GenerateConfig:
                                              # text is cut. --raw cuts nothing: a text too long for the model is
                                              # refused
     device: str = DEVICE                     # cuda if this torch has it, else cpu
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype)
+    dtype: Dtype = "auto"                    # the base's (config.resolve_dtype)
 
     def __post_init__(self):
-        check(self, {"max_new_tokens": (self.max_new_tokens is None or self.max_new_tokens >= 1, "at least 1"),
-                     "temperature": (0 <= self.temperature < math.inf, "finite and >= 0 (0: greedy)"),
-                     "top_k": (self.top_k is None or self.top_k >= 1, "at least 1"),
-                     "max_len": (self.max_len >= 1, "at least 1 token")})
+        check_choices(self)
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise refuse(self, "max_new_tokens", "at least 1")
+        if not 0 <= self.temperature < math.inf:
+            raise refuse(self, "temperature", "finite and >= 0 (0: greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise refuse(self, "top_k", "at least 1")
+        if self.max_len < 1:
+            raise refuse(self, "max_len", "at least 1 token")
         # a task's answer is greedy, as evaluation's: sampling settings without --raw would be silently ignored
-        check(self, {"temperature": (self.raw or self.temperature == 0, "0 without --raw (a task's answers are greedy)"),
-                     "top_k": (self.raw or self.top_k is None, "unset without --raw (a task's answers are greedy)")})
+        if not self.raw and self.temperature != 0:
+            raise refuse(self, "temperature", "0 without --raw (a task's answers are greedy)")
+        if not self.raw and self.top_k is not None:
+            raise refuse(self, "top_k", "unset without --raw (a task's answers are greedy)")
 
 
 def stdin_lines() -> list[str]:
@@ -100,7 +107,7 @@ def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_token
                          f"({', '.join(task.fields)})")
     prompts, choices = [], []
     for text in texts:
-        fields = task_fields(task, text)
+        fields = task.fields_of(text)
         row = Row(fields, "", "0", choices=tuple(fields[f] for f in named))
         ids, cut = enc.encode_prompt(row)
         if cut:   # the answer is to what the model saw: say so
@@ -121,17 +128,6 @@ def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_token
             continue
         probs = " ".join(f"p({label})={torch.tensor(p[f'logprob_{label}']).exp():.3f}" for label in task.labels)
         yield f"{p['answer'] or 'invalid'}\t{p['continuation']!r}\t{probs}\t{text}"
-
-
-def task_fields(task, text: str) -> dict[str, str]:
-    """A text as generate takes it: the task's fields, tab-separated in its order (Alpaca's input may be left out)."""
-    values = text.split("\t") if len(task.fields) > 1 else [text]
-    if set(task.fields[len(values):]) <= set(task.optional):   # Alpaca's input left out: empty
-        values += [""] * (len(task.fields) - len(values))
-    if len(values) != len(task.fields):
-        raise ValueError(f"task {task.name} needs {len(task.fields)} tab-separated fields "
-                         f"({', '.join(task.fields)}), got {len(values)} in {text!r}")
-    return dict(zip(task.fields, values))
 
 
 @torch.inference_mode()
@@ -184,10 +180,6 @@ GENERATE = ("Answer each text (or each non-blank line of stdin) with a task's pr
             "streaming tokens as they come.")
 
 
-def generate_main(argv: list[str] | None = None) -> None:
-    command(GenerateConfig, generate, "python -m minicalm.generate", GENERATE, argv)
-
-
 # ----------------------------------------------------------------------------- merge, convert
 
 @dataclass
@@ -196,7 +188,7 @@ class MergeConfig:
     out: str = "runs/merged"                 # output folder for the merged checkpoint: new or empty (never the base's)
     model: str | None = None                 # base checkpoint; default: the one the adapter records
     revision: str | None = None              # hub revision; default: the one the adapter records
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the merged weights' dtype; auto: the
+    dtype: Dtype = "auto"                    # the merged weights' dtype; auto: the
                                              # base checkpoint's own (W + s B A is computed in fp32, rounded once)
     force: bool = False                      # replace a checkpoint already in --out (never the base or the adapter)
 
@@ -239,7 +231,7 @@ class ConvertConfig:
     src: str                                 # checkpoint folder or hub id with pytorch_model*.bin weights
     out: str                                 # output folder for sharded safetensors: new or empty (never src)
     revision: str | None = None              # hub revision of src
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # auto: the checkpoint's own
+    dtype: Dtype = "auto"                    # auto: the checkpoint's own
     force: bool = False                      # replace a checkpoint already in --out (never src)
 
 

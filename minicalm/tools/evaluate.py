@@ -21,13 +21,14 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from ..config import DEVICE, CalmConfig, SettingError, check, check_positions
+from ..config import CalmConfig, DEVICE, Dtype, SettingError, check_choices, check_positions, refuse
 from ..generate import Decoding, decode_n_tokens, left_pad, prefill, score_continuations
 from ..io.adapter import base_for, load_adapter
 from ..io.files import check_writable, write_json, write_text
 from ..io.tokenizer import Tokenizer, load_tokenizer
 from ..io.weights import load_model, resolve
 from ..lora import lora_disabled
+from ..loss import shared_prefix_len, validation_loss
 from ..model import eval_mode
 from ..tasks import data
 from ..tasks.score import (INVALID, UNPARSABLE, choice_metrics, compute_metrics, free_answer, generated_choice_metrics,
@@ -72,7 +73,7 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
                         "lower it (or --max-new-tokens)")
         if cfg.log and any(cut):
             print(f"eval: {sum(cut)} of {len(rows)} rows cut to fit --max-len {cfg.max_len}", file=sys.stderr)
-        P = answers.share_prefix(shared_prompt_prefix(list(encoded))) if cfg.share_prefix else 0
+        P = answers.share_prefix(encoded[0][:shared_prefix_len(encoded)]) if cfg.share_prefix else 0
         prompts = [ids[P:] for ids in encoded]
         order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
         preds: list[dict] = [{} for _ in rows]
@@ -85,10 +86,9 @@ def evaluate_rows(model, tok: Tokenizer, rows: list[data.Row], task: Task = MARC
                     preds[i] = {"id": rows[i].id, "gold": gold} | p
                 bar.update(len(batch))
     if task.free_form:
-        from ..train import validation_loss   # imported here: train.py imports this module
         examples, device = data.encode_rows(enc, rows)[0], model.gpt_neox.embed_in.weight.device
-        loss = validation_loss(model, examples, cfg.batch_size, tok.pad_token_id, device, cfg.share_prefix) \
-            if examples else None
+        batches = data.loss_batches(examples, cfg.batch_size, tok.pad_token_id, device)
+        loss = validation_loss(model, batches, cfg.share_prefix) if examples else None
         metrics = text_metrics([p["gold"] for p in preds], [p["answer"] for p in preds], task.metrics or ())
         if task.llm_jp_eval_metrics:   # again under the file's own names (its char_f1 is our token_sort_ratio)
             metrics["llm_jp_eval"] = {m: metrics[LLM_JP_EVAL_METRICS[m]] for m in task.llm_jp_eval_metrics}
@@ -171,12 +171,6 @@ def score_choices(model, logits: torch.Tensor, state: Decoding, choices: list[li
     return per_row
 
 
-def shared_prompt_prefix(prompts: list[list[int]]) -> list[int]:
-    """The ids every prompt begins with (the template's head, the shots, an instruction all rows share), each prompt
-    keeping a token of its own to continue from."""
-    return prompts[0][:min(data.common_prefix(prompts), min(map(len, prompts)) - 1)]
-
-
 class Answers:
     """A task's answers to batches of prompts: each row's greedy continuation and the label it gives, or the free-form
     answer it writes (when max_new_tokens > 0), and each label word's log-likelihood (with likelihood)."""
@@ -192,10 +186,9 @@ class Answers:
         self.stops, self.leading = tok.line_end_ids if not task.free_form else (
             {tok.eos_token_id} | tok.ids_holding(task.stop or []), set())
 
-    def share_prefix(self, ids: list[int] | None = None) -> int:
-        """Run the prompts' shared prefix (default: the template's) once, into a one-row cache every batch continues
-        from; its length."""
-        ids = self.enc.prefix_ids if ids is None else ids
+    def share_prefix(self, ids: list[int]) -> int:
+        """Run the prompts' shared prefix (the ids all begin with: loss.shared_prefix_len's rule) once, into a one-row
+        cache every batch continues from; its length."""
         if ids:
             device = self.model.gpt_neox.embed_in.weight.device
             _, state = prefill(self.model, torch.tensor([ids], device=device), extra=0)
@@ -281,7 +274,7 @@ class EvalConfig:
     share_prefix: bool = True         # compute the prompts' shared prefix once per run (off: every row in full)
     out: str = "runs/eval"            # folder for metrics.json, predictions.jsonl, report.md
     device: str = DEVICE              # cuda if this torch has it, else cpu
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype)
+    dtype: Dtype = "auto"                    # the base's (config.resolve_dtype)
     quantize: Literal["nf4"] | None = None   # the base's block weights in 4-bit NF4 (nf4.py)
     shots: int = 0                    # k-shot: solved examples before each question, in the task's template
     shots_file: str | None = None     # JSON lines to draw the shots from; default: the task file's few_shots, else
@@ -291,21 +284,26 @@ class EvalConfig:
     log: bool = True                  # progress bar and the report on the terminal
 
     def __post_init__(self):
-        check(self, {"limit": (self.limit is None or self.limit >= 1, "a positive number of rows"),
-                     "batch_size": (self.batch_size >= 1, "at least 1"),
-                     "max_new_tokens": (self.max_new_tokens is None or self.max_new_tokens >= 1, "at least 1"),
-                     "shots": (self.shots >= 0, ">= 0"),
-                     "max_len": (self.max_len is None or self.max_len >= 2, "at least 2 tokens"),
-                     "compare_base": (not self.compare_base or bool(self.adapter),
-                                      "used with adapter (it compares the base model with base + adapter)")})
+        check_choices(self)
+        if self.limit is not None and self.limit < 1:
+            raise refuse(self, "limit", "a positive number of rows")
+        if self.batch_size < 1:
+            raise refuse(self, "batch_size", "at least 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise refuse(self, "max_new_tokens", "at least 1")
+        if self.shots < 0:
+            raise refuse(self, "shots", ">= 0")
+        if self.max_len is not None and self.max_len < 2:
+            raise refuse(self, "max_len", "at least 2 tokens")
+        if self.compare_base and not self.adapter:
+            raise refuse(self, "compare_base", "used with adapter (it compares the base model with base + adapter)")
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Load, evaluate, write metrics.json, predictions.jsonl and report.md under cfg.out; returns the results. With
     cfg.suite, every task of the suite (tools/suite.py)."""
     if cfg.suite:
-        from .suite import run_suite   # imported here: suite.py imports this module
-        return run_suite(cfg)
+        raise SettingError("EvalConfig", "suite", "run_eval evaluates one task; a suite is tools.suite.run_suite's")
     model_id, revision = base_for(cfg.adapter, cfg.model, cfg.revision)
     task = find_task(cfg.task, cfg.adapter, model_id)
     tok = load_tokenizer(model_id, revision=revision)

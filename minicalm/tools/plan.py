@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import PRESETS, CalmConfig, LoraConfig, get_preset, resolve_dtype
+from ..config import CalmConfig, Dtype, LoraConfig, PRESETS, get_preset, resolve_dtype
 from ..lora import apply_lora, trainable_parameters
 from ..loss import IGNORE_INDEX, answer_loss, shared_prefix_len
 from ..model import CalmForCausalLM
@@ -87,7 +87,7 @@ class PlanConfig:
     quantize: Literal["nf4"] | None = None   # the blocks' weights in NF4 (QLoRA)
     train_on_inputs: bool = False            # logits and loss at every position
     full: bool = False                       # train every parameter (fp32) instead of LoRA
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's; auto: bf16, as on the A100
+    dtype: Dtype = "auto"                    # the base's; auto: bf16, as on the A100
     examples: int = 187_528                  # examples per epoch (MARC-ja train)
     avg_tokens: float = 150.0                # average tokens per example
     answer_tokens: int = 4                   # scored tokens per row (the answer word and EOS)
@@ -200,7 +200,7 @@ def planned_batch(cfg: PlanConfig, T: int) -> tuple[torch.Tensor, torch.Tensor, 
     y = x.clone()
     if not cfg.train_on_inputs:
         y[:, : T - cfg.answer_tokens] = IGNORE_INDEX
-    P = shared_prefix_len(x) if cfg.shared_prefix else 0
+    P = shared_prefix_len(x.tolist()) if cfg.shared_prefix else 0   # the rule: none for one row, a token of each own
     return x, y, B * (T - 1 if cfg.train_on_inputs else cfg.answer_tokens), P
 
 
@@ -241,7 +241,7 @@ def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.devi
     GPU without bf16 (`bf16`, default: asked of the GPU), say that dtype float16 halves the base's memory."""
     T = min(cfg.max_len, max(lengths))
     pc = PlanConfig(model=cfg.model, micro_batch_size=cfg.micro_batch_size, max_len=T,
-                    shared_prefix=min(shared, T - 1) if cfg.micro_batch_size > 1 else 0,
+                    shared_prefix=shared,
                     grad_checkpoint=cfg.grad_checkpoint, lora=cfg.lora, quantize=cfg.quantize,
                     train_on_inputs=cfg.train_on_inputs, full=cfg.full, dtype=str(dtype).removeprefix("torch."),
                     examples=len(lengths), avg_tokens=sum(lengths) / len(lengths), epochs=cfg.epochs)
@@ -260,8 +260,7 @@ def preflight(cfg, model_cfg: CalmConfig, lengths: list[int], device: torch.devi
                    if q != cfg.quantize or mb < cfg.micro_batch_size or ckpt]
         fits = next((f"--micro-batch-size {mb}" + " --grad-checkpoint" * ckpt + f" --quantize {q}" * (q != cfg.quantize)
                      for mb, ckpt, q in options
-                     if plan(dataclasses.replace(pc, micro_batch_size=mb, grad_checkpoint=ckpt, quantize=q,
-                                                 shared_prefix=pc.shared_prefix if mb > 1 else 0),
+                     if plan(dataclasses.replace(pc, micro_batch_size=mb, grad_checkpoint=ckpt, quantize=q),
                              model_cfg).peak_bytes < 0.9 * memory), None)
         raise MemoryError(f"the plan's peak {pl.peak_bytes / GiB:.1f} GiB exceeds 90% of this GPU's "
                           f"{memory / GiB:.1f} GiB; " + (f"try {fits}" if fits else "no micro-batch size fits"))

@@ -4,6 +4,7 @@ run, the run folder (its settings, metrics.jsonl, state.pt) and resuming from it
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import os
@@ -279,6 +280,22 @@ class RunFolder:
 
     def log(self, record: dict) -> None:
         append_line(self.path / "metrics.jsonl", json.dumps(record))
+
+    def kept(self) -> str:
+        """Where the last good checkpoint is, if one was written (for the message of a run that stops)."""
+        return f"; the last good checkpoint is kept in {self.path}" if self.state_file.exists() else \
+            "; no checkpoint was written yet"
+
+    @contextmanager
+    def full_disk(self):
+        """A full disk while the run saves or logs: the error says what is kept, and that --resume goes on."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            resume = "; once there is room, --resume continues from it" if self.state_file.exists() else ""
+            raise OSError(e.errno, f"{e.strerror}{self.kept()}{resume}") from None
 
     def save_state(self, state: dict) -> None:
         atomic_write(self.state_file, lambda p: torch.save(state, p))

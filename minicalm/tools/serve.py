@@ -32,11 +32,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator
 
 import torch
 
-from ..config import DEVICE, POST_MODEL, SettingError, check
+from ..config import DEVICE, Dtype, POST_MODEL, SettingError, check_choices, check_positions, refuse
 from ..engine import Closed, Engine, Event, QueueFull, Request
 from ..generate import sampler
 from ..io.adapter import load_adapters, read_config
@@ -46,7 +46,6 @@ from ..multi_lora import row_adapters
 from ..tasks.data import PromptEncoder, Row
 from ..tasks.score import free_answer, parse_answer
 from ..tasks.task import Task, find_task
-from .commands import check_fits, task_fields
 from .evaluate import Answers
 
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -70,14 +69,19 @@ class ServeConfig:
     max_body: int = 4 * 2**20                # bytes of a request body at most (413 past it)
     allow_other_base: bool = False           # serve adapters recorded for another base than --model (shapes must fit)
     device: str = DEVICE                     # cuda if this torch has it, else cpu
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # the base's (config.resolve_dtype)
+    dtype: Dtype = "auto"                    # the base's (config.resolve_dtype)
 
     def __post_init__(self):
-        check(self, {"port": (0 <= self.port < 65536, "a TCP port, 0 to 65535 (0: any free one)"),
-                     "max_batch": (self.max_batch >= 1, "at least 1"),
-                     "max_queue": (self.max_queue >= 1, "at least 1"),
-                     "max_len": (self.max_len >= 1, "at least 1 token"),
-                     "max_body": (self.max_body >= 1024, "at least 1024 bytes")})
+        check_choices(self)
+        if not 0 <= self.port < 65536:
+            raise refuse(self, "port", "a TCP port, 0 to 65535 (0: any free one)")
+        for name in ("max_batch", "max_queue"):
+            if getattr(self, name) < 1:
+                raise refuse(self, name, "at least 1")
+        if self.max_len < 1:
+            raise refuse(self, "max_len", "at least 1 token")
+        if self.max_body < 1024:
+            raise refuse(self, "max_body", "at least 1024 bytes")
 
 
 class ApiError(Exception):
@@ -91,6 +95,15 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES[self.status], "param": self.param,
                           "code": self.status}}
+
+
+def fits(server, prompt: int, more: int, what: str) -> None:
+    """A prompt of `prompt` tokens and `more` after it must fit the model's positions (config.check_positions): 400."""
+    try:
+        check_positions(server.model.config, prompt + more, ("ServeConfig", "max_tokens"), what,
+                        "shorten the prompt or lower max_tokens")
+    except SettingError as e:
+        raise ApiError(400, f"max_tokens: {e.message}", "max_tokens") from None
 
 
 # ----------------------------------------------------------------------------- what is served
@@ -223,9 +236,7 @@ def completion_requests(server: Server, body: dict) -> tuple[str, list[list[int]
         if body.get(key) not in neutral:
             raise ApiError(400, f"{key}: not supported by this server", key)
     for p in prompts:
-        if len(p) + max_tokens > server.positions:
-            raise ApiError(400, f"max_tokens: a prompt of {len(p)} tokens plus max_tokens {max_tokens} is "
-                                f"{len(p) + max_tokens}, past the model's {server.positions} positions", "max_tokens")
+        fits(server, len(p), max_tokens, f"a prompt of {len(p)} tokens plus max_tokens {max_tokens}")
     reqs = []
     for p in prompts:
         for j in range(n):
@@ -446,7 +457,7 @@ def make_app(server: Server):
                                 f"/v1/answers does not take yet: ask /v1/completions", "model")
         text = need(body, "text", str, None)
         try:   # `text` as generate takes it (the task's fields tab-separated), else the fields by name
-            given = task_fields(task, text) if text is not None else {f: need(body, f, str, "") for f in task.fields}
+            given = task.fields_of(text) if text is not None else {f: need(body, f, str, "") for f in task.fields}
         except ValueError as e:
             raise ApiError(400, f"text: {e}", "text") from None
         if not any(given.values()):
@@ -454,11 +465,8 @@ def make_app(server: Server):
                                 f"{', '.join(task.fields)})", "text")
         budget = need(body, "max_tokens", int, ans.max_new_tokens, lambda v: v >= 1, "an integer >= 1")
         prompt = ans.enc.encode_prompt(Row(given, "", "0"))[0]
-        try:   # the answer written, or a label word scored, must fit after the prompt
-            check_fits(server.model, prompt, max([budget, *map(len, ans.enc.answer_ids.values())]),
-                       text or " ".join(given.values()), "shorten the text or lower max_tokens")
-        except SettingError as e:
-            raise ApiError(400, e.message, "max_tokens") from None
+        more = max([budget, *map(len, ans.enc.answer_ids.values())])   # the answer written, or a label word scored
+        fits(server, len(prompt), more, f"the prompt's {len(prompt)} tokens plus {more} more")
         stream = need(body, "stream", bool, False)
         probabilities = None if task.free_form else server.engine.call(
             lambda: label_probabilities(server, served, prompt))

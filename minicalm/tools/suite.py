@@ -21,7 +21,7 @@ from ..io.files import check_writable, read_json, write_json, write_text
 from ..io.tokenizer import load_tokenizer
 from ..io.weights import load_model
 from ..tasks.task import NUMERIC, Task, load_task
-from .evaluate import EvalConfig, evaluate_task, pct, positions_of, prepare
+from .evaluate import EvalConfig, evaluate_task, pct, positions_of, prepare, run_eval
 
 SUITES = {"jglue": ("marc-ja", "jsts", "jnli", "jsquad", "jcommonsenseqa")}
 TITLES = {"marc-ja": "MARC-ja", "jsts": "JSTS", "jnli": "JNLI", "jsquad": "JSQuAD", "jcommonsenseqa": "JCommonsenseQA"}
@@ -98,6 +98,11 @@ def finished(folder: Path, cfg: EvalConfig) -> dict | None:
         raise SettingError("EvalConfig", k, f"{path} was evaluated with {k} {theirs.get(k)!r}, this run asks "
                                             f"{ours[k]!r}: choose another --out, or delete {folder} to run it again")
     return earlier
+
+
+def eval_main(cfg: EvalConfig) -> dict:
+    """eval.py's job: with --suite every task of the suite (run_suite), else the one task asked (evaluate.run_eval)."""
+    return run_suite(cfg) if cfg.suite else run_eval(cfg)
 
 
 def run_suite(cfg: EvalConfig) -> dict:
