@@ -3,39 +3,31 @@
 The lesson, in the order it runs: config -> model -> lora -> multi_lora -> variants -> nf4 -> loss -> generate ->
 engine -> train. The machinery it stands on: io/ (the hub, checkpoint and adapter files, the tokenizer), tasks/
 (prompts, data, the answer rule and its metrics), tools/ (evaluation and its report, the memory planner, pictures, the
-adapter inspector, the commands, the server and a run's bookkeeping).
-
-The public API, by the module that defines it. A name is imported from its module on first use (PEP 562), so that
-`python -m minicalm.generate` runs its module once, not once more as a package import.
+adapter inspector, the commands, the server and a run's bookkeeping). The public API:
 """
-import importlib
+import sys
 
-from .tools.moved import install
+from .config import PRESETS, CalmConfig, LoraConfig, TrainConfig, get_preset
+from .model import CalmForCausalLM, KVCache
+from .lora import (DoRALinear, LoRALinear, apply_lora, lora_config, lora_disabled, merge_lora, trainable_parameters,
+                   trainable_summary, unmerge_lora)
+from .multi_lora import MultiLoRALinear, add_adapters, row_adapters
+from .generate import decode_n_tokens, decode_one_token, greedy_generate, prefill, score_continuations
+from .engine import Engine, Request
+from .train import train
+from .io.weights import load_model, save_checkpoint
+from .io.tokenizer import Tokenizer, load_tokenizer
+from .io.adapter import load_adapter, load_adapters, save_adapter, save_merged
+from .tasks.task import Task, load_task
+from .tools.evaluate import evaluate_rows
 
-API = {
-    "config": ["CalmConfig", "LoraConfig", "PRESETS", "get_preset"],
-    "model": ["CalmForCausalLM", "KVCache"],
-    "lora": ["LoRALinear", "DoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "lora_disabled", "lora_config",
-             "trainable_parameters", "trainable_summary"],
-    "multi_lora": ["MultiLoRALinear", "add_adapters", "row_adapters"],
-    "generate": ["greedy_generate", "prefill", "decode_one_token", "decode_n_tokens", "score_continuations"],
-    "engine": ["Engine", "Request"],
-    "train": ["TrainConfig", "train"],
-    "io.weights": ["load_model", "save_checkpoint"],
-    "io.tokenizer": ["Tokenizer", "load_tokenizer"],
-    "io.adapter": ["load_adapter", "load_adapters", "save_adapter", "save_merged"],
-    "tasks.task": ["Task", "load_task"],
-}
-WHERE = {name: module for module, names in API.items() for name in names}
-__all__ = list(WHERE)
-install()   # old module paths (minicalm.adapter, minicalm.data, ...) lead to where they went
+__all__ = ["CalmConfig", "LoraConfig", "TrainConfig", "PRESETS", "get_preset", "CalmForCausalLM", "KVCache", "LoRALinear",
+           "DoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "lora_disabled", "lora_config",
+           "trainable_parameters", "trainable_summary", "MultiLoRALinear", "add_adapters", "row_adapters",
+           "greedy_generate", "prefill", "decode_one_token", "decode_n_tokens", "score_continuations", "Engine",
+           "Request", "train", "load_model", "save_checkpoint", "Tokenizer", "load_tokenizer", "load_adapter",
+           "load_adapters", "save_adapter", "save_merged", "Task", "load_task", "evaluate_rows"]
 
-
-def __getattr__(name: str):
-    if name not in WHERE:
-        raise AttributeError(f"module 'minicalm' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"minicalm.{WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+if sys.argv[:1] == ["-m"]:   # `python -m minicalm.X` is being looked for: an old module's path says where it went
+    from .tools.moved import install
+    install()

@@ -11,6 +11,7 @@ dtype (train.py states the dtype policy).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from contextlib import contextmanager
@@ -168,9 +169,16 @@ class DoRALinear(LoRALinear):
 def apply_lora(model: nn.Module, config: LoraConfig | None = None, **settings) -> nn.Module:
     """Wrap each of the blocks' linear layers named by config.targets in a LoRALinear (a DoRALinear with use_dora),
     initialise it as config.init says, and freeze every other parameter. The settings as a LoraConfig, or by name as
-    PEFT spells them: `apply_lora(model, targets=("query_key_value",), r=8, alpha=16, dropout=0.05, use_dora=False)`.
-    A target is the layer's last name, as PEFT matches it: `dense` is attention.dense only."""
+    LoraConfig spells them: `apply_lora(model, targets=("query_key_value",), r=8, alpha=16, dropout=0.05)` (PEFT's
+    lora_alpha, lora_dropout, target_modules and init_lora_weights are alpha, dropout, targets and init here; the
+    adapter files keep PEFT's names, io/adapter.py). A target is the layer's last name, as PEFT matches it: `dense` is
+    attention.dense only."""
     if config is None:
+        names = [f.name for f in dataclasses.fields(LoraConfig)]
+        unknown = [k for k in settings if k not in names]
+        if unknown:
+            raise TypeError(f"apply_lora: no setting {unknown[0]!r}; LoRA's settings are LoraConfig's: "
+                            f"{', '.join(names)}")
         config = LoraConfig(**settings)
     elif settings or not isinstance(config, LoraConfig):
         raise TypeError("apply_lora(model, config): config is a LoraConfig; or give the settings by name, "

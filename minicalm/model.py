@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute   # activation recompute (grad_checkpoint)
 
 from .config import BLOCK_LINEARS, GELUS, CalmConfig
 
@@ -191,7 +191,6 @@ class CalmForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
         self.grad_checkpoint = False   # recompute each block in backward instead of storing its activations
-        self.checkpoint: tuple[str, str | None] | None = None   # (hub id or folder, revision) it was loaded from
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "CalmForCausalLM":
         """Random init for pretraining from scratch (normal(0, std) linears/embeddings, unit LayerNorms)."""
@@ -230,7 +229,7 @@ class CalmForCausalLM(nn.Module):
         for i, block in enumerate(self.gpt_neox.layers):
             kv = None if cache is None else cache.layers[i]
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, causal, kv, start, use_reentrant=False)
+                x = recompute(block, x, cos, sin, mask, causal, kv, start, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, causal, kv, start)
         return x

@@ -121,7 +121,7 @@ def make_adapter(folder: Path, out: Path, cfg, seed: int, task=None, std: float 
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-    save_adapter(model, out)
+    save_adapter(model, out, base=str(folder))
     if task is not None:
         write_json(out / "task.json", task.to_dict())
     return out

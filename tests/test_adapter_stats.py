@@ -177,7 +177,7 @@ def test_cli_writes_json_and_pictures_with_base_compare_and_without_base(two_ada
     (a, b), base = two_adapters
     minicalm(["stats", str(a), "--compare", str(b), "--out", str(tmp_path / "both")])   # base from the adapter's config
     result = json.loads((tmp_path / "both" / "adapter_stats.json").read_text())
-    assert result["base"] == str(base) and result["r"] == 3 and result["lora_alpha"] == 6
+    assert result["base"] == str(base) and result["r"] == 3 and result["alpha"] == 6
     names = [m["name"] for m in result["modules"]]
     assert names == [QKV.format(0), DENSE.format(0), QKV.format(1), DENSE.format(1)]   # layer, then block order
     assert all(len(m["singular_values"]) == 3 and m["relative_update"] > 0 and m["amplification"] > 0

@@ -14,10 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import REVIEWS, ROOT
-from minicalm import apply_lora, load_model, save_adapter
+from conftest import ROOT, make_adapter
 from minicalm.config import LoraConfig
 from minicalm.io import weights
 from minicalm.tools import commands
@@ -45,20 +43,9 @@ def one_line_error(done: subprocess.CompletedProcess, command: str, says: str) -
     assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
-def make_adapter(folder: Path, out: Path, seed: int = 0, **lora) -> Path:
-    """A LoRA adapter on the checkpoint `folder` with non-zero B (so merging changes the weights), saved to out."""
-    model = load_model(folder, dtype=torch.float32)
-    torch.manual_seed(seed)
-    apply_lora(model, LoraConfig(**({"dropout": 0.0} | lora)))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    return save_adapter(model, out)
-
-
 @pytest.fixture(scope="module")
 def adapter(base, tmp_path_factory):
-    return make_adapter(base[0], tmp_path_factory.mktemp("adapter") / "adapter")
+    return make_adapter(base[0], tmp_path_factory.mktemp("adapter") / "adapter", LoraConfig(), seed=0)
 
 
 # ----------------------------------------------------------------------------- merge, convert
@@ -84,7 +71,7 @@ def test_merge_into_an_existing_checkpoint_needs_force_and_a_folder_of_other_fil
     one_line_error(minicalm("merge", adapter, "--out", out), "merge",
                    f"--out {out} already holds a checkpoint: pass --force to replace it, or choose another --out")
     assert tree(out) == first
-    other = make_adapter(base[0], tmp_path / "other", seed=1)
+    other = make_adapter(base[0], tmp_path / "other", LoraConfig(), seed=1)
     done = minicalm("merge", other, "--out", out, "--force")
     assert done.returncode == 0, done.stderr
     assert set(tree(out)) == set(first) and tree(out) != first   # replaced whole: the other adapter's weights
@@ -162,11 +149,11 @@ def test_stats_compare_across_base_models_and_depths_says_so(base, adapter, tmp_
     wide, _ = hf_tiny(tmp_path, "wide", vocab_size=base[1].vocab_size, hidden_size=96, num_attention_heads=4,
                       num_hidden_layers=2)
     deep, _ = hf_tiny(tmp_path, "deep", vocab_size=base[1].vocab_size, num_hidden_layers=3)
-    other = make_adapter(wide, tmp_path / "wide-adapter")
+    other = make_adapter(wide, tmp_path / "wide-adapter", LoraConfig(), seed=0)
     one_line_error(minicalm("stats", adapter, "--compare", other, "--base", "none", "--out", tmp_path / "s1"),
                    "stats", "with inputs of 64 and 96 features: adapters of different base models cannot be compared")
     assert not (tmp_path / "s1").exists()
-    deeper = make_adapter(deep, tmp_path / "deep-adapter")
+    deeper = make_adapter(deep, tmp_path / "deep-adapter", LoraConfig(), seed=0)
     done = minicalm("stats", adapter, "--compare", deeper, "--base", "none", "--out", tmp_path / "s2")
     assert done.returncode == 0, done.stderr
     assert f"compared the 2 modules both adapters adapt; not compared: 0 only in {adapter}, 1 only in {deeper}" \

@@ -6,7 +6,6 @@ prefix, llm-jp-eval files, and the bad inputs of each, one line apiece.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from dataclasses import replace

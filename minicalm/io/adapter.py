@@ -66,6 +66,8 @@ def lora_config_from_peft(d: dict, source: str) -> LoraConfig:
     if bad:
         raise ValueError(f"{source}: uses PEFT settings minicalm's LoRA does not implement: {bad}")
     given = {ours: d[theirs] for ours, theirs in PEFT_NAMES.items() if d.get(theirs) is not None}
+    if given.get("init") is True:   # PEFT's init_lora_weights=true: its default init (Kaiming A, zero B)
+        given["init"] = "default"
     try:
         return LoraConfig(**{"r": d.get("r"), "targets": d.get("target_modules")} | given)
     except SettingError as e:
@@ -141,16 +143,14 @@ def check_factors(file: Path, module: str, cfg: LoraConfig, A, B, m) -> None:
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base: str | None = None,
                  revision: str | None = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors as peft 0.21 saves them. `base` (a hub id or folder) and
-    `revision` name the checkpoint the adapter belongs to; by default the one the model was loaded from. An adapter on
+    `revision` name the checkpoint the adapter belongs to, which evaluation and merging load by default. An adapter on
     PiSSA's or OLoRA's residual base is written as a plain LoRA of the original base (rank 2r; as_plain_lora)."""
     config = lora_config(model)
     if config is None:
         raise ValueError("save_adapter: the model has no LoRA layers (call apply_lora first)")
-    if base is None and getattr(model, "checkpoint", None):
-        base, revision = model.checkpoint
     if base is None:
         warnings.warn("save_adapter: the adapter records no base model (its base_model_name_or_path is null): pass "
-                      "base=, or load the model with minicalm.load_model", stacklevel=2)
+                      "base= (the hub id or folder the model was loaded from)", stacklevel=2)
     tensors, saved = {}, config
     for name, m in lora_layers(model).items():
         A, B = m.lora_A.weight.detach().float(), m.lora_B.weight.detach().float()
@@ -189,7 +189,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base: str | N
     LoRA keeps its own dropout). An adapter saved for PiSSA's or OLoRA's residual base (init_lora_weights "pissa"...)
     is loaded as peft loads it: the residual is derived again from the model's (original) weights. Everything is
     checked before the model is touched: a bad adapter raises ValueError, model unchanged. A warning says when the
-    adapter was trained on another base than `base` (default: the checkpoint the model was loaded from)."""
+    adapter was trained on another base than `base` (the hub id or folder the model was loaded from), when given."""
     adapter, file = read_adapter(adapter_dir), Path(adapter_dir)
     want, have, layers = adapter.config, lora_config(model), lora_layers(model)
     if any(m.merged for m in layers.values()):
@@ -209,7 +209,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base: str | N
     missing = sorted(set(slots) - set(adapter.factors))
     if missing:
         raise ValueError(f"{file}: missing {len(missing)} adapted layers, e.g. {missing[0]!r}")
-    base = base or (model.checkpoint[0] if getattr(model, "checkpoint", None) else None)
     if adapter.base and base and str(adapter.base) != str(base):
         warnings.warn(f"{file}: adapter was trained on {adapter.base!r}, loading it into {base!r}", stacklevel=2)
     if have is None:

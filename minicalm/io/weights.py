@@ -133,8 +133,8 @@ def stored_dtype(folder: Path) -> torch.dtype | None:
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device="cpu",
                revision: str | None = None, quantize: str | None = None) -> CalmForCausalLM:
-    """Load a GPT-NeoX checkpoint (local folder or hub id) into minicalm's model, in eval mode; model.checkpoint
-    records (name_or_path, revision), which an adapter saved from it names as its base.
+    """Load a GPT-NeoX checkpoint (local folder or hub id) into minicalm's model, in eval mode. (An adapter trained on
+    it records it when save_adapter is told: save_adapter(model, dir, base=name_or_path, revision=revision).)
 
     dtype None or "auto" means bf16 on a GPU that supports it, else fp32 (config.resolve_dtype). quantize="nf4" stores
     the blocks' linear weights as NF4 (nf4.py), each quantized as it is read: the model is never whole in 16 bits.
@@ -176,7 +176,6 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     model.load_state_dict(state, strict=False, assign=True)   # every name and shape was checked above, by file
     if cfg.tie_word_embeddings:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
-    model.checkpoint = (str(name_or_path), revision)
     return model.eval()
 
 

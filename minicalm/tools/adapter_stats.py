@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -132,7 +131,7 @@ def inspect_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike | No
                 m0 = W.double().norm(dim=1)
                 modules[name]["magnitude_change"] = ((adapters[name].magnitude.double() - m0).norm() / m0.norm()).item()
     return {"adapter": str(adapter_dir), "base": None if base is None else str(base), "revision": revision,
-            "r": cfg.r, "lora_alpha": cfg.alpha, "use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora,
+            "r": cfg.r, "alpha": cfg.alpha, "use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora,
             "modules": list(modules.values()), "compare": compared}
 
 

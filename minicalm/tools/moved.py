@@ -1,9 +1,9 @@
-"""Modules that moved when the package split the lesson (minicalm/) from the machinery (io/, tasks/, tools/): an old
-import keeps working, with a FutureWarning naming the new place, and `python -m` of an old command says which command
-to run instead. Installed by minicalm/__init__.py."""
+"""Where the modules went when the package split the lesson (minicalm/) from the machinery (io/, tasks/, tools/), said
+where a user meets an old path: `python -m minicalm.plan` (and the others) answers in one line with the command or
+module to use. Installed by minicalm/__init__.py only while `python -m minicalm.X` is being looked for, never on a
+plain import; the README's "Where things moved" has the table."""
 from __future__ import annotations
 
-import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -16,29 +16,27 @@ COMMANDS = {"plan": "plan", "plot": "plot", "adapter_stats": "stats", "adapter":
 
 
 class Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """minicalm.<old> is the module minicalm.<new> itself (one module object, so one of each class)."""
+    """Finds minicalm.<old> only to say where it went."""
 
     def find_spec(self, name: str, path=None, target=None):
         package, _, old = name.partition(".")
-        if package == "minicalm" and old in MOVED:
-            return importlib.util.spec_from_loader(name, self)
-        return None
+        return importlib.util.spec_from_loader(name, self) if package == "minicalm" and old in MOVED else None
 
-    def create_module(self, spec):
-        old = spec.name.partition(".")[2]
-        module = importlib.import_module(f"minicalm.{MOVED[old]}")
-        warnings.warn(f"minicalm.{old} moved to minicalm.{MOVED[old]}", FutureWarning, stacklevel=4)
-        return module
-
-    def exec_module(self, module) -> None:   # importlib gave the module the alias's spec: its own goes back
-        module.__spec__ = importlib.util.find_spec(module.__name__)
-
-    def get_code(self, name: str):   # python -m minicalm.<old>
+    def moved(self, name: str) -> ImportError:
         old = name.partition(".")[2]
         run = f"python -m minicalm {COMMANDS[old]}" if old in COMMANDS else f"import minicalm.{MOVED[old]}"
-        raise ImportError(f"{name} moved to minicalm.{MOVED[old]}: {run}")
+        return ImportError(f"{name} moved to minicalm.{MOVED[old]}: {run}")
+
+    def create_module(self, spec):
+        raise self.moved(spec.name)
+
+    def get_code(self, name: str):   # what runpy asks for `python -m minicalm.<old>`
+        raise self.moved(name)
 
 
 def install() -> None:
+    # `python -m minicalm.generate` runs a module the package has imported already: runpy's warning about that is
+    # noise here (generate.py's __main__ only points to `python -m minicalm generate`)
+    warnings.filterwarnings("ignore", r"'minicalm\.", RuntimeWarning, "runpy")
     if not any(isinstance(f, Moved) for f in sys.meta_path):
         sys.meta_path.append(Moved())
