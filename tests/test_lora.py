@@ -298,3 +298,26 @@ def test_base_model_name_mismatch_warns(tmp_path, tiny_checkpoint):
         "cyberagent/open-calm-7b"
     with pytest.warns(UserWarning, match="open-calm-7b.*open-calm-small"):
         load_adapter(load_model(tiny_checkpoint[0]), tmp_path / "a", base="cyberagent/open-calm-small")
+
+
+def test_the_base_an_adapter_records_is_passed_not_carried(tmp_path, tiny_checkpoint):
+    """A model carries no record of where it came from: save_adapter records the base it is told, and says when it
+    is told none."""
+    model = apply_lora(load_model(tiny_checkpoint[0]), r=4)
+    assert not hasattr(model, "checkpoint")
+    save_adapter(model, tmp_path / "told", str(tiny_checkpoint[0]), "main")
+    told = json.loads((tmp_path / "told" / "adapter_config.json").read_text())
+    assert (told["base_model_name_or_path"], told["revision"]) == (str(tiny_checkpoint[0]), "main")
+    with pytest.warns(UserWarning, match=r"records no base model .* pass base="):
+        save_adapter(model, tmp_path / "untold")
+
+
+@pytest.mark.parametrize("peft_name, value", [("init_lora_weights", "pissa"), ("lora_alpha", 16),
+                                               ("target_modules", ["dense"]), ("lora_dropout", 0.1)])
+def test_apply_lora_answers_peft_s_spellings_with_minicalm_s(tiny_checkpoint, peft_name, value):
+    """apply_lora's keywords are LoraConfig's (alpha, dropout, targets, init); PEFT's names, the documented call
+    before the redesign, get one line naming them instead of a bare TypeError."""
+    with pytest.raises(TypeError) as e:
+        apply_lora(load_model(tiny_checkpoint[0]), r=4, **{peft_name: value})
+    assert str(e.value) == (f"apply_lora: no setting {peft_name!r}; LoRA's settings are LoraConfig's: r, alpha, "
+                            f"dropout, targets, use_dora, use_rslora, init")
