@@ -352,8 +352,9 @@ def usage(prompts: list[list[int]], choices: list[Choice]) -> dict:
 # ----------------------------------------------------------------------------- the app
 
 def make_app(server: Server):
+    """The FastAPI app: each route a thin call into the functions below, which take the server."""
     from fastapi import FastAPI, Request as HttpRequest
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     app = FastAPI(title="minicalm", docs_url=None, redoc_url=None, openapi_url=None)
     names = Tokens(server.tok)
@@ -361,49 +362,6 @@ def make_app(server: Server):
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
         return JSONResponse(e.body(), e.status, headers={"Retry-After": "1"} if e.status == 503 else None)
-
-    def authorize(request: HttpRequest) -> None:
-        if server.key and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
-                                                  f"Bearer {server.key}".encode()):
-            raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY")
-
-    async def read_body(request: HttpRequest) -> dict:
-        """The request's JSON object, after its key is checked; its size is limited as it is read."""
-        authorize(request)
-        limit, size = server.cfg.max_body, request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > limit:
-            raise ApiError(413, f"the body's {int(size):,} bytes exceed the limit of {limit:,} (--max-body)")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise ApiError(413, f"the body exceeds the limit of {limit:,} bytes (--max-body)")
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise ApiError(400, f"the body is not JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return body
-
-    async def reply(request: HttpRequest, work):
-        """The JSON that a coroutine running requests returns, unless the client goes first: then its requests are
-        cancelled (their rows free at the engine's next step)."""
-        task, gone = asyncio.ensure_future(work), asyncio.ensure_future(until_disconnected(request))
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            return JSONResponse({}, 499)   # nginx's "client closed request": no one reads it
-        return JSONResponse(task.result())
-
-    def sse(chunks):
-        """Server-sent events: each chunk as `data: {json}`, then `data: [DONE]`."""
-        async def stream():
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -416,87 +374,147 @@ def make_app(server: Server):
 
     @app.get("/v1/models")
     async def models(request: HttpRequest):
-        authorize(request)
+        authorize(server, request)
         return server.listing()
 
     @app.post("/v1/completions")
-    async def completions(request: HttpRequest):
-        name, prompts, reqs, opt = completion_requests(server, await read_body(request))
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": name}
-        choices = [Choice(i) for i in range(len(reqs))]
-        submitted = Submitted(server, reqs)
-
-        async def chunks():
-            async for i, e in submitted:
-                if e.text or e.finish_reason or e.tokens and opt["logprobs"] is not None:
-                    c = choices[i]
-                    start = c.add(e, names)
-                    yield head | {"choices": [{"index": i, "text": e.text, "finish_reason": e.finish_reason,
-                                               "logprobs": c.logprobs_from(names, start) if opt["logprobs"] is not None
-                                               else None}]}
-            if opt["usage"]:
-                yield head | {"choices": [], "usage": usage(prompts, choices)}
-
-        async def whole():
-            async for i, e in submitted:
-                choices[i].add(e, names)
-            return head | {"choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                                        "logprobs": c.logprobs_from(names) if opt["logprobs"] is not None else None}
-                                       for c in choices], "usage": usage(prompts, choices)}
-
-        return sse(chunks()) if opt["stream"] else await reply(request, whole())
+    async def completions_route(request: HttpRequest):
+        return await completions(server, names, request)
 
     @app.post("/v1/answers")
-    async def answers(request: HttpRequest):
-        body = await read_body(request)
-        name, served = server.model_named(body)
-        task, ans = served.task, served.answers
-        if task.multiple_choice:   # its answer is one of the row's own choices, scored by generate's other path
-            raise ApiError(400, f"model {name}'s task {task.name} answers with one of each row's choices, which "
-                                f"/v1/answers does not take yet: ask /v1/completions", "model")
-        text = need(body, "text", str, None)
-        try:   # `text` as generate takes it (the task's fields tab-separated), else the fields by name
-            given = task.fields_of(text) if text is not None else {f: need(body, f, str, "") for f in task.fields}
-        except ValueError as e:
-            raise ApiError(400, f"text: {e}", "text") from None
-        if not any(given.values()):
-            raise ApiError(400, f"text: required (or the fields of model {name}'s task {task.name} by name: "
-                                f"{', '.join(task.fields)})", "text")
-        budget = need(body, "max_tokens", int, ans.max_new_tokens, lambda v: v >= 1, "an integer >= 1")
-        prompt = ans.enc.encode_prompt(Row(given, "", "0"))[0]
-        more = max([budget, *map(len, ans.enc.answer_ids.values())])   # the answer written, or a label word scored
-        fits(server, len(prompt), more, f"the prompt's {len(prompt)} tokens plus {more} more")
-        stream = need(body, "stream", bool, False)
-        probabilities = None if task.free_form else server.engine.call(
-            lambda: label_probabilities(server, served, prompt))
-        req = Request(prompt, budget, served.index, stop_ids=frozenset(ans.stops),
-                      leading_ids=frozenset(ans.leading), stop=tuple(task.stop or ()))
-        submitted = Submitted(server, [req])
-
-        async def final() -> dict:
-            written = ans.text(req.tokens)   # as generate: the continuation up to EOS
-            answer = free_answer(written, task.stop) if task.free_form else parse_answer(written, task.labels)
-            probs = None if probabilities is None else await asyncio.wrap_future(probabilities)
-            return {"object": "answer", "model": name, "task": task.name, "answer": answer, "text": written,
-                    "probabilities": probs, "finish_reason": req.finish_reason,
-                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(req.tokens),
-                              "total_tokens": len(prompt) + len(req.tokens)}}
-
-        async def chunks():
-            async for _, e in submitted:
-                if e.text:
-                    yield {"object": "answer.chunk", "model": name, "text": e.text}
-            yield await final()
-
-        async def whole():
-            async for _ in submitted:
-                pass
-            return await final()
-
-        return sse(chunks()) if stream else await reply(request, whole())
+    async def answers_route(request: HttpRequest):
+        return await answers(server, request)
 
     return app
+
+
+def authorize(server: Server, request) -> None:
+    if server.key and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                              f"Bearer {server.key}".encode()):
+        raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY")
+
+
+async def read_body(server: Server, request) -> dict:
+    """The request's JSON object, after its key is checked; its size is limited as it is read."""
+    authorize(server, request)
+    limit, size = server.cfg.max_body, request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise ApiError(413, f"the body's {int(size):,} bytes exceed the limit of {limit:,} (--max-body)")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, f"the body exceeds the limit of {limit:,} bytes (--max-body)")
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise ApiError(400, f"the body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+async def reply(request, work):
+    """The JSON that a coroutine running requests returns, unless the client goes first: then its requests are
+    cancelled (their rows free at the engine's next step)."""
+    from fastapi.responses import JSONResponse
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(until_disconnected(request))
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not task.done():
+        task.cancel()
+        return JSONResponse({}, 499)   # nginx's "client closed request": no one reads it
+    return JSONResponse(task.result())
+
+
+def sse(chunks):
+    """Server-sent events: each chunk as `data: {json}`, then `data: [DONE]`."""
+    from fastapi.responses import StreamingResponse
+
+    async def stream():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def completions(server: Server, names: Tokens, request):
+    """POST /v1/completions: the prompts continued, streamed or whole."""
+    name, prompts, reqs, opt = completion_requests(server, await read_body(server, request))
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": name}
+    choices = [Choice(i) for i in range(len(reqs))]
+    submitted = Submitted(server, reqs)
+
+    async def chunks():
+        async for i, e in submitted:
+            if e.text or e.finish_reason or e.tokens and opt["logprobs"] is not None:
+                c = choices[i]
+                start = c.add(e, names)
+                yield head | {"choices": [{"index": i, "text": e.text, "finish_reason": e.finish_reason,
+                                           "logprobs": c.logprobs_from(names, start) if opt["logprobs"] is not None
+                                           else None}]}
+        if opt["usage"]:
+            yield head | {"choices": [], "usage": usage(prompts, choices)}
+
+    async def whole():
+        async for i, e in submitted:
+            choices[i].add(e, names)
+        return head | {"choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                                    "logprobs": c.logprobs_from(names) if opt["logprobs"] is not None else None}
+                                   for c in choices], "usage": usage(prompts, choices)}
+
+    return sse(chunks()) if opt["stream"] else await reply(request, whole())
+
+
+async def answers(server: Server, request):
+    """POST /v1/answers: a text answered with the served model's task, as generate answers it."""
+    body = await read_body(server, request)
+    name, served = server.model_named(body)
+    task, ans = served.task, served.answers
+    if task.multiple_choice:   # its answer is one of the row's own choices, scored by generate's other path
+        raise ApiError(400, f"model {name}'s task {task.name} answers with one of each row's choices, which "
+                            f"/v1/answers does not take yet: ask /v1/completions", "model")
+    text = need(body, "text", str, None)
+    try:   # `text` as generate takes it (the task's fields tab-separated), else the fields by name
+        given = task.fields_of(text) if text is not None else {f: need(body, f, str, "") for f in task.fields}
+    except ValueError as e:
+        raise ApiError(400, f"text: {e}", "text") from None
+    if not any(given.values()):
+        raise ApiError(400, f"text: required (or the fields of model {name}'s task {task.name} by name: "
+                            f"{', '.join(task.fields)})", "text")
+    budget = need(body, "max_tokens", int, ans.max_new_tokens, lambda v: v >= 1, "an integer >= 1")
+    prompt = ans.enc.encode_prompt(Row(given, "", "0"))[0]
+    more = max([budget, *map(len, ans.enc.answer_ids.values())])   # the answer written, or a label word scored
+    fits(server, len(prompt), more, f"the prompt's {len(prompt)} tokens plus {more} more")
+    stream = need(body, "stream", bool, False)
+    probabilities = None if task.free_form else server.engine.call(
+        lambda: label_probabilities(server, served, prompt))
+    req = Request(prompt, budget, served.index, stop_ids=frozenset(ans.stops),
+                  leading_ids=frozenset(ans.leading), stop=tuple(task.stop or ()))
+    submitted = Submitted(server, [req])
+
+    async def final() -> dict:
+        written = ans.text(req.tokens)   # as generate: the continuation up to EOS
+        answer = free_answer(written, task.stop) if task.free_form else parse_answer(written, task.labels)
+        probs = None if probabilities is None else await asyncio.wrap_future(probabilities)
+        return {"object": "answer", "model": name, "task": task.name, "answer": answer, "text": written,
+                "probabilities": probs, "finish_reason": req.finish_reason,
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(req.tokens),
+                          "total_tokens": len(prompt) + len(req.tokens)}}
+
+    async def chunks():
+        async for _, e in submitted:
+            if e.text:
+                yield {"object": "answer.chunk", "model": name, "text": e.text}
+        yield await final()
+
+    async def whole():
+        async for _ in submitted:
+            pass
+        return await final()
+
+    return sse(chunks()) if stream else await reply(request, whole())
 
 
 def label_probabilities(server: Server, served: Served, prompt: list[int]) -> dict[str, float]:
