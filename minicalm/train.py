@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .config import CalmConfig, SettingError, TrainConfig, check_positions, resolve_dtype
+from .config import SettingError, TrainConfig, check_positions, resolve_dtype
 from .lora import apply_lora, trainable_parameters
 from .loss import answer_loss, shared_prefix_len, validation_loss
 from .variants import loraplus_groups
@@ -32,7 +32,7 @@ from .variants import loraplus_groups
 from .io.adapter import save_adapter
 from .io.files import write_json
 from .io.tokenizer import Tokenizer, load_tokenizer
-from .io.weights import fingerprint, load_model, resolve, save_checkpoint
+from .io.weights import fingerprint, load_model, model_config, resolve, save_checkpoint
 from .tasks.data import Example, collate, length_batches, loss_batches, run_data
 from .tasks.task import Task, load_task
 from .tools.evaluate import evaluate_rows
@@ -80,9 +80,9 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     folder.check(cfg.resume)
     state = folder.load_state(cfg) if cfg.resume else None
     task, tok = load_task(cfg.task), load_tokenizer(cfg.model, revision=cfg.revision)
-    model_config = CalmConfig.from_json(resolve(cfg.model, cfg.revision, weights=False) / "config.json")
-    check_positions(model_config, cfg.max_len, ("TrainConfig", "max_len"), "", f"an example must fit the model "
-                    f"{cfg.model}: lower it to {model_config.max_position_embeddings} or less")
+    model_cfg = model_config(cfg.model, cfg.revision)
+    check_positions(model_cfg, cfg.max_len, ("TrainConfig", "max_len"), "", f"an example must fit the model "
+                    f"{cfg.model}: lower it to {model_cfg.max_position_embeddings} or less")
     train_set, valid_set, accuracy_rows = run_data(cfg, task, tok)
     digest = data_digest(train_set)   # once: saved with every checkpoint, and a resume must match it
     if state is not None:
@@ -94,7 +94,7 @@ def setup(cfg: TrainConfig, proc: Processes) -> Run:
     checkpoint = resolve(cfg.model, cfg.revision)   # the plan and the load share one download
     if proc.rank == 0:   # memory and time from the real step on fake tensors; refuses what will not fit
         lengths = [len(e.input_ids) for e in train_set]
-        preflight(cfg, model_config, lengths, device, dtype,
+        preflight(cfg, model_cfg, lengths, device, dtype,
                   shared=shared_prefix_len([e.input_ids for e in train_set]) if cfg.share_prefix else 0)
     model = trainable_model(cfg, checkpoint, dtype, device)
     groups = ([p for p in model.parameters() if p.requires_grad] if cfg.loraplus_lr_ratio is None else

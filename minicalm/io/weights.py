@@ -53,6 +53,12 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, weight
     return folder
 
 
+def model_config(name_or_path: str | os.PathLike, revision: str | None = None) -> CalmConfig:
+    """A checkpoint's CalmConfig from its config.json alone (no weights downloaded): what is checked before a model
+    loads (the positions an example or a prompt must fit)."""
+    return CalmConfig.from_json(resolve(name_or_path, revision, weights=False) / "config.json")
+
+
 def weight_files(folder: Path, missing_ok: bool = False) -> list[Path]:
     """The weight shards of a folder, safetensors first: an index's shards, or the single file."""
     for index, single in (("model.safetensors.index.json", "model.safetensors"),

@@ -21,12 +21,12 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from ..config import CalmConfig, DEVICE, Dtype, SettingError, check_choices, check_positions, refuse
+from ..config import DEVICE, Dtype, SettingError, check_choices, check_positions, refuse
 from ..generate import Decoding, decode_n_tokens, left_pad, prefill, score_continuations
 from ..io.adapter import base_for, load_adapter
 from ..io.files import check_writable, write_json, write_text
 from ..io.tokenizer import Tokenizer, load_tokenizer
-from ..io.weights import load_model, resolve
+from ..io.weights import load_model, model_config
 from ..lora import lora_disabled
 from ..loss import shared_prefix_len, validation_loss
 from ..model import eval_mode
@@ -307,17 +307,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     model_id, revision = base_for(cfg.adapter, cfg.model, cfg.revision)
     task = find_task(cfg.task, cfg.adapter, model_id)
     tok = load_tokenizer(model_id, revision=revision)
-    cfg, task, rows = prepare(cfg, task, tok, positions_of(model_id, revision))
+    cfg, task, rows = prepare(cfg, task, tok, model_config(model_id, revision).max_position_embeddings)
     check_writable(cfg.out, "--out")   # before the work: results that cannot be written are lost
     model = load_model(model_id, dtype=cfg.dtype, device=cfg.device, revision=revision, quantize=cfg.quantize)
     if cfg.adapter:
         load_adapter(model, cfg.adapter, base=model_id)
     return evaluate_task(model, tok, cfg, (model_id, revision), task, rows)
-
-
-def positions_of(model_id: str, revision: str | None) -> int:
-    """The model's positions, from its config.json (read before the weights are loaded)."""
-    return CalmConfig.from_json(resolve(model_id, revision, weights=False) / "config.json").max_position_embeddings
 
 
 def prepare(cfg: EvalConfig, task: Task, tok: Tokenizer, positions: int) -> tuple[EvalConfig, Task, list[data.Row]]:

@@ -19,9 +19,9 @@ from ..config import SettingError
 from ..io.adapter import base_for, load_adapter
 from ..io.files import check_writable, read_json, write_json, write_text
 from ..io.tokenizer import load_tokenizer
-from ..io.weights import load_model
+from ..io.weights import load_model, model_config
 from ..tasks.task import NUMERIC, Task, load_task
-from .evaluate import EvalConfig, evaluate_task, pct, positions_of, prepare, run_eval
+from .evaluate import EvalConfig, evaluate_task, pct, prepare, run_eval
 
 SUITES = {"jglue": ("marc-ja", "jsts", "jnli", "jsquad", "jcommonsenseqa")}
 TITLES = {"marc-ja": "MARC-ja", "jsts": "JSTS", "jnli": "JNLI", "jsquad": "JSQuAD", "jcommonsenseqa": "JCommonsenseQA"}
@@ -114,7 +114,7 @@ def run_suite(cfg: EvalConfig) -> dict:
     names, out = SUITES[cfg.suite], Path(cfg.out)
     model_id, revision = base_for(cfg.adapter, cfg.model, cfg.revision)
     tok, results, todo = load_tokenizer(model_id, revision=revision), {}, []
-    positions = positions_of(model_id, revision)
+    positions = model_config(model_id, revision).max_position_embeddings
     for i, name in enumerate(names, 1):
         earlier, task = finished(out / name, cfg), load_task(name)
         if earlier is not None:
