@@ -371,8 +371,8 @@ def test_generate_answers_a_question_with_each_choice_s_probability(base, hf):
     assert answer == ("invalid" if want["generated_answer"] is None else str(want["generated_answer"]))
     assert probs == " ".join(f"p({k})={math.exp(x):.3f}" for k, x in enumerate(want["logprobs"]))
     hidden = write_task({"name": "list", "prompt": "Q: {question}\n", "choices_field": "o"})
-    with pytest.raises(ValueError, match=r"^task list's choices are not all in its prompt: generate takes the "
-                                         r"prompt's fields \(question\)$"):
+    with pytest.raises(ValueError, match=r"^task list's choices are not all in its prompt, so a question cannot give "
+                                         r"them: its fields are question$"):
         list(answer_texts(hf[2], tok, hidden, ["x"], 400, 8))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from test_serve import config, running
+from test_serve import QUESTION, ServeConfig, config, question_adapter, running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -63,3 +63,34 @@ def test_the_page_compares_every_model_and_shows_the_api_s_answers(serving, tmp_
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_multiple_choice_column_shows_the_chosen_choice_and_each_choice_s_bar(serving, tmp_path):
+    """A model whose task answers with one of the question's choices, asked on the page (the question and its choices
+    tab-separated): its column names the choice picked (or invalid) and draws each choice's probability."""
+    from playwright.sync_api import sync_playwright
+
+    executable = browser_or_skip()
+    adapter = question_adapter(serving, tmp_path / "jcqa")
+    text = "\t".join(QUESTION.values())
+    cfg = ServeConfig(model=str(serving[0]), adapter=[f"jcqa={adapter}"], port=0, device="cpu")
+    with running(cfg) as (url, server), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=FLAGS)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#models input")
+        page.fill("#prompt", text)
+        page.click("#send")
+        col = page.locator('[data-model="jcqa"]')
+        page.wait_for_selector('[data-model="jcqa"][data-state="done"]', timeout=60_000)
+        want = httpx2.post(f"{url}/v1/answers", json={"model": "jcqa", "text": text}, timeout=60).json()
+        choices = list(QUESTION.values())[1:]
+        assert not col.locator(".error").count() and col.locator(".answer").text_content() == want["text"]
+        assert col.locator(".label").text_content() == ("invalid" if want["answer"] is None else
+                                                        f"{want['answer']}. {choices[want['answer']]}")
+        bars = col.locator(".bar")
+        assert [bars.nth(i).get_attribute("data-label") for i in range(bars.count())] == \
+               [f"{k}. {c}" for k, c in enumerate(choices)]
+        assert all(abs(float(bars.nth(k).get_attribute("data-p")) - q) < 1e-6
+                   for k, q in enumerate(want["probabilities"]))
+        browser.close()

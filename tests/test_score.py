@@ -184,3 +184,10 @@ def test_set_f1_and_text_metrics_by_hand():
     assert m["n_unparsable"] == 1 and m["pearson"] == pytest.approx(pearsonr(gold, read)[0])
     assert m["spearman"] == pytest.approx(spearmanr(gold, read)[0])
     assert m["exact_match"] == 0.25 and m["token_sort_ratio"] == pytest.approx((0.67 + 0.0 + 1.0 + 0.67) / 4)
+
+
+@pytest.mark.parametrize("written, expected", [("不満", 1), ("\n 不満 \n理由は...", 1), ("ＡＢＣ", 2),
+                                               ("不満です", None), ("満足\n", 0), ("", None), ("配送料", None)])
+def test_a_written_choice_is_its_first_line_matched_after_nfkc(written, expected):
+    from minicalm.tasks.score import choice_answer
+    assert choice_answer(written, ("満足", "不満", "ABC", "配送")) == expected

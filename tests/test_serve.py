@@ -233,6 +233,49 @@ def test_answers_are_what_generate_prints(api, serving, capsys):
             f"{url}/v1/answers", json={"model": name, "text": texts[0]}, timeout=60).json()
 
 
+QUESTION = {"question": "この商品を買った人はどう感じた？", "choice0": "満足", "choice1": "不満", "choice2": "配送",
+            "choice3": "色", "choice4": "説明書"}
+
+
+def question_adapter(serving, out):
+    """An adapter of JCommonsenseQA's task (a question and five choices) for the served base."""
+    from minicalm.tasks.task import JCOMMONSENSEQA
+    return make_adapter(serving[0], out, LoraConfig(r=4, alpha=8, targets=("query_key_value",)), 7, JCOMMONSENSEQA)
+
+
+def test_a_multiple_choice_question_is_answered_as_generate_answers_it(serving, tmp_path, capsys):
+    """A model whose task answers with one of the row's choices: /v1/answers takes the question and its choices
+    (tab-separated as generate takes them, or by name) and gives the greedy answer's choice (its index), what was
+    written and each choice's probability, as `python -m minicalm generate` prints them; an empty choice is a 400
+    naming it, as generate refuses it."""
+    from minicalm.tools.commands import main
+    folder = serving[0]
+    adapter = question_adapter(serving, tmp_path / "jcqa")
+    text = "\t".join(QUESTION.values())
+    main(["generate", "--model", str(folder), "--adapter", str(adapter), "--device", "cpu", text])
+    answer, written, probs, echoed = capsys.readouterr().out.removesuffix("\n").split("\t", 3)
+    with running(ServeConfig(model=str(folder), adapter=[f"jcqa={adapter}"], port=0, device="cpu")) as (url, _):
+        got = httpx2.post(f"{url}/v1/answers", json={"model": "jcqa", "text": text}, timeout=60).json()
+        by_name = httpx2.post(f"{url}/v1/answers", json={"model": "jcqa", **QUESTION}, timeout=60).json()
+        empty = httpx2.post(f"{url}/v1/answers", json={"model": "jcqa", **QUESTION, "choice3": " "}, timeout=60)
+        listed = {m.id: m for m in client(url).models.list().data}   # it answered 500 with such a model served
+    assert listed["jcqa"].task == "jcommonsenseqa" and listed["jcqa"].labels is None
+    assert got == by_name and got["choices"] == list(QUESTION.values())[1:]
+    assert ("invalid" if got["answer"] is None else str(got["answer"]), repr(got["text"]), echoed) == \
+           (answer, written, text)
+    shown = [float(p.split(")=")[1]) for p in probs.split()]
+    assert len(got["probabilities"]) == 5 and all(abs(a - b) <= 5.1e-4 for a, b in zip(got["probabilities"], shown))
+    error = empty.json()["error"]
+    assert (empty.status_code, error["param"], error["message"]) == (400, "text", "text: choice3 is empty: a question "
+                                                                     "of task jcommonsenseqa gives a text for each of "
+                                                                     "its choices (choice0, choice1, choice2, choice3, "
+                                                                     "choice4)")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(folder), "--adapter", str(adapter), "--device", "cpu",
+              text.replace("\t色\t", "\t\t")])
+    assert e.value.code == 1 and "choice3 is empty" in capsys.readouterr().err
+
+
 def test_32_clients_at_once_each_get_their_answer_alone(api, twin):
     """32 concurrent clients x 4 requests over the base and the three adapters, some streamed: nothing lost, each
     answer its answer alone."""

@@ -71,6 +71,22 @@ def parse_row(row, task: Task, line: int) -> Row:
     return Row(fields, task.label_name(row[task.label_field]), row_id)
 
 
+def asked_row(task: Task, fields: dict[str, str]) -> Row:
+    """A question a user asks (generate's text, /v1/answers' body), not a file's row: no answer; a multiple-choice
+    question's choices are the prompt's own choice fields (`{choice0}`, ... for a task whose rows list them)."""
+    if not task.multiple_choice:
+        return Row(fields, "", "0")
+    named = task.choice_fields or [f"choice{k}" for k in range(len(task.fields)) if f"choice{k}" in task.fields]
+    if not (named and set(named) <= set(task.fields)):   # they must come with the question
+        raise ValueError(f"task {task.name}'s choices are not all in its prompt, so a question cannot give them: "
+                         f"its fields are {', '.join(task.fields)}")
+    empty = [f for f in named if not fields[f].strip()]
+    if empty:
+        raise ValueError(f"{empty[0]} is empty: a question of task {task.name} gives a text for each of its choices "
+                         f"({', '.join(named)})")
+    return Row(fields, "", "0", choices=tuple(fields[f] for f in named))
+
+
 def parse_rows(items: list, task: Task, where: str, limit: int | None = None) -> list[Row]:
     """Rows given as a list (a JSON array file, an llm-jp-eval file's samples or few_shots); an error names `where`
     and the element: `train.json[3]: no field 'instruction'...`."""

@@ -94,6 +94,13 @@ def free_answer(continuation: str, stop: list[str] | None = None) -> str:
     return continuation.strip()
 
 
+def choice_answer(continuation: str, choices) -> int | None:
+    """A multiple-choice answer as written: its first line, matched to one of the row's choices after NFKC (the
+    index), or None: no valid answer."""
+    said = normalize(continuation.lstrip().split("\n", 1)[0])
+    return next((i for i, c in enumerate(choices) if normalize(c) == said), None)
+
+
 def normalize(text: str) -> str:
     """What both sides of a comparison are reduced to: NFKC (full-width letters and digits become ASCII, half-width
     katakana full-width, compatibility characters their plain forms), then surrounding whitespace removed. Inner

@@ -18,7 +18,7 @@ from ..io.files import atomic_folder, check_writable, write_text
 from ..io.tokenizer import load_tokenizer
 from ..io.weights import convert_bin_to_safetensors, load_model, resolve, stored_dtype
 from ..model import eval_mode
-from ..tasks.data import PromptEncoder, Row
+from ..tasks.data import PromptEncoder, asked_row
 from ..tasks.task import find_task
 from .cli import command
 from .evaluate import Answers
@@ -101,20 +101,15 @@ def answer_texts(model, tok, task, texts: list[str], max_len: int, max_new_token
     enc = PromptEncoder(tok, max_len, task)
     answers = Answers(model, tok, enc, max_new_tokens, likelihood=not task.free_form)
     more = max([max_new_tokens, *map(len, enc.answer_ids.values())])   # the answer written, or a label word scored
-    named = task.choice_fields or [f"choice{k}" for k in range(len(task.fields)) if f"choice{k}" in task.fields]
-    if task.multiple_choice and not (named and set(named) <= set(task.fields)):   # they must come with the text
-        raise ValueError(f"task {task.name}'s choices are not all in its prompt: generate takes the prompt's fields "
-                         f"({', '.join(task.fields)})")
     prompts, choices = [], []
     for text in texts:
-        fields = task.fields_of(text)
-        row = Row(fields, "", "0", choices=tuple(fields[f] for f in named))
+        row = asked_row(task, task.fields_of(text))
         ids, cut = enc.encode_prompt(row)
         if cut:   # the answer is to what the model saw: say so
             print(f"{shown(text)}: cut to --max-len {max_len} tokens with the prompt (raise --max-len to answer all "
                   f"of it)", file=sys.stderr)
         prompts.append(ids)
-        choices.append(row.choices if task.multiple_choice else None)
+        choices.append(row.choices or None)
         check_fits(model, ids, more, text, "lower --max-len (a longer text is cut to it) or --max-new-tokens")
     for prompt, text, offered in zip(prompts, texts, choices):
         (p,) = answers([prompt], offered and [offered])

@@ -31,8 +31,8 @@ from ..lora import lora_disabled
 from ..loss import shared_prefix_len, validation_loss
 from ..model import eval_mode
 from ..tasks import data
-from ..tasks.score import (INVALID, UNPARSABLE, choice_metrics, compute_metrics, free_answer, generated_choice_metrics,
-                           normalize, parse_answer, text_metrics)
+from ..tasks.score import (INVALID, UNPARSABLE, choice_answer, choice_metrics, compute_metrics, free_answer,
+                           generated_choice_metrics, parse_answer, text_metrics)
 from ..tasks.task import LLM_JP_EVAL_METRICS, MARC_JA, NUMERIC, Task, find_task
 from .plot import draw_if_possible, plot_confusion
 
@@ -226,9 +226,8 @@ class Answers:
                 p["continuation"] = text
                 if self.task.free_form:
                     p["answer"] = free_answer(text, self.task.stop)
-                elif self.task.multiple_choice:   # the first line, matched to a choice after NFKC; else invalid
-                    said = normalize(text.lstrip().split("\n", 1)[0])
-                    p["generated_answer"] = next((i for i, c in enumerate(choices[r]) if normalize(c) == said), None)
+                elif self.task.multiple_choice:
+                    p["generated_answer"] = choice_answer(text, choices[r])
                 else:
                     p["answer"] = parse_answer(text, self.task.labels)   # a label, or None: invalid
         return preds

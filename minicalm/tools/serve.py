@@ -5,7 +5,8 @@ vLLM serves it), and a page that compares them side by side.
     POST /v1/completions   prompt (a text, texts, token ids or lists of them), max_tokens, temperature (0: greedy),
                            top_p, top_k, stop, seed, n, stream (server-sent events, then [DONE]), logprobs, echo; usage
     POST /v1/answers       a model's task answered as `python -m minicalm generate` answers it: the answer, the text
-                           written, each label word's probability (a free-form task: its answer)
+                           written, each label word's probability (a free-form task: its answer; a question with
+                           choices: the index of the one written, each choice's probability)
     GET  /health           GET /: the page (serve_page.html: one file, nothing fetched from elsewhere)
 
 Each prompt becomes a Request for the engine (minicalm/engine.py), which decodes every running request in one
@@ -43,8 +44,8 @@ from ..io.adapter import load_adapters, read_config
 from ..io.tokenizer import load_tokenizer
 from ..io.weights import load_model
 from ..multi_lora import row_adapters
-from ..tasks.data import PromptEncoder, Row
-from ..tasks.score import free_answer, parse_answer
+from ..tasks.data import PromptEncoder, asked_row
+from ..tasks.score import choice_answer, free_answer, parse_answer
 from ..tasks.task import Task, find_task
 from .evaluate import Answers
 
@@ -147,7 +148,8 @@ class Server:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "minicalm", "root": name,
              "parent": m.parent, "max_model_len": self.positions, "task": m.task.name,
-             "labels": None if m.task.free_form else list(m.task.labels)} for name, m in self.models.items()]}
+             "labels": list(m.task.labels) if m.task.labels else None}   # None: free-form, or each row's choices
+            for name, m in self.models.items()]}
 
 
 def adapter_dirs(cfg: ServeConfig) -> dict[str, str]:
@@ -472,33 +474,37 @@ async def answers(server: Server, request):
     body = await read_body(server, request)
     name, served = server.model_named(body)
     task, ans = served.task, served.answers
-    if task.multiple_choice:   # its answer is one of the row's own choices, scored by generate's other path
-        raise ApiError(400, f"model {name}'s task {task.name} answers with one of each row's choices, which "
-                            f"/v1/answers does not take yet: ask /v1/completions", "model")
     text = need(body, "text", str, None)
     try:   # `text` as generate takes it (the task's fields tab-separated), else the fields by name
         given = task.fields_of(text) if text is not None else {f: need(body, f, str, "") for f in task.fields}
+        if not any(given.values()):
+            raise ApiError(400, f"text: required (or the fields of model {name}'s task {task.name} by name: "
+                                f"{', '.join(task.fields)})", "text")
+        row = asked_row(task, given)   # a question's choices among its fields
     except ValueError as e:
         raise ApiError(400, f"text: {e}", "text") from None
-    if not any(given.values()):
-        raise ApiError(400, f"text: required (or the fields of model {name}'s task {task.name} by name: "
-                            f"{', '.join(task.fields)})", "text")
     budget = need(body, "max_tokens", int, ans.max_new_tokens, lambda v: v >= 1, "an integer >= 1")
-    prompt = ans.enc.encode_prompt(Row(given, "", "0"))[0]
+    prompt = ans.enc.encode_prompt(row)[0]
     more = max([budget, *map(len, ans.enc.answer_ids.values())])   # the answer written, or a label word scored
     fits(server, len(prompt), more, f"the prompt's {len(prompt)} tokens plus {more} more")
     stream = need(body, "stream", bool, False)
     probabilities = None if task.free_form else server.engine.call(
-        lambda: label_probabilities(server, served, prompt))
+        lambda: answer_probabilities(server, served, prompt, row.choices))
     req = Request(prompt, budget, served.index, stop_ids=frozenset(ans.stops),
                   leading_ids=frozenset(ans.leading), stop=tuple(task.stop or ()))
     submitted = Submitted(server, [req])
 
     async def final() -> dict:
         written = ans.text(req.tokens)   # as generate: the continuation up to EOS
-        answer = free_answer(written, task.stop) if task.free_form else parse_answer(written, task.labels)
+        if task.free_form:
+            answer = free_answer(written, task.stop)
+        elif task.multiple_choice:   # the choice's index
+            answer = choice_answer(written, row.choices)
+        else:
+            answer = parse_answer(written, task.labels)
         probs = None if probabilities is None else await asyncio.wrap_future(probabilities)
         return {"object": "answer", "model": name, "task": task.name, "answer": answer, "text": written,
+                **({"choices": list(row.choices)} if task.multiple_choice else {}),
                 "probabilities": probs, "finish_reason": req.finish_reason,
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(req.tokens),
                           "total_tokens": len(prompt) + len(req.tokens)}}
@@ -517,12 +523,16 @@ async def answers(server: Server, request):
     return sse(chunks()) if stream else await reply(request, whole())
 
 
-def label_probabilities(server: Server, served: Served, prompt: list[int]) -> dict[str, float]:
-    """Each label word's probability after the prompt, as generate prints it: evaluate.Answers' scoring, on the engine's
-    thread (between two steps), the prompt's row on its model's adapter."""
+def answer_probabilities(server: Server, served: Served, prompt: list[int],
+                         choices: tuple[str, ...]) -> dict[str, float] | list[float]:
+    """Each label word's probability after the prompt (a multiple-choice question: each choice's, in its order), as
+    generate prints them: evaluate.Answers' scoring, on the engine's thread (between two steps), the prompt's row on
+    its model's adapter."""
     scorer = Answers(server.model, server.tok, served.answers.enc, 0, likelihood=True)
     with row_adapters(server.model, torch.tensor([served.index], device=server.engine.device)):
-        (p,) = scorer([prompt])
+        (p,) = scorer([prompt], [choices] if choices else None)
+    if choices:
+        return [math.exp(x) for x in p["logprobs"]]
     return {label: math.exp(p[f"logprob_{label}"]) for label in served.task.labels}
 
 
