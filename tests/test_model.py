@@ -88,7 +88,8 @@ def bf16_forward(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tenso
     """The model's bf16 logits, through torch's math attention kernel where its CPU flash attention cannot run in
     bf16. torch 2.13 packs bf16 operands for AMX when the CPU has AMX, with code it compiles only into its AVX-512
     kernels: under ATEN_CPU_CAPABILITY=avx2 or default on such a CPU (as CI's reruns force) it raises "pack_vnni2 is
-    only supported when avx512 is supported". torch's failure, not the model's: its bf16 path is checked all the same."""
+    only supported when avx512 is supported". torch's failure, not the model's: its bf16 path is checked all the
+    same."""
     try:
         return model(x, positions=positions)
     except RuntimeError as e:

@@ -86,6 +86,8 @@ def test_a_multiple_choice_column_shows_the_chosen_choice_and_each_choice_s_bar(
         want = httpx2.post(f"{url}/v1/answers", json={"model": "jcqa", "text": text}, timeout=60).json()
         choices = list(QUESTION.values())[1:]
         assert not col.locator(".error").count() and col.locator(".answer").text_content() == want["text"]
+        assert col.locator(".task").text_content() == ("task: jcommonsenseqa (question, choice0, choice1, choice2, "
+                                                       "choice3, choice4: tab-separated)")
         assert col.locator(".label").text_content() == ("invalid" if want["answer"] is None else
                                                         f"{want['answer']}. {choices[want['answer']]}")
         bars = col.locator(".bar")

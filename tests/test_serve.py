@@ -94,6 +94,7 @@ def test_models_lists_the_base_and_each_adapter_with_its_parent(api, serving):
     assert list(listed) == [folder, "marc", "marc-rs", "alpaca"]
     assert listed[folder].parent is None and all(listed[n].parent == folder for n in ("marc", "marc-rs", "alpaca"))
     assert listed["alpaca"].task == "alpaca" and listed["marc"].labels == ["positive", "negative"]
+    assert listed["alpaca"].fields == ["instruction", "input"] and listed["marc"].fields == ["sentence"]
     assert httpx2.get(f"{url}/health").json() == {"status": "ok", "running": 0, "waiting": 0, "key": False}
 
 
@@ -259,7 +260,8 @@ def test_a_multiple_choice_question_is_answered_as_generate_answers_it(serving, 
         by_name = httpx2.post(f"{url}/v1/answers", json={"model": "jcqa", **QUESTION}, timeout=60).json()
         empty = httpx2.post(f"{url}/v1/answers", json={"model": "jcqa", **QUESTION, "choice3": " "}, timeout=60)
         listed = {m.id: m for m in client(url).models.list().data}   # it answered 500 with such a model served
-    assert listed["jcqa"].task == "jcommonsenseqa" and listed["jcqa"].labels is None
+    jcqa = listed["jcqa"]
+    assert (jcqa.task, jcqa.labels, jcqa.fields) == ("jcommonsenseqa", None, list(QUESTION))
     assert got == by_name and got["choices"] == list(QUESTION.values())[1:]
     assert ("invalid" if got["answer"] is None else str(got["answer"]), repr(got["text"]), echoed) == \
            (answer, written, text)

@@ -1,7 +1,8 @@
 """`python -m minicalm serve`: a base model and its adapters behind an OpenAI-compatible API (the completions API as
 vLLM serves it), and a page that compares them side by side.
 
-    GET  /v1/models        the base (id: --model as given) and each adapter (id: its NAME, parent: the base)
+    GET  /v1/models        the base (id: --model as given) and each adapter (id: its NAME, parent: the base), with
+                           its task and the fields a question gives
     POST /v1/completions   prompt (a text, texts, token ids or lists of them), max_tokens, temperature (0: greedy),
                            top_p, top_k, stop, seed, n, stream (server-sent events, then [DONE]), logprobs, echo; usage
     POST /v1/answers       a model's task answered as `python -m minicalm generate` answers it: the answer, the text
@@ -147,7 +148,7 @@ class Server:
     def listing(self) -> dict:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "minicalm", "root": name,
-             "parent": m.parent, "max_model_len": self.positions, "task": m.task.name,
+             "parent": m.parent, "max_model_len": self.positions, "task": m.task.name, "fields": m.task.fields,
              "labels": list(m.task.labels) if m.task.labels else None}   # None: free-form, or each row's choices
             for name, m in self.models.items()]}
 
