@@ -29,12 +29,8 @@ def targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> int:
-    """How many tokens every row of ids begins with."""
-    n = len(rows[0])
-    for ids in rows[1:]:
-        while list(ids[:n]) != list(rows[0][:n]):
-            n -= 1
-    return n
+    """How many tokens every row of ids begins with: the first column where they differ, else the shortest row."""
+    return next((t for t, col in enumerate(zip(*rows)) if any(c != col[0] for c in col)), min(map(len, rows)))
 
 
 def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:

@@ -192,8 +192,8 @@ def train_step(run: Run, batch: list[int]) -> dict:
     run.scaler.unscale_(run.opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)
     if not run.scaler.is_enabled() and not torch.isfinite(grad_norm):
-        raise FloatingPointError(f"non-finite gradient norm at step {run.step + 1}{run.folder.kept()} (try a lower "
-                                 f"lr)")
+        raise FloatingPointError(f"non-finite gradient norm at step {run.step + 1}{run.folder.kept()} "
+                                 f"(try a lower lr)")
     run.scaler.step(run.opt)   # fp16: skipped if a gradient overflowed (then the scale halves)
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)

@@ -183,8 +183,8 @@ class MergeConfig:
     out: str = "runs/merged"                 # output folder for the merged checkpoint: new or empty (never the base's)
     model: str | None = None                 # base checkpoint; default: the one the adapter records
     revision: str | None = None              # hub revision; default: the one the adapter records
-    dtype: Dtype = "auto"                    # the merged weights' dtype; auto: the
-                                             # base checkpoint's own (W + s B A is computed in fp32, rounded once)
+    dtype: Dtype = "auto"                    # the merged weights' dtype; auto: the base checkpoint's own
+                                             # (W + s B A is computed in fp32, rounded once)
     force: bool = False                      # replace a checkpoint already in --out (never the base or the adapter)
 
 
